@@ -1,0 +1,245 @@
+//! The policy a sidecar enforces for one vault key: a [`KeyGrant`]. The controller builds it
+//! from a `VaultKey` (plus the resolved upstream secret and the token's hash); standalone mode
+//! builds it from a config file. Either way the sidecar's store holds the same type.
+use std::fmt;
+
+use jiff::Timestamp;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::{
+    crd::{AgentRef, AllowRule, KeyState, Limits, OnStale, VaultKeySpec, Vendor},
+    secret::SecretString,
+};
+
+/// Every minted vault key starts with this, so leaked ones are easy to grep for and to scan.
+pub const TOKEN_PREFIX: &str = "vault_key_";
+
+/// `namespace/name` of the VaultKey (standalone mode: `standalone/<name>`). Safe to log.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct KeyId(pub String);
+
+impl KeyId {
+    pub fn new(namespace: &str, name: &str) -> Self {
+        KeyId(format!("{namespace}/{name}"))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    pub fn namespace(&self) -> &str {
+        self.0.split_once('/').map_or("", |(ns, _)| ns)
+    }
+
+    pub fn name(&self) -> &str {
+        self.0.split_once('/').map_or(&self.0, |(_, n)| n)
+    }
+}
+
+impl fmt::Display for KeyId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// SHA-256 of a vault key. Sidecars store and compare these, never the tokens themselves.
+/// (Vault keys carry ≥ 190 bits of entropy, so a fast hash is enough: there is nothing to brute
+/// force.)
+#[derive(Clone, Copy, Hash, PartialOrd, Ord)]
+pub struct TokenHash([u8; 32]);
+
+impl TokenHash {
+    pub fn of(token: &str) -> Self {
+        TokenHash(Sha256::digest(token.as_bytes()).into())
+    }
+
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+
+    pub fn from_hex(text: &str) -> Result<Self, hex::FromHexError> {
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(text.trim(), &mut out)?;
+        Ok(TokenHash(out))
+    }
+
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+}
+
+impl PartialEq for TokenHash {
+    /// Constant time, so a lookup leaks nothing about how close a guess came.
+    fn eq(&self, other: &Self) -> bool {
+        self.0.ct_eq(&other.0).into()
+    }
+}
+
+impl Eq for TokenHash {}
+
+impl fmt::Debug for TokenHash {
+    /// Only a prefix: enough to correlate, not enough to matter.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "TokenHash({}…)", &self.to_hex()[..8])
+    }
+}
+
+impl Serialize for TokenHash {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_hex())
+    }
+}
+
+impl<'de> Deserialize<'de> for TokenHash {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = std::borrow::Cow::<str>::deserialize(d)?;
+        TokenHash::from_hex(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Everything a sidecar needs to decide and forward calls made with one vault key.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct KeyGrant {
+    pub id: KeyId,
+    pub token_sha256: TokenHash,
+    pub vendor: Vendor,
+    /// Upstream origin, e.g. `https://api.stripe.com` (a path prefix is allowed).
+    pub base_url: String,
+    pub upstream_secret: SecretString,
+    pub state: KeyState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<Timestamp>,
+    pub agent: AgentRef,
+    #[serde(default)]
+    pub allow: Vec<AllowRule>,
+    #[serde(default)]
+    pub customers: Vec<String>,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub on_stale: OnStale,
+    /// The VaultKey's metadata.generation (or the config file's revision in standalone mode),
+    /// written into every audit row as `policy_revision`.
+    #[serde(default)]
+    pub policy_revision: i64,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum GrantError {
+    #[error("vendor {0} has no default upstream: set upstream.baseUrl")]
+    NoBaseUrl(Vendor),
+}
+
+impl KeyGrant {
+    /// Builds the grant for a VaultKey whose token hash, upstream secret and effective expiry
+    /// (from `expiresAt`, or creation + `ttl`) the caller has resolved.
+    pub fn from_spec(
+        id: KeyId,
+        spec: &VaultKeySpec,
+        token_sha256: TokenHash,
+        upstream_secret: SecretString,
+        expires_at: Option<Timestamp>,
+        policy_revision: i64,
+    ) -> Result<Self, GrantError> {
+        let base_url = spec
+            .upstream
+            .base_url
+            .clone()
+            .or_else(|| spec.vendor.default_base_url().map(str::to_owned))
+            .ok_or(GrantError::NoBaseUrl(spec.vendor))?;
+        Ok(KeyGrant {
+            id,
+            token_sha256,
+            vendor: spec.vendor,
+            base_url: base_url.trim_end_matches('/').to_owned(),
+            upstream_secret,
+            state: spec.state,
+            expires_at,
+            agent: spec.agent.clone(),
+            allow: spec.allow.clone(),
+            customers: spec.customers.clone(),
+            limits: spec.limits.clone(),
+            on_stale: spec.on_stale,
+            policy_revision,
+        })
+    }
+
+    pub fn is_expired_at(&self, now: Timestamp) -> bool {
+        self.expires_at.is_some_and(|at| now >= at)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::{SecretKeyRef, Upstream, WorkloadRef};
+
+    fn spec(vendor: Vendor, base_url: Option<&str>) -> VaultKeySpec {
+        VaultKeySpec {
+            vendor,
+            upstream: Upstream {
+                secret_ref: SecretKeyRef { name: "s".into(), key: "k".into() },
+                base_url: base_url.map(str::to_owned),
+            },
+            state: KeyState::Active,
+            expires_at: None,
+            ttl: None,
+            agent: AgentRef { name: "a".into(), run_id: None },
+            workload: WorkloadRef { service_account_name: "sa".into() },
+            allow: vec![],
+            customers: vec![],
+            limits: Limits::default(),
+            on_stale: OnStale::Deny,
+        }
+    }
+
+    #[test]
+    fn token_hash_round_trips_and_hides_itself() {
+        let h = TokenHash::of("vault_key_abc");
+        assert_eq!(TokenHash::from_hex(&h.to_hex()).unwrap(), h);
+        assert_ne!(TokenHash::of("vault_key_abd"), h);
+        assert!(!format!("{h:?}").contains(&h.to_hex()));
+    }
+
+    #[test]
+    fn grant_defaults_base_url_per_vendor() {
+        let g = KeyGrant::from_spec(
+            KeyId::new("ns", "k"),
+            &spec(Vendor::Stripe, None),
+            TokenHash::of("t"),
+            SecretString::new("sk"),
+            None,
+            1,
+        )
+        .unwrap();
+        assert_eq!(g.base_url, "https://api.stripe.com");
+        let custom = KeyGrant::from_spec(
+            KeyId::new("ns", "k"),
+            &spec(Vendor::Custom, None),
+            TokenHash::of("t"),
+            SecretString::new("sk"),
+            None,
+            1,
+        );
+        assert_eq!(custom, Err(GrantError::NoBaseUrl(Vendor::Custom)));
+    }
+
+    #[test]
+    fn grant_debug_never_shows_the_secret() {
+        let g = KeyGrant::from_spec(
+            KeyId::new("ns", "k"),
+            &spec(Vendor::Openai, Some("http://127.0.0.1:9/")),
+            TokenHash::of("t"),
+            SecretString::new("sk-proj-secret"),
+            None,
+            1,
+        )
+        .unwrap();
+        assert!(!format!("{g:?}").contains("sk-proj-secret"));
+        assert_eq!(g.base_url, "http://127.0.0.1:9");
+    }
+}
