@@ -20,9 +20,21 @@ use crate::money::Usd;
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
     printcolumn(name = "Vendor", type_ = "string", json_path = ".spec.vendor"),
     printcolumn(name = "Agent", type_ = "string", json_path = ".spec.agent.name"),
-    printcolumn(name = "Spent Today", type_ = "string", json_path = ".status.spentTodayUsd"),
-    printcolumn(name = "Enforced", type_ = "string", json_path = ".status.enforcement.summary"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Spent Today",
+        type_ = "string",
+        json_path = ".status.spentTodayUsd"
+    ),
+    printcolumn(
+        name = "Enforced",
+        type_ = "string",
+        json_path = ".status.enforcement.summary"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[x_kube(
     validation = Rule::new("!(has(self.expiresAt) && has(self.ttl))").message("set either expiresAt or ttl, not both"),
@@ -77,7 +89,13 @@ pub enum Vendor {
 }
 
 impl Vendor {
-    pub const ALL: [Vendor; 5] = [Vendor::Stripe, Vendor::Openai, Vendor::Twilio, Vendor::Resend, Vendor::Custom];
+    pub const ALL: [Vendor; 5] = [
+        Vendor::Stripe,
+        Vendor::Openai,
+        Vendor::Twilio,
+        Vendor::Resend,
+        Vendor::Custom,
+    ];
 
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -330,7 +348,8 @@ onStale: Deny
         let spec: VaultKeySpec = serde_yaml::from_str(yaml).unwrap();
         assert_eq!(spec.limits.daily_usd_cap, Some("250".parse().unwrap()));
         assert_eq!(spec.allow[1].method, Some(HttpMethod::GET));
-        let back: VaultKeySpec = serde_yaml::from_str(&serde_yaml::to_string(&spec).unwrap()).unwrap();
+        let back: VaultKeySpec =
+            serde_yaml::from_str(&serde_yaml::to_string(&spec).unwrap()).unwrap();
         assert_eq!(back, spec);
     }
 }

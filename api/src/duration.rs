@@ -28,7 +28,10 @@ pub fn parse_ttl(text: &str) -> Result<Duration, DurationError> {
         };
         let n: u64 = number.parse().map_err(|_| err())?;
         number.clear();
-        total = n.checked_mul(unit).and_then(|v| total.checked_add(v)).ok_or_else(err)?;
+        total = n
+            .checked_mul(unit)
+            .and_then(|v| total.checked_add(v))
+            .ok_or_else(err)?;
     }
     if !number.is_empty() || total == 0 {
         return Err(err());

@@ -13,7 +13,7 @@ pub mod verdict;
 
 pub use crd::{
     AgentRef, AllowRule, EnforcementStatus, HttpMethod, KeyState, Limits, OnStale, Phase,
-    SecretKeyRef, Upstream, Vendor, VaultKey, VaultKeySpec, VaultKeyStatus, WorkloadRef,
+    SecretKeyRef, Upstream, VaultKey, VaultKeySpec, VaultKeyStatus, Vendor, WorkloadRef,
 };
 pub use money::Usd;
 pub use policy::{KeyGrant, KeyId, TokenHash};

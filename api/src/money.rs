@@ -13,7 +13,9 @@ pub struct Usd(i64);
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum MoneyError {
-    #[error("{0:?} is not a decimal amount such as \"250.00\" (digits, optional point, at most 6 decimals, not negative)")]
+    #[error(
+        "{0:?} is not a decimal amount such as \"250.00\" (digits, optional point, at most 6 decimals, not negative)"
+    )]
     Malformed(String),
     #[error("{0:?} is too large")]
     Overflow(String),
@@ -74,7 +76,11 @@ impl FromStr for Usd {
         }
         let overflow = || MoneyError::Overflow(s.to_owned());
         let whole: i64 = whole.parse().map_err(|_| overflow())?;
-        let mut frac_micros: i64 = if frac.is_empty() { 0 } else { frac.parse().map_err(|_| malformed())? };
+        let mut frac_micros: i64 = if frac.is_empty() {
+            0
+        } else {
+            frac.parse().map_err(|_| malformed())?
+        };
         for _ in frac.len()..6 {
             frac_micros *= 10;
         }
@@ -156,7 +162,17 @@ mod tests {
 
     #[test]
     fn refuses_negative_and_malformed() {
-        for bad in ["-1", "1.", ".5", "1.2345678", "1e3", "", "12,50", "NaN", "99999999999999999999"] {
+        for bad in [
+            "-1",
+            "1.",
+            ".5",
+            "1.2345678",
+            "1e3",
+            "",
+            "12,50",
+            "NaN",
+            "99999999999999999999",
+        ] {
             assert!(bad.parse::<Usd>().is_err(), "{bad:?} should be refused");
         }
     }
@@ -164,7 +180,13 @@ mod tests {
     #[test]
     fn mul_div_rounds_up() {
         assert_eq!(Usd::from_micros(1).mul_div_ceil(1, 3), Usd::from_micros(1));
-        assert_eq!(Usd::from_micros(10).mul_div_ceil(3, 2), Usd::from_micros(15));
-        assert_eq!(Usd::from_micros(2_500_000).mul_div_ceil(1000, 1_000_000), Usd::from_micros(2500));
+        assert_eq!(
+            Usd::from_micros(10).mul_div_ceil(3, 2),
+            Usd::from_micros(15)
+        );
+        assert_eq!(
+            Usd::from_micros(2_500_000).mul_div_ceil(1000, 1_000_000),
+            Usd::from_micros(2500)
+        );
     }
 }

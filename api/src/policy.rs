@@ -182,14 +182,22 @@ mod tests {
         VaultKeySpec {
             vendor,
             upstream: Upstream {
-                secret_ref: SecretKeyRef { name: "s".into(), key: "k".into() },
+                secret_ref: SecretKeyRef {
+                    name: "s".into(),
+                    key: "k".into(),
+                },
                 base_url: base_url.map(str::to_owned),
             },
             state: KeyState::Active,
             expires_at: None,
             ttl: None,
-            agent: AgentRef { name: "a".into(), run_id: None },
-            workload: WorkloadRef { service_account_name: "sa".into() },
+            agent: AgentRef {
+                name: "a".into(),
+                run_id: None,
+            },
+            workload: WorkloadRef {
+                service_account_name: "sa".into(),
+            },
             allow: vec![],
             customers: vec![],
             limits: Limits::default(),

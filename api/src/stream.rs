@@ -20,11 +20,22 @@ pub const RESUME_PARAM: &str = "sinceRevision";
 #[serde(tag = "type", rename_all = "camelCase")]
 pub enum WatchEvent {
     /// First message of every stream: the complete set of keys for this subscriber.
-    Snapshot { revision: u64, keys: Vec<KeyGrant> },
-    Upsert { revision: u64, key: KeyGrant },
-    Delete { revision: u64, id: KeyId },
+    Snapshot {
+        revision: u64,
+        keys: Vec<KeyGrant>,
+    },
+    Upsert {
+        revision: u64,
+        key: KeyGrant,
+    },
+    Delete {
+        revision: u64,
+        id: KeyId,
+    },
     /// Proves liveness; the sidecar's staleness clock restarts on any event.
-    Heartbeat { revision: u64 },
+    Heartbeat {
+        revision: u64,
+    },
 }
 
 impl WatchEvent {

@@ -86,7 +86,10 @@ mod tests {
     fn names_round_trip_and_match_serde() {
         for v in Verdict::ALL {
             assert_eq!(Verdict::parse(v.as_str()), Some(v));
-            assert_eq!(serde_json::to_string(&v).unwrap(), format!("\"{}\"", v.as_str()));
+            assert_eq!(
+                serde_json::to_string(&v).unwrap(),
+                format!("\"{}\"", v.as_str())
+            );
         }
     }
 
