@@ -4,7 +4,7 @@
 //! the [`InjectionMetrics`] hook it supplies and turns failures into Events.
 //!
 //! The pod opts in with `keybrake.dev/inject: "true"` (annotation or label) and names its key with
-//! `keybrake.dev/vault-key: <VaultKey name>`. See `docs/injection.md` for what is injected and why.
+//! `keybrake.dev/vault-key: <VaultKey name>`. See README.md for what is injected and why.
 #![forbid(unsafe_code)]
 
 pub mod agent_env;
