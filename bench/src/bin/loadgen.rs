@@ -1,0 +1,102 @@
+//! Open-loop load generator: a fixed request rate over N keep-alive connections, latency from
+//! each request's intended send time. Prints one `latency` JSON record on stdout.
+#![forbid(unsafe_code)]
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Parser;
+use keybrake_bench::{
+    client::Target,
+    openloop::{self, Plan},
+    record::{Record, Via},
+    stats::percentile,
+};
+
+#[derive(Parser)]
+#[command(about = "Fixed-rate load with coordinated-omission correction")]
+struct Args {
+    /// http://127.0.0.1:PORT/PATH
+    #[arg(long)]
+    url: String,
+    /// Requests per second, all connections together.
+    #[arg(long, default_value_t = 1000.0)]
+    rate: f64,
+    #[arg(long, default_value_t = 16)]
+    connections: usize,
+    /// Measured seconds (after the warm-up).
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    #[arg(long, default_value_t = 2.0)]
+    warmup: f64,
+    /// Extra request header, "Name: value"; repeatable.
+    #[arg(long = "header", short = 'H')]
+    headers: Vec<String>,
+    /// Count a response whose body is not this many bytes as an error.
+    #[arg(long)]
+    expect_body: Option<usize>,
+    /// Labels copied into the record.
+    #[arg(long, value_enum)]
+    via: ViaArg,
+    #[arg(long, default_value_t = 0)]
+    round: u32,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ViaArg {
+    Direct,
+    Nginx,
+    Sidecar,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    anyhow::ensure!(
+        args.rate > 0.0 && args.connections > 0,
+        "rate and connections must be > 0"
+    );
+    anyhow::ensure!(
+        args.duration > 0.0 && args.warmup >= 0.0,
+        "durations must be positive"
+    );
+    let target = Target::parse(&args.url).with_context(|| format!("--url {}", args.url))?;
+    let plan = Plan {
+        rate: args.rate,
+        connections: args.connections,
+        warmup: Duration::from_secs_f64(args.warmup),
+        measure: Duration::from_secs_f64(args.duration),
+        timeout: Duration::from_secs(5),
+    };
+    let request = target.get_request(&args.headers);
+    let samples = openloop::run(&plan, &target, &request, args.expect_body);
+    let us = |sorted: &[Duration], q: f64| {
+        percentile(sorted, q).map_or(f64::NAN, |d| d.as_secs_f64() * 1e6)
+    };
+    let record = Record::Latency {
+        via: match args.via {
+            ViaArg::Direct => Via::Direct,
+            ViaArg::Nginx => Via::Nginx,
+            ViaArg::Sidecar => Via::Sidecar,
+        },
+        round: args.round,
+        rate: args.rate,
+        connections: args.connections,
+        ok: samples.latency.len() as u64,
+        errors: samples.errors,
+        p50_us: us(&samples.latency, 50.0),
+        p90_us: us(&samples.latency, 90.0),
+        p99_us: us(&samples.latency, 99.0),
+        p999_us: us(&samples.latency, 99.9),
+        max_us: us(&samples.latency, 100.0),
+        service_p50_us: us(&samples.service, 50.0),
+        service_p99_us: us(&samples.service, 99.0),
+    };
+    let expected = (args.rate * args.duration).round() as u64;
+    let got = samples.latency.len() as u64 + samples.errors;
+    anyhow::ensure!(
+        got + got / 100 + 2 >= expected,
+        "only {got} of {expected} scheduled requests completed: the generator could not keep up"
+    );
+    println!("{}", serde_json::to_string(&record)?);
+    Ok(())
+}

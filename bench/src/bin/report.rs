@@ -1,0 +1,150 @@
+//! The glue bench/run.sh calls: turns wrk and /usr/bin/time output into JSON records, renders
+//! the data-plane tables, and splices a section into docs/BENCHMARKS.md.
+#![forbid(unsafe_code)]
+
+use std::{fs, path::PathBuf};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use keybrake_bench::{
+    dataplane,
+    doc::splice_section,
+    record::{Record, Via},
+    rss, wrk,
+};
+
+#[derive(Parser)]
+#[command(about = "Benchmark record and report helper for bench/run.sh")]
+struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ViaArg {
+    Direct,
+    Nginx,
+    Sidecar,
+}
+
+impl From<ViaArg> for Via {
+    fn from(via: ViaArg) -> Via {
+        match via {
+            ViaArg::Direct => Via::Direct,
+            ViaArg::Nginx => Via::Nginx,
+            ViaArg::Sidecar => Via::Sidecar,
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Read wrk's output on stdin, print a `throughput` record.
+    Wrk {
+        #[arg(long, value_enum)]
+        via: ViaArg,
+        #[arg(long)]
+        connections: usize,
+        #[arg(long)]
+        round: u32,
+    },
+    /// Print a `peak_rss` record from `/usr/bin/time -v` output or /proc/PID/status.
+    Rss {
+        #[arg(long, value_enum)]
+        via: ViaArg,
+        #[arg(long, default_value_t = 0)]
+        keys: usize,
+        #[arg(long, conflicts_with = "pid")]
+        time_output: Option<PathBuf>,
+        #[arg(long)]
+        pid: Option<u32>,
+    },
+    /// Render the data-plane Markdown from a results file of JSON records.
+    Dataplane {
+        #[arg(long)]
+        results: PathBuf,
+    },
+    /// Replace one section of a Markdown document (between its markers) with a fragment.
+    Splice {
+        #[arg(long)]
+        doc: PathBuf,
+        #[arg(long)]
+        section: String,
+        #[arg(long)]
+        fragment: PathBuf,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    match Args::parse().command {
+        Command::Wrk {
+            via,
+            connections,
+            round,
+        } => {
+            let output = std::io::read_to_string(std::io::stdin())?;
+            let summary = wrk::parse(&output).with_context(|| format!("wrk said:\n{output}"))?;
+            let record = Record::Throughput {
+                via: via.into(),
+                connections,
+                round,
+                requests_per_sec: summary.requests_per_sec,
+                requests: summary.requests,
+                errors: summary.non_2xx + summary.socket_errors,
+            };
+            println!("{}", serde_json::to_string(&record)?);
+        }
+        Command::Rss {
+            via,
+            keys,
+            time_output,
+            pid,
+        } => {
+            let (max_rss_kb, source) = match (time_output, pid) {
+                (Some(path), _) => {
+                    let text = fs::read_to_string(&path)
+                        .with_context(|| format!("reading {}", path.display()))?;
+                    (
+                        rss::from_time_verbose(&text)?,
+                        "/usr/bin/time -v".to_owned(),
+                    )
+                }
+                (None, Some(pid)) => {
+                    let path = format!("/proc/{pid}/status");
+                    let text =
+                        fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+                    (
+                        rss::from_proc_status(&text)?,
+                        "VmHWM in /proc/PID/status".to_owned(),
+                    )
+                }
+                (None, None) => anyhow::bail!("give --time-output FILE or --pid PID"),
+            };
+            let record = Record::PeakRss {
+                via: via.into(),
+                keys,
+                max_rss_kb,
+                source,
+            };
+            println!("{}", serde_json::to_string(&record)?);
+        }
+        Command::Dataplane { results } => {
+            let text = fs::read_to_string(&results)
+                .with_context(|| format!("reading {}", results.display()))?;
+            let records = Record::parse_lines(&text).context("parsing results")?;
+            print!("{}", dataplane::render(&records).markdown);
+        }
+        Command::Splice {
+            doc,
+            section,
+            fragment,
+        } => {
+            let current = fs::read_to_string(&doc).unwrap_or_default();
+            let fragment = fs::read_to_string(&fragment)
+                .with_context(|| format!("reading {}", fragment.display()))?;
+            let updated = splice_section(&current, &section, &fragment)?;
+            fs::write(&doc, updated).with_context(|| format!("writing {}", doc.display()))?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,563 @@
+//! Turns the data-plane records of one run into the Markdown tables of docs/BENCHMARKS.md,
+//! each beside its baseline, with the ratio and the target of issue 3.
+
+use std::{collections::BTreeMap, fmt::Write as _};
+
+use crate::{
+    record::{Record, Via},
+    stats::median,
+};
+
+/// Issue 3's targets.
+pub const ADDED_P50_MAX_MS: f64 = 0.1;
+pub const ADDED_P99_MAX_MS: f64 = 0.5;
+pub const RSS_MAX_BYTES: f64 = 30e6;
+pub const LOOKUP_MAX_NS: f64 = 1000.0;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Met,
+    NotMet,
+    /// Measured, but the run had errors, so the number proves nothing.
+    Errors,
+    NotMeasured,
+}
+
+impl Outcome {
+    fn judge(value: Option<f64>, ok: impl FnOnce(f64) -> bool) -> Self {
+        match value {
+            None => Outcome::NotMeasured,
+            Some(v) if ok(v) => Outcome::Met,
+            Some(_) => Outcome::NotMet,
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Outcome::Met => "met",
+            Outcome::NotMet => "**not met**",
+            Outcome::Errors => "**not met (errors)**",
+            Outcome::NotMeasured => "not measured",
+        }
+    }
+}
+
+/// The rendered section plus every target's outcome, so callers can summarise.
+pub struct Report {
+    pub markdown: String,
+    pub outcomes: Vec<(String, Outcome)>,
+}
+
+pub fn render(records: &[Record]) -> Report {
+    let mut out = String::new();
+    let mut outcomes = Vec::new();
+    throughput_table(records, &mut out, &mut outcomes);
+    latency_table(records, &mut out, &mut outcomes);
+    memory_table(records, &mut out, &mut outcomes);
+    lookup_table(records, &mut out, &mut outcomes);
+    let met = outcomes.iter().filter(|(_, o)| *o == Outcome::Met).count();
+    let mut markdown = format!("**Issue 3 targets met: {met} of {}.**", outcomes.len());
+    let missed: Vec<&str> = outcomes
+        .iter()
+        .filter(|(_, o)| *o != Outcome::Met)
+        .map(|(n, _)| n.as_str())
+        .collect();
+    if !missed.is_empty() {
+        let _ = write!(markdown, " Not met or not measured: {}.", missed.join("; "));
+    }
+    markdown.push_str("\n\n");
+    markdown.push_str(&out);
+    Report { markdown, outcomes }
+}
+
+fn throughput_table(records: &[Record], out: &mut String, outcomes: &mut Vec<(String, Outcome)>) {
+    // (connections, via) -> (rates per round, errors)
+    let mut runs: BTreeMap<(usize, Via), (Vec<f64>, u64)> = BTreeMap::new();
+    for record in records {
+        if let Record::Throughput {
+            via,
+            connections,
+            requests_per_sec,
+            errors,
+            ..
+        } = record
+        {
+            let entry = runs.entry((*connections, *via)).or_default();
+            entry.0.push(*requests_per_sec);
+            entry.1 += errors;
+        }
+    }
+    let rounds = runs
+        .values()
+        .map(|(rates, _)| rates.len())
+        .max()
+        .unwrap_or(0);
+    let _ = writeln!(
+        out,
+        "### Throughput at saturation\n\n\
+         Requests/s, median of {rounds} interleaved rounds (min–max in brackets); wrk, one \
+         thread, pinned to core 0 with the upstream; each proxy pinned to core 1.\n"
+    );
+    out.push_str(
+        "| connections | direct | nginx (baseline) | sidecar | sidecar ÷ nginx | target | met? |\n\
+         |---:|---:|---:|---:|---:|---|---|\n",
+    );
+    let mut connection_counts: Vec<usize> = runs.keys().map(|(c, _)| *c).collect();
+    connection_counts.dedup();
+    for connections in connection_counts {
+        let cell = |via: Via| runs.get(&(connections, via));
+        let med = |via: Via| cell(via).and_then(|(rates, _)| median(rates.iter().copied()));
+        let ratio = match (med(Via::Sidecar), med(Via::Nginx)) {
+            (Some(s), Some(n)) if n > 0.0 => Some(s / n),
+            _ => None,
+        };
+        let errors = cell(Via::Sidecar).is_some_and(|(_, e)| *e > 0);
+        let outcome = if errors {
+            Outcome::Errors
+        } else {
+            Outcome::judge(ratio, |r| r >= 1.0)
+        };
+        outcomes.push((
+            format!("throughput ≥ nginx at {connections} connections"),
+            outcome,
+        ));
+        let _ = writeln!(
+            out,
+            "| {connections} | {} | {} | {} | {} | ≥ 1.00 | {} |",
+            rate_cell(cell(Via::Direct)),
+            rate_cell(cell(Via::Nginx)),
+            rate_cell(cell(Via::Sidecar)),
+            ratio.map_or("—".into(), |r| format!("{r:.2}")),
+            outcome.label()
+        );
+    }
+    error_note(
+        out,
+        runs.iter()
+            .map(|((connections, via), (_, errors))| (*via, *connections, *errors)),
+    );
+    out.push('\n');
+}
+
+fn rate_cell(runs: Option<&(Vec<f64>, u64)>) -> String {
+    let Some((rates, _)) = runs else {
+        return "not run".into();
+    };
+    let Some(mid) = median(rates.iter().copied()) else {
+        return "not run".into();
+    };
+    if rates.len() == 1 {
+        return format!("{mid:.0}");
+    }
+    let low = rates.iter().copied().fold(f64::INFINITY, f64::min);
+    let high = rates.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    format!("{mid:.0} ({low:.0}–{high:.0})")
+}
+
+fn error_note(out: &mut String, cells: impl Iterator<Item = (Via, usize, u64)>) {
+    let bad: Vec<String> = cells
+        .filter(|(_, _, errors)| *errors > 0)
+        .map(|(via, connections, errors)| format!("{} at {connections}: {errors}", via.label()))
+        .collect();
+    if !bad.is_empty() {
+        let _ = writeln!(
+            out,
+            "\nErrors (non-2xx or socket errors): {}.",
+            bad.join(", ")
+        );
+    }
+}
+
+struct LatencyRound {
+    round: u32,
+    via: Via,
+    percentiles: [f64; 4],
+    service: [f64; 2],
+    errors: u64,
+    rate: f64,
+    connections: usize,
+}
+
+const PERCENTILES: [&str; 4] = ["p50", "p90", "p99", "p99.9"];
+
+fn latency_table(records: &[Record], out: &mut String, outcomes: &mut Vec<(String, Outcome)>) {
+    let rounds: Vec<LatencyRound> = records
+        .iter()
+        .filter_map(|record| match record {
+            Record::Latency {
+                via,
+                round,
+                rate,
+                connections,
+                errors,
+                p50_us,
+                p90_us,
+                p99_us,
+                p999_us,
+                service_p50_us,
+                service_p99_us,
+                ..
+            } => Some(LatencyRound {
+                round: *round,
+                via: *via,
+                percentiles: [*p50_us, *p90_us, *p99_us, *p999_us].map(|us| us / 1000.0),
+                service: [*service_p50_us, *service_p99_us].map(|us| us / 1000.0),
+                errors: *errors,
+                rate: *rate,
+                connections: *connections,
+            }),
+            _ => None,
+        })
+        .collect();
+    let (rate, connections) = rounds
+        .first()
+        .map_or((1000.0, 16), |r| (r.rate, r.connections));
+    let round_count = rounds.iter().map(|r| r.round).max().map_or(0, |m| m + 1);
+    let _ = writeln!(
+        out,
+        "### Added latency at {rate:.0} requests/s, {connections} connections\n\n\
+         Milliseconds, corrected for coordinated omission (measured from each request's \
+         intended send time; bench-loadgen, open loop). \"Added\" is (through the proxy) minus \
+         (direct) for the same percentile in the same round; every value is the median of \
+         {round_count} interleaved rounds.\n"
+    );
+    out.push_str(
+        "| percentile | direct | nginx | sidecar | nginx added (baseline) | sidecar added | \
+         sidecar added ÷ nginx added | target (sidecar added) | met? |\n\
+         |---|---:|---:|---:|---:|---:|---:|---|---|\n",
+    );
+    let find = |round: u32, via: Via| rounds.iter().find(|r| r.round == round && r.via == via);
+    let level = |via: Via, index: usize| {
+        median(
+            rounds
+                .iter()
+                .filter(|r| r.via == via)
+                .map(|r| r.percentiles[index]),
+        )
+    };
+    let added = |via: Via, index: usize| {
+        median((0..round_count).filter_map(|round| {
+            Some(
+                find(round, via)?.percentiles[index] - find(round, Via::Direct)?.percentiles[index],
+            )
+        }))
+    };
+    let sidecar_errors: u64 = rounds
+        .iter()
+        .filter(|r| r.via == Via::Sidecar)
+        .map(|r| r.errors)
+        .sum();
+    for (index, name) in PERCENTILES.iter().enumerate() {
+        let sidecar_added = added(Via::Sidecar, index);
+        let nginx_added = added(Via::Nginx, index);
+        let ratio = match (sidecar_added, nginx_added) {
+            (Some(s), Some(n)) if n > 0.0 => format!("{:.2}", s / n),
+            _ => "—".into(),
+        };
+        let limit = match *name {
+            "p50" => Some(ADDED_P50_MAX_MS),
+            "p99" => Some(ADDED_P99_MAX_MS),
+            _ => None,
+        };
+        let (target, verdict) = match limit {
+            Some(limit) => {
+                let outcome = if sidecar_errors > 0 {
+                    Outcome::Errors
+                } else {
+                    Outcome::judge(sidecar_added, |v| v <= limit)
+                };
+                outcomes.push((format!("added {name} ≤ {limit} ms"), outcome));
+                (format!("≤ {limit:.3}"), outcome.label())
+            }
+            None => ("—".into(), "—"),
+        };
+        let _ = writeln!(
+            out,
+            "| {name} | {} | {} | {} | {} | {} | {ratio} | {target} | {verdict} |",
+            ms(level(Via::Direct, index)),
+            ms(level(Via::Nginx, index)),
+            ms(level(Via::Sidecar, index)),
+            ms(nginx_added),
+            ms(sidecar_added),
+        );
+    }
+    let service = |via: Via, index: usize| {
+        median(
+            rounds
+                .iter()
+                .filter(|r| r.via == via)
+                .map(|r| r.service[index]),
+        )
+    };
+    let _ = writeln!(
+        out,
+        "\nUncorrected (from actual send) p50 / p99, for comparison: direct {} / {}, nginx {} / {}, \
+         sidecar {} / {} ms.",
+        ms(service(Via::Direct, 0)),
+        ms(service(Via::Direct, 1)),
+        ms(service(Via::Nginx, 0)),
+        ms(service(Via::Nginx, 1)),
+        ms(service(Via::Sidecar, 0)),
+        ms(service(Via::Sidecar, 1)),
+    );
+    error_note(out, rounds.iter().map(|r| (r.via, r.connections, r.errors)));
+    out.push('\n');
+}
+
+fn ms(value: Option<f64>) -> String {
+    value.map_or("—".into(), |v| format!("{v:.3}"))
+}
+
+fn memory_table(records: &[Record], out: &mut String, outcomes: &mut Vec<(String, Outcome)>) {
+    let find = |wanted: Via| {
+        records.iter().find_map(|record| match record {
+            Record::PeakRss {
+                via,
+                keys,
+                max_rss_kb,
+                source,
+            } if *via == wanted => Some((*keys, *max_rss_kb as f64 * 1024.0, source.as_str())),
+            _ => None,
+        })
+    };
+    let sidecar = find(Via::Sidecar);
+    let nginx = find(Via::Nginx);
+    let outcome = Outcome::judge(sidecar.map(|s| s.1), |bytes| bytes <= RSS_MAX_BYTES);
+    let keys = sidecar.map_or(10_000, |s| s.0);
+    outcomes.push((format!("peak RSS ≤ 30 MB with {keys} keys"), outcome));
+    let ratio = match (sidecar, nginx) {
+        (Some(s), Some(n)) if n.1 > 0.0 => format!("{:.2}", s.1 / n.1),
+        _ => "—".into(),
+    };
+    let mb = |entry: Option<(usize, f64, &str)>| {
+        entry.map_or("not run".into(), |e| format!("{:.1}", e.1 / 1e6))
+    };
+    let source =
+        |entry: Option<(usize, f64, &str)>| entry.map_or(String::new(), |e| e.2.to_owned());
+    let _ = writeln!(
+        out,
+        "### Peak memory\n\n\
+         Peak resident set size over the whole run (all throughput and latency rounds), \
+         MB = 10⁶ bytes.\n\n\
+         | process | keys loaded | peak RSS (MB) | sidecar ÷ nginx | target | met? |\n\
+         |---|---:|---:|---:|---|---|\n\
+         | nginx worker (baseline) | — | {} | | | |\n\
+         | sidecar | {keys} | {} | {ratio} | ≤ 30 | {} |\n\n\
+         Sources: nginx {}; sidecar {}.\n",
+        mb(nginx),
+        mb(sidecar),
+        outcome.label(),
+        source(nginx),
+        source(sidecar),
+    );
+}
+
+fn lookup_table(records: &[Record], out: &mut String, outcomes: &mut Vec<(String, Outcome)>) {
+    let lookup = records.iter().find_map(|record| match record {
+        Record::Lookup {
+            keys,
+            iterations,
+            hit_ns,
+            miss_ns,
+            hash_and_hit_ns,
+        } => Some((*keys, *iterations, *hit_ns, *miss_ns, *hash_and_hit_ns)),
+        _ => None,
+    });
+    let (keys, iterations) = lookup.map_or((10_000, 0), |l| (l.0, l.1));
+    let _ = writeln!(
+        out,
+        "### Policy lookup\n\n\
+         Nanoseconds per call of the sidecar's `PolicyStore::lookup` with {keys} keys loaded, \
+         averaged over {iterations} calls each (release build, bench-lookup).\n\n\
+         | lookup | ns per call | target | met? |\n|---|---:|---|---|"
+    );
+    let rows = [
+        ("known key (hit)", lookup.map(|l| l.2), true),
+        ("unknown key (miss)", lookup.map(|l| l.3), true),
+        (
+            "SHA-256 of the token + hit (what a request pays)",
+            lookup.map(|l| l.4),
+            false,
+        ),
+    ];
+    for (name, value, judged) in rows {
+        let (target, verdict) = if judged {
+            let outcome = Outcome::judge(value, |ns| ns <= LOOKUP_MAX_NS);
+            outcomes.push((format!("lookup ({name}) ≤ 1 µs"), outcome));
+            ("≤ 1000", outcome.label())
+        } else {
+            ("—", "—")
+        };
+        let _ = writeln!(
+            out,
+            "| {name} | {} | {target} | {verdict} |",
+            value.map_or("not run".into(), |v| format!("{v:.0}"))
+        );
+    }
+    out.push('\n');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn throughput(via: Via, connections: usize, round: u32, rps: f64, errors: u64) -> Record {
+        Record::Throughput {
+            via,
+            connections,
+            round,
+            requests_per_sec: rps,
+            requests: rps as u64 * 5,
+            errors,
+        }
+    }
+
+    fn latency(via: Via, round: u32, p50_us: f64, p99_us: f64) -> Record {
+        Record::Latency {
+            via,
+            round,
+            rate: 1000.0,
+            connections: 16,
+            ok: 10_000,
+            errors: 0,
+            p50_us,
+            p90_us: p50_us,
+            p99_us,
+            p999_us: p99_us,
+            max_us: p99_us,
+            service_p50_us: p50_us,
+            service_p99_us: p99_us,
+        }
+    }
+
+    fn outcome(report: &Report, prefix: &str) -> Outcome {
+        report
+            .outcomes
+            .iter()
+            .find(|(name, _)| name.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no outcome {prefix}: {:?}", report.outcomes.len()))
+            .1
+    }
+
+    #[test]
+    fn throughput_uses_medians_and_compares_with_nginx() {
+        let records = vec![
+            throughput(Via::Nginx, 16, 0, 40_000.0, 0),
+            throughput(Via::Nginx, 16, 1, 44_000.0, 0),
+            throughput(Via::Nginx, 16, 2, 90_000.0, 0),
+            throughput(Via::Sidecar, 16, 0, 45_000.0, 0),
+            throughput(Via::Sidecar, 16, 1, 46_000.0, 0),
+            throughput(Via::Sidecar, 16, 2, 10_000.0, 0),
+            throughput(Via::Nginx, 256, 0, 40_000.0, 0),
+            throughput(Via::Sidecar, 256, 0, 30_000.0, 0),
+            throughput(Via::Nginx, 1, 0, 10_000.0, 0),
+            throughput(Via::Sidecar, 1, 0, 20_000.0, 3),
+        ];
+        let report = render(&records);
+        assert_eq!(outcome(&report, "throughput ≥ nginx at 16 "), Outcome::Met);
+        assert!(
+            report
+                .markdown
+                .contains("| 16 | not run | 44000 (40000–90000) | 45000 (10000–46000) | 1.02 |"),
+            "{}",
+            report.markdown
+        );
+        assert_eq!(
+            outcome(&report, "throughput ≥ nginx at 256 "),
+            Outcome::NotMet
+        );
+        assert_eq!(
+            outcome(&report, "throughput ≥ nginx at 1 "),
+            Outcome::Errors
+        );
+        assert!(report.markdown.contains("sidecar at 1: 3"));
+    }
+
+    #[test]
+    fn added_latency_is_paired_per_round() {
+        // Round 1 is noisy for everyone; pairing within the round cancels it.
+        let records = vec![
+            latency(Via::Direct, 0, 100.0, 300.0),
+            latency(Via::Sidecar, 0, 150.0, 900.0),
+            latency(Via::Direct, 1, 900.0, 2000.0),
+            latency(Via::Sidecar, 1, 960.0, 2300.0),
+            latency(Via::Direct, 2, 100.0, 300.0),
+            latency(Via::Sidecar, 2, 170.0, 600.0),
+        ];
+        let report = render(&records);
+        // p50 added per round: 0.05, 0.06, 0.07 -> 0.06; p99: 0.6, 0.3, 0.3 -> 0.3.
+        assert_eq!(outcome(&report, "added p50"), Outcome::Met);
+        assert_eq!(outcome(&report, "added p99"), Outcome::Met);
+        assert!(
+            report
+                .markdown
+                .contains("| p50 | 0.100 | — | 0.170 | — | 0.060 |"),
+            "{}",
+            report.markdown
+        );
+
+        let slow = vec![
+            latency(Via::Direct, 0, 100.0, 300.0),
+            latency(Via::Sidecar, 0, 250.0, 900.0),
+        ];
+        let report = render(&slow);
+        assert_eq!(outcome(&report, "added p50"), Outcome::NotMet);
+        assert_eq!(outcome(&report, "added p99"), Outcome::NotMet);
+    }
+
+    #[test]
+    fn memory_and_lookup_targets() {
+        let records = vec![
+            Record::PeakRss {
+                via: Via::Sidecar,
+                keys: 10_000,
+                max_rss_kb: 20_000,
+                source: "t".into(),
+            },
+            Record::PeakRss {
+                via: Via::Nginx,
+                keys: 0,
+                max_rss_kb: 4_000,
+                source: "t".into(),
+            },
+            Record::Lookup {
+                keys: 10_000,
+                iterations: 1_000_000,
+                hit_ns: 80.0,
+                miss_ns: 1500.0,
+                hash_and_hit_ns: 400.0,
+            },
+        ];
+        let report = render(&records);
+        assert_eq!(outcome(&report, "peak RSS"), Outcome::Met);
+        assert!(
+            report
+                .markdown
+                .contains("| sidecar | 10000 | 20.5 | 5.00 |"),
+            "{}",
+            report.markdown
+        );
+        assert_eq!(outcome(&report, "lookup (known"), Outcome::Met);
+        assert_eq!(outcome(&report, "lookup (unknown"), Outcome::NotMet);
+
+        let big = vec![Record::PeakRss {
+            via: Via::Sidecar,
+            keys: 10_000,
+            max_rss_kb: 30_000,
+            source: "t".into(),
+        }];
+        assert_eq!(outcome(&render(&big), "peak RSS"), Outcome::NotMet);
+    }
+
+    #[test]
+    fn nothing_measured_is_said_so() {
+        let report = render(&[]);
+        assert!(
+            report
+                .outcomes
+                .iter()
+                .all(|(_, o)| *o == Outcome::NotMeasured)
+        );
+        assert!(report.markdown.starts_with("**Issue 3 targets met: 0 of"));
+    }
+}
