@@ -1,1 +1,29 @@
+//! keybrake-sidecar: the data plane. A reverse proxy in the agent's pod that maps a vault key to
+//! the real vendor secret, enforces the key's policy on every call, streams responses back and
+//! reports every call to metrics and the audit sink.
+//!
+//! Seams for other components:
+//! - policy: [`store::PolicyStore`] implements `keybrake_api::stream::PolicyApply`; the
+//!   standalone loader ([`standalone`]) and the controller stream client feed it.
+//! - audit: [`audit::AuditSink`] receives one `AuditRow` per call.
+//! - caps: [`ledger::SpendLedger`] holds and settles pre-flight reservations.
+//! - cost: [`vendors::VendorModule::preflight_cost`] and [`body::StreamObserver`].
 #![forbid(unsafe_code)]
+
+pub mod audit;
+pub mod body;
+pub mod cli;
+pub mod decide;
+pub mod forward;
+pub mod ledger;
+pub mod metrics;
+pub mod path;
+pub mod proxy;
+pub mod ratelimit;
+pub mod server;
+pub mod standalone;
+pub mod store;
+pub mod vendors;
+
+pub use server::{BoundAddrs, Deps, Settings, Sidecar};
+pub use store::{Freshness, PolicyStore};

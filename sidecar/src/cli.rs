@@ -1,0 +1,240 @@
+//! Command line: `keybrake-sidecar --config FILE [flags]` and `keybrake-sidecar hash-key`.
+use std::{io::Read, net::IpAddr, path::PathBuf, sync::Arc, time::Duration};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use keybrake_api::{TokenHash, Vendor};
+
+use crate::{
+    audit::{AuditSink, JsonLinesAudit, NoopAudit},
+    ledger::InMemoryLedger,
+    metrics::Metrics,
+    proxy::ProxyLimits,
+    server::{Deps, Settings, Sidecar},
+    standalone::{ConfigWatcher, ProcessEnv},
+    store::{Freshness, PolicyStore},
+};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "keybrake-sidecar",
+    version,
+    about = "Enforces vault-key policy on vendor API calls"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Read a vault key from stdin and print its SHA-256 (for `tokenSha256` in the config).
+    HashKey,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum AuditMode {
+    /// Discard rows (metrics still count every call).
+    None,
+    /// One JSON object per line on stdout.
+    Stdout,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// Standalone mode: the policy file (YAML). Reloaded when it changes.
+    #[arg(long, env = "KEYBRAKE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// How often the policy file is checked for changes.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub reload_interval: Duration,
+    #[arg(long, default_value = "127.0.0.1")]
+    pub listen_addr: IpAddr,
+    #[arg(long, default_value_t = 15001)]
+    pub proxy_port: u16,
+    #[arg(long, default_value_t = 15002)]
+    pub stripe_port: u16,
+    #[arg(long, default_value_t = 15003)]
+    pub openai_port: u16,
+    #[arg(long, default_value_t = 15004)]
+    pub twilio_port: u16,
+    #[arg(long, default_value_t = 15005)]
+    pub resend_port: u16,
+    #[arg(long, default_value_t = 15020)]
+    pub admin_port: u16,
+    /// Write the bound addresses as JSON to this file once listening (useful with port 0).
+    #[arg(long)]
+    pub addr_file: Option<PathBuf>,
+    /// Tokio worker threads (1 = a one-core sidecar).
+    #[arg(long)]
+    pub worker_threads: Option<usize>,
+    #[arg(long, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+    #[arg(long, value_enum, default_value = "none")]
+    pub audit: AuditMode,
+    #[arg(long, default_value_t = 1 << 20)]
+    pub max_body_bytes: usize,
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub header_read_timeout: Duration,
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub body_read_timeout: Duration,
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub upstream_connect_timeout: Duration,
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub upstream_header_timeout: Duration,
+    #[arg(long, default_value = "120s", value_parser = parse_duration)]
+    pub upstream_idle_timeout: Duration,
+    #[arg(long, default_value = "600s", value_parser = parse_duration)]
+    pub upstream_total_timeout: Duration,
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+    /// Extra PEM CA bundle trusted for upstreams, on top of the platform roots.
+    #[arg(long)]
+    pub extra_ca_file: Option<PathBuf>,
+    /// Pod name for audit rows.
+    #[arg(long, env = "POD_NAME")]
+    pub pod_name: Option<String>,
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    if let Some(ms) = text.strip_suffix("ms") {
+        return ms
+            .parse()
+            .map(Duration::from_millis)
+            .map_err(|e| e.to_string());
+    }
+    keybrake_api::duration::parse_ttl(text).map_err(|e| e.to_string())
+}
+
+impl RunArgs {
+    pub fn settings(&self) -> Settings {
+        Settings {
+            bind: self.listen_addr,
+            proxy_port: self.proxy_port,
+            vendor_ports: vec![
+                (Vendor::Stripe, self.stripe_port),
+                (Vendor::Openai, self.openai_port),
+                (Vendor::Twilio, self.twilio_port),
+                (Vendor::Resend, self.resend_port),
+            ],
+            admin_port: self.admin_port,
+            limits: ProxyLimits {
+                max_body_bytes: self.max_body_bytes,
+                body_read_timeout: self.body_read_timeout,
+                upstream_header_timeout: self.upstream_header_timeout,
+                upstream_idle_timeout: self.upstream_idle_timeout,
+                upstream_total_timeout: self.upstream_total_timeout,
+            },
+            header_read_timeout: self.header_read_timeout,
+            upstream_connect_timeout: self.upstream_connect_timeout,
+            upstream_pool_idle_timeout: Duration::from_secs(90),
+            extra_ca_file: self.extra_ca_file.clone(),
+            pod_name: self.pod_name.clone(),
+            drain_timeout: self.drain_timeout,
+        }
+    }
+}
+
+/// `hash-key`: the SHA-256 hex of the key on stdin (surrounding whitespace ignored).
+pub fn hash_key(mut input: impl Read) -> anyhow::Result<String> {
+    let mut key = String::new();
+    input
+        .read_to_string(&mut key)
+        .context("reading the key from stdin")?;
+    let key = key.trim();
+    anyhow::ensure!(!key.is_empty(), "no key on stdin");
+    Ok(TokenHash::of(key).to_hex())
+}
+
+pub fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+/// Runs the sidecar until SIGINT/SIGTERM, then drains.
+pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let config = args.config.clone().context(
+        "no policy source: pass --config FILE (standalone mode); the controller stream is configured separately",
+    )?;
+    let metrics = Arc::new(Metrics::new());
+    let store = Arc::new(PolicyStore::new(Freshness::AlwaysFresh));
+    let watcher = ConfigWatcher::start(config.clone(), store.clone(), Box::new(ProcessEnv))
+        .with_context(|| format!("loading {}", config.display()))?;
+    let audit: Arc<dyn AuditSink> = match args.audit {
+        AuditMode::None => Arc::new(NoopAudit),
+        AuditMode::Stdout => Arc::new(JsonLinesAudit::spawn(10_000, metrics.clone())),
+    };
+    let deps = Deps {
+        store,
+        metrics,
+        audit,
+        ledger: Arc::new(InMemoryLedger::new()),
+    };
+    let sidecar = Sidecar::start(&args.settings(), deps).await?;
+    if let Some(path) = &args.addr_file {
+        let json = serde_json::to_string(sidecar.addrs())?;
+        // Write then rename, so a reader never sees half a file.
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, json).with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, path)?;
+    }
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let reload = tokio::spawn(watcher.run(args.reload_interval, stop_rx));
+    wait_for_signal().await;
+    tracing::info!("shutting down: draining in-flight calls");
+    let _ = stop_tx.send(true);
+    sidecar.shutdown().await;
+    let _ = reload.await;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing a SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hash_key_trims_and_hashes() {
+        assert_eq!(
+            hash_key("vault_key_abc\n".as_bytes()).unwrap(),
+            TokenHash::of("vault_key_abc").to_hex()
+        );
+        assert!(hash_key("  \n".as_bytes()).is_err());
+    }
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("1m30s").unwrap(), Duration::from_secs(90));
+        assert!(parse_duration("soon").is_err());
+    }
+}

@@ -1,0 +1,214 @@
+//! The upstream side: a pooled keep-alive HTTPS client and the header rules for both
+//! directions.
+use std::{path::Path, time::Duration};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, header};
+use http_body_util::Full;
+use hyper_rustls::HttpsConnector;
+use hyper_util::{
+    client::legacy::{Client, connect::HttpConnector},
+    rt::{TokioExecutor, TokioTimer},
+};
+
+pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+/// The header every sidecar response carries.
+pub const VERDICT_HEADER: &str = "keybrake-verdict";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("reading extra CA file {path}: {source}")]
+    CaFile {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("extra CA file {0} holds no PEM certificate")]
+    CaFileEmpty(String),
+    #[error("adding a CA certificate: {0}")]
+    BadCertificate(#[from] rustls::Error),
+    #[error("no trusted roots: the platform store is empty and no extra CA file was given")]
+    NoRoots,
+}
+
+/// Builds the pooled client: the platform's roots plus an optional extra PEM bundle (tests,
+/// private upstreams), HTTP/1.1 keep-alive, plain `http://` allowed only because the base URL
+/// of a key says so.
+pub fn build_client(
+    extra_ca_file: Option<&Path>,
+    connect_timeout: Duration,
+    pool_idle_timeout: Duration,
+) -> Result<UpstreamClient, ClientError> {
+    let mut roots = rustls::RootCertStore::empty();
+    let native = rustls_native_certs::load_native_certs();
+    for cert in native.certs {
+        // Platform bundles sometimes carry certificates rustls refuses; skip those, keep the rest.
+        let _ = roots.add(cert);
+    }
+    if let Some(path) = extra_ca_file {
+        let shown = path.display().to_string();
+        let pem = std::fs::read(path).map_err(|source| ClientError::CaFile {
+            path: shown.clone(),
+            source,
+        })?;
+        let mut added = 0;
+        for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+            let cert = cert.map_err(|source| ClientError::CaFile {
+                path: shown.clone(),
+                source,
+            })?;
+            roots.add(cert)?;
+            added += 1;
+        }
+        if added == 0 {
+            return Err(ClientError::CaFileEmpty(shown));
+        }
+    }
+    if roots.is_empty() {
+        return Err(ClientError::NoRoots);
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(
+        rustls::crypto::ring::default_provider().into(),
+    )
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(connect_timeout));
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
+    Ok(Client::builder(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(pool_idle_timeout)
+        .pool_max_idle_per_host(256)
+        .build(https))
+}
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1) plus the proxy-only ones.
+static HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    HeaderName::from_static("proxy-connection"),
+];
+
+fn connection_listed(headers: &HeaderMap, name: &HeaderName) -> bool {
+    headers.get_all(header::CONNECTION).iter().any(|v| {
+        v.to_str()
+            .unwrap_or("")
+            .split(',')
+            .any(|token| token.trim().eq_ignore_ascii_case(name.as_str()))
+    })
+}
+
+/// The headers sent upstream: the agent's, minus hop-by-hop, every `keybrake-*` header, the
+/// agent's credentials, `Host` (set from the upstream URL), framing (recomputed) and
+/// `Accept-Encoding` (so responses arrive as plain text the cost parser can read), plus the
+/// vendor secret in the vendor's auth slot.
+pub fn upstream_request_headers(from: &HeaderMap, authorization: HeaderValue) -> HeaderMap {
+    let mut out = HeaderMap::with_capacity(from.len() + 1);
+    for (name, value) in from {
+        let n = name.as_str();
+        if HOP_BY_HOP.contains(name)
+            || connection_listed(from, name)
+            || n.starts_with("keybrake-")
+            || name == header::AUTHORIZATION
+            || name == header::HOST
+            || name == header::CONTENT_LENGTH
+            || name == header::ACCEPT_ENCODING
+            || name == header::EXPECT
+            || name == header::COOKIE
+        {
+            continue;
+        }
+        out.append(name.clone(), value.clone());
+    }
+    out.insert(header::AUTHORIZATION, authorization);
+    out
+}
+
+/// Strips hop-by-hop headers from an upstream response (framing is hyper's business).
+pub fn clean_response_headers(headers: &mut HeaderMap) {
+    let listed: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .flat_map(|v| v.to_str().unwrap_or("").split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for name in HOP_BY_HOP.iter().chain(listed.iter()) {
+        headers.remove(name);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_headers_lose_credentials_and_keybrake_headers() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer vault_key_x"),
+        );
+        h.insert("keybrake-debug", HeaderValue::from_static("1"));
+        h.insert("Keybrake-Verdict", HeaderValue::from_static("allow"));
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret-hop"),
+        );
+        h.insert("x-secret-hop", HeaderValue::from_static("1"));
+        h.insert(header::HOST, HeaderValue::from_static("127.0.0.1:15001"));
+        h.insert(
+            header::PROXY_AUTHORIZATION,
+            HeaderValue::from_static("Basic abc"),
+        );
+        h.insert("idempotency-key", HeaderValue::from_static("k1"));
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        let out = upstream_request_headers(&h, HeaderValue::from_static("Bearer sk_test_1"));
+        assert_eq!(out.get(header::AUTHORIZATION).unwrap(), "Bearer sk_test_1");
+        assert_eq!(out.get_all(header::AUTHORIZATION).iter().count(), 1);
+        assert_eq!(out.get("idempotency-key").unwrap(), "k1");
+        assert_eq!(out.get(header::CONTENT_TYPE).unwrap(), "application/json");
+        for gone in [
+            "keybrake-debug",
+            "keybrake-verdict",
+            "connection",
+            "x-secret-hop",
+            "host",
+            "proxy-authorization",
+        ] {
+            assert!(out.get(gone).is_none(), "{gone} was forwarded");
+        }
+        assert!(!format!("{out:?}").contains("vault_key"));
+    }
+
+    #[test]
+    fn response_headers_lose_hop_by_hop() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("close, x-hop"));
+        h.insert("x-hop", HeaderValue::from_static("1"));
+        h.insert("request-id", HeaderValue::from_static("req_1"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        clean_response_headers(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("request-id"));
+    }
+}

@@ -1,0 +1,560 @@
+//! The request path (DESIGN.md, "Sidecar request path"): route, read the vault key, decide in
+//! order, then deny in the vendor's envelope or forward with the secret swapped in, streaming
+//! the response back. One audit row and one `keybrake_calls_total` increment per call.
+use std::{convert::Infallible, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, header};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use jiff::Timestamp;
+use keybrake_api::{
+    TokenHash, Usd, Vendor, Verdict,
+    audit::{AuditRow, CostSource},
+};
+
+use crate::{
+    audit::{AuditSink, new_row_id},
+    body::{BodyError, ObservedBody, ProxyBody, StreamEnd, StreamObserver, full, read_bounded},
+    decide::{self, Denied},
+    forward::{UpstreamClient, VERDICT_HEADER, clean_response_headers, upstream_request_headers},
+    ledger::{Reservation, SpendLedger},
+    metrics::Metrics,
+    path::{PathError, check_path, split_vendor_prefix},
+    store::{KeyEntry, PolicyStore},
+    vendors::{RequestView, VendorModule, extract_credential, module_for, upstream_authorization},
+};
+
+/// Size and time bounds of the request path.
+#[derive(Debug, Clone)]
+pub struct ProxyLimits {
+    pub max_body_bytes: usize,
+    /// Slow clients: the whole request body must arrive within this.
+    pub body_read_timeout: Duration,
+    /// Connect + upstream response headers.
+    pub upstream_header_timeout: Duration,
+    /// Longest pause between two response chunks.
+    pub upstream_idle_timeout: Duration,
+    /// Whole call, streamed body included.
+    pub upstream_total_timeout: Duration,
+}
+
+impl Default for ProxyLimits {
+    fn default() -> Self {
+        ProxyLimits {
+            max_body_bytes: 1 << 20,
+            body_read_timeout: Duration::from_secs(30),
+            upstream_header_timeout: Duration::from_secs(60),
+            upstream_idle_timeout: Duration::from_secs(120),
+            upstream_total_timeout: Duration::from_secs(600),
+        }
+    }
+}
+
+/// Which listener a request came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// Port 15001: `/{vendor}/…`.
+    Prefixed,
+    /// A vendor's own port: the path is the vendor's path.
+    Vendor(Vendor),
+}
+
+pub struct Proxy {
+    pub store: Arc<PolicyStore>,
+    pub client: UpstreamClient,
+    pub metrics: Arc<Metrics>,
+    pub audit: Arc<dyn AuditSink>,
+    pub ledger: Arc<dyn SpendLedger>,
+    pub limits: ProxyLimits,
+    pub pod: Option<String>,
+}
+
+/// What is known about a call so far, for its audit row and metrics.
+struct Call {
+    started_at: Timestamp,
+    clock: tokio::time::Instant,
+    vendor: Option<Vendor>,
+    method: Method,
+    entry: Option<Arc<KeyEntry>>,
+    operation: Option<&'static str>,
+    template: Option<String>,
+    customer: Option<String>,
+    estimate: Option<Usd>,
+}
+
+impl Proxy {
+    pub async fn handle(
+        self: Arc<Self>,
+        route: Route,
+        req: Request<Incoming>,
+    ) -> Result<Response<ProxyBody>, Infallible> {
+        let mut call = Call {
+            started_at: Timestamp::now(),
+            clock: tokio::time::Instant::now(),
+            vendor: None,
+            method: req.method().clone(),
+            entry: None,
+            operation: None,
+            template: None,
+            customer: None,
+            estimate: None,
+        };
+        Ok(match self.decide_and_forward(route, req, &mut call).await {
+            Ok(response) => response,
+            Err(refusal) => self.refuse(&call, refusal),
+        })
+    }
+
+    async fn decide_and_forward(
+        &self,
+        route: Route,
+        req: Request<Incoming>,
+        call: &mut Call,
+    ) -> Result<Response<ProxyBody>, Refusal> {
+        // 1. Never an open proxy: origin-form targets only, no CONNECT.
+        if req.method() == Method::CONNECT {
+            return Err(Refusal::protocol(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "connect_refused",
+            ));
+        }
+        if req.uri().scheme().is_some() || req.uri().authority().is_some() {
+            return Err(Refusal::protocol(
+                StatusCode::BAD_REQUEST,
+                "absolute_form_refused",
+            ));
+        }
+        let uri = req.uri().clone();
+        let (vendor, path) = match route {
+            Route::Vendor(v) => (v, uri.path()),
+            Route::Prefixed => split_vendor_prefix(uri.path())
+                .map_err(|_| Refusal::protocol(StatusCode::NOT_FOUND, "unknown_vendor_prefix"))?,
+        };
+        call.vendor = Some(vendor);
+        let module = module_for(vendor);
+        let path_check: Result<&str, PathError> = check_path(path).map(|()| path);
+
+        // 2. The vault key, from the vendor's own slot; only its hash is looked up.
+        let (parts, body) = req.into_parts();
+        let credential = extract_credential(module.auth_slot(), &parts.headers)
+            .map_err(|e| Refusal::policy(Denied::new(Verdict::KeyUnknown, e.reason())))?;
+        let entry = self
+            .store
+            .lookup(&TokenHash::of(&credential.token))
+            // A key is only valid on its own vendor's route, so it can never reach another upstream.
+            .filter(|e| e.grant.vendor == vendor)
+            .ok_or(Refusal::policy(Denied::new(
+                Verdict::KeyUnknown,
+                "unknown_token",
+            )))?;
+        call.entry = Some(entry.clone());
+        let grant = &entry.grant;
+
+        // 3. Decide, in order.
+        let stale_allowed = decide::check_key(grant, call.started_at, self.store.is_stale())
+            .map_err(Refusal::policy)?;
+        let matched = decide::check_operation(grant, module, &parts.method, path_check)
+            .map_err(Refusal::policy)?;
+        call.operation = matched.operation.map(|op| op.name);
+        call.template = Some(matched.template.to_owned());
+        let path = path_check.expect("check_operation refuses bad paths");
+
+        let body = read_bounded(
+            body,
+            self.limits.max_body_bytes,
+            self.limits.body_read_timeout,
+        )
+        .await
+        .map_err(Refusal::body)?;
+        let view = RequestView {
+            method: &parts.method,
+            path,
+            query: uri.query(),
+            headers: &parts.headers,
+            body: &body,
+        };
+        let scope = module.customer_scope(matched.operation, &view);
+        call.customer = scope.audit_value();
+        decide::check_customers(grant, &scope).map_err(Refusal::policy)?;
+        if let Some(per_minute) = grant.limits.calls_per_minute {
+            let mut bucket = entry.runtime.rate.lock().unwrap_or_else(|e| e.into_inner());
+            if !bucket.try_take(per_minute, std::time::Instant::now()) {
+                return Err(Refusal::policy(Denied::new(
+                    Verdict::RateLimited,
+                    "calls_per_minute",
+                )));
+            }
+        }
+        let estimate = module.preflight_cost(matched.operation, &view);
+        call.estimate = estimate;
+        decide::check_per_call(grant, estimate).map_err(Refusal::policy)?;
+        let reservation = match grant.limits.daily_usd_cap {
+            Some(cap) => Some(
+                self.ledger
+                    .reserve(&grant.id, estimate, cap, call.started_at)
+                    .map_err(|_| {
+                        Refusal::policy(Denied::new(Verdict::DailyCap, "daily_usd_cap"))
+                    })?,
+            ),
+            None => None,
+        };
+        if stale_allowed {
+            self.metrics
+                .stale_allowed
+                .with_label_values(&[grant.id.namespace(), grant.id.name()])
+                .inc();
+        }
+
+        // 4. Forward with the secret in the vendor's slot.
+        let target = upstream_uri(&grant.base_url, path, uri.query()).ok_or(Refusal::upstream(
+            StatusCode::BAD_GATEWAY,
+            "bad_upstream_url",
+            reservation.clone(),
+        ))?;
+        let authorization =
+            upstream_authorization(module.auth_slot(), &grant.upstream_secret, &credential)
+                .map_err(|_| {
+                    Refusal::upstream(
+                        StatusCode::BAD_GATEWAY,
+                        "bad_upstream_secret",
+                        reservation.clone(),
+                    )
+                })?;
+        let mut upstream = Request::builder()
+            .method(parts.method.clone())
+            .uri(target)
+            .body(Full::new(body))
+            .expect("method and URI are already valid");
+        *upstream.headers_mut() = upstream_request_headers(&parts.headers, authorization);
+
+        let timer = self.metrics.upstream_timer(vendor.as_str()).start_timer();
+        let sent = tokio::time::timeout(
+            self.limits.upstream_header_timeout,
+            self.client.request(upstream),
+        )
+        .await;
+        timer.observe_duration();
+        let response = match sent {
+            Ok(Ok(response)) => response,
+            Ok(Err(e)) => {
+                tracing::warn!(key = %grant.id, vendor = %vendor, error = %e, "upstream request failed");
+                return Err(Refusal::upstream(
+                    StatusCode::BAD_GATEWAY,
+                    "upstream_unreachable",
+                    reservation,
+                ));
+            }
+            Err(_) => {
+                return Err(Refusal::upstream(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "upstream_timeout",
+                    reservation,
+                ));
+            }
+        };
+
+        let (mut head, upstream_body) = response.into_parts();
+        clean_response_headers(&mut head.headers);
+        head.headers.insert(
+            VERDICT_HEADER,
+            HeaderValue::from_static(Verdict::Allow.as_str()),
+        );
+        let request_id = module
+            .request_id_header()
+            .and_then(|h| head.headers.get(h))
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let observer = Box::new(Completion {
+            row: self.row(
+                call,
+                Verdict::Allow,
+                None,
+                i32::from(head.status.as_u16()),
+                request_id,
+            ),
+            status: head.status,
+            reservation,
+            estimate_is_cost: module.preflight_is_cost_estimate(),
+            ledger: self.ledger.clone(),
+            audit: self.audit.clone(),
+            metrics: self.metrics.clone(),
+            agent: grant.agent.name.clone(),
+            clock: call.clock,
+        });
+        self.count(call, Verdict::Allow);
+        let deadline = call.clock + self.limits.upstream_total_timeout;
+        let body = ObservedBody::new(
+            upstream_body,
+            self.limits.upstream_idle_timeout,
+            deadline,
+            observer,
+        );
+        Ok(Response::from_parts(head, body.boxed_unsync()))
+    }
+
+    fn refuse(&self, call: &Call, refusal: Refusal) -> Response<ProxyBody> {
+        let module: &dyn VendorModule = module_for(call.vendor.unwrap_or(Vendor::Custom));
+        let message = refusal.denied.message();
+        let denial = module.denial(refusal.status, refusal.denied.verdict, &message);
+        let mut response = Response::new(full(denial.body));
+        *response.status_mut() = denial.status;
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static(denial.content_type),
+        );
+        headers.insert(
+            VERDICT_HEADER,
+            HeaderValue::from_static(refusal.denied.verdict.as_str()),
+        );
+        for (name, value) in denial.headers {
+            headers.insert(*name, HeaderValue::from_static(value));
+        }
+        if refusal.denied.verdict == Verdict::RateLimited {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        if let Some(reservation) = refusal.reservation {
+            // Nothing reached the vendor: no money moved.
+            self.ledger.settle(reservation, Some(Usd::ZERO));
+        }
+        tracing::debug!(
+            key = call.entry.as_ref().map(|e| e.grant.id.as_str()).unwrap_or(""),
+            vendor = call.vendor.map(Vendor::as_str).unwrap_or("none"),
+            verdict = %refusal.denied.verdict,
+            reason = refusal.denied.reason,
+            status = refusal.status.as_u16(),
+            "call refused"
+        );
+        self.count(call, refusal.denied.verdict);
+        if call.vendor.is_some() {
+            self.audit.submit(self.row(
+                call,
+                refusal.denied.verdict,
+                Some(refusal.denied.reason),
+                0,
+                None,
+            ));
+        }
+        response
+    }
+
+    fn count(&self, call: &Call, verdict: Verdict) {
+        let (namespace, agent, key) = match &call.entry {
+            Some(e) => (
+                e.grant.id.namespace(),
+                e.grant.agent.name.as_str(),
+                e.grant.id.name(),
+            ),
+            None => ("", "", ""),
+        };
+        let vendor = call.vendor.map(Vendor::as_str).unwrap_or("none");
+        self.metrics
+            .calls
+            .with_label_values(&[namespace, agent, key, vendor, verdict.as_str()])
+            .inc();
+    }
+
+    fn row(
+        &self,
+        call: &Call,
+        verdict: Verdict,
+        reason: Option<&str>,
+        vendor_status: i32,
+        vendor_request_id: Option<String>,
+    ) -> AuditRow {
+        let grant = call.entry.as_ref().map(|e| &e.grant);
+        AuditRow {
+            id: new_row_id(),
+            started_at: call.started_at,
+            duration_ms: call.clock.elapsed().as_millis() as i64,
+            vault_key_id: grant.map(|g| g.id.to_string()),
+            agent_name: grant.map(|g| g.agent.name.clone()),
+            agent_run_id: grant.and_then(|g| g.agent.run_id.clone()),
+            namespace: grant.map(|g| g.id.namespace().to_owned()),
+            pod: self.pod.clone(),
+            vendor: call.vendor.unwrap_or(Vendor::Custom),
+            operation: call.operation.map(str::to_owned),
+            method: call.method.as_str().to_owned(),
+            path_template: call.template.clone(),
+            policy_verdict: verdict,
+            verdict_reason: reason.map(str::to_owned),
+            customer_scope_id: call.customer.clone(),
+            vendor_status,
+            vendor_request_id,
+            cost_usd_parsed: None,
+            cost_source: CostSource::None,
+            cap_usage_after_usd: None,
+            policy_revision: grant.map(|g| g.policy_revision).unwrap_or_default(),
+        }
+    }
+}
+
+/// Why a call was not forwarded (or failed upstream), and with which status.
+struct Refusal {
+    denied: Denied,
+    status: StatusCode,
+    reservation: Option<Reservation>,
+}
+
+impl Refusal {
+    fn policy(denied: Denied) -> Self {
+        Refusal {
+            status: StatusCode::from_u16(denied.verdict.http_status())
+                .unwrap_or(StatusCode::FORBIDDEN),
+            denied,
+            reservation: None,
+        }
+    }
+
+    /// Requests that are not vendor calls at all (CONNECT, absolute-form, unknown prefix): they
+    /// carry `operation_denied` with a protocol status.
+    fn protocol(status: StatusCode, reason: &'static str) -> Self {
+        Refusal {
+            denied: Denied::new(Verdict::OperationDenied, reason),
+            status,
+            reservation: None,
+        }
+    }
+
+    fn body(error: BodyError) -> Self {
+        let (status, reason) = match error {
+            BodyError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
+            BodyError::Timeout => (StatusCode::REQUEST_TIMEOUT, "body_timeout"),
+            BodyError::Broken => (StatusCode::BAD_REQUEST, "body_unreadable"),
+        };
+        Self::protocol(status, reason)
+    }
+
+    /// The policy allowed the call but the upstream could not be reached.
+    fn upstream(
+        status: StatusCode,
+        reason: &'static str,
+        reservation: Option<Reservation>,
+    ) -> Self {
+        Refusal {
+            denied: Denied::new(Verdict::Allow, reason),
+            status,
+            reservation,
+        }
+    }
+}
+
+/// `base_url` + vendor path + query. `None` if that is not a valid URI.
+fn upstream_uri(base_url: &str, path: &str, query: Option<&str>) -> Option<Uri> {
+    let mut target =
+        String::with_capacity(base_url.len() + path.len() + query.map_or(0, |q| q.len() + 1));
+    target.push_str(base_url.trim_end_matches('/'));
+    target.push_str(path);
+    if let Some(q) = query {
+        target.push('?');
+        target.push_str(q);
+    }
+    target.parse().ok()
+}
+
+/// Runs when an allowed call's response body ends: settles the reservation, counts cost, writes
+/// the audit row.
+struct Completion {
+    row: AuditRow,
+    status: StatusCode,
+    reservation: Option<Reservation>,
+    estimate_is_cost: bool,
+    ledger: Arc<dyn SpendLedger>,
+    audit: Arc<dyn AuditSink>,
+    metrics: Arc<Metrics>,
+    agent: String,
+    clock: tokio::time::Instant,
+}
+
+impl StreamObserver for Completion {
+    fn finish(self: Box<Self>, end: StreamEnd, _bytes: u64) {
+        let Completion {
+            mut row,
+            status,
+            reservation,
+            estimate_is_cost,
+            ledger,
+            audit,
+            metrics,
+            agent,
+            clock,
+        } = *self;
+        // The vendor refused the call: no money moved. Otherwise, until response cost parsing
+        // lands, the pre-flight estimate is the cost (Twilio segments, Resend recipients, Stripe
+        // USD amount).
+        let charged = status.is_success();
+        let cost = match reservation.as_ref().map(|r| r.amount) {
+            _ if !charged => Some(Usd::ZERO),
+            Some(amount) if estimate_is_cost => Some(amount),
+            _ => None,
+        };
+        if let Some(reservation) = reservation {
+            row.cap_usage_after_usd = Some(ledger.settle(reservation, cost));
+        }
+        if charged
+            && estimate_is_cost
+            && let Some(cost) = cost.filter(|c| *c > Usd::ZERO)
+        {
+            row.cost_usd_parsed = Some(cost);
+            row.cost_source = CostSource::Estimated;
+            let (ns, key) = row
+                .vault_key_id
+                .as_deref()
+                .and_then(|id| id.split_once('/'))
+                .unwrap_or(("", ""));
+            metrics
+                .cost_usd
+                .with_label_values(&[ns, agent.as_str(), key, row.vendor.as_str()])
+                .inc_by(cost.micros() as f64 / 1e6);
+        }
+        if end != StreamEnd::Complete {
+            row.verdict_reason = Some(format!("response_{end:?}").to_ascii_lowercase());
+        }
+        row.duration_ms = clock.elapsed().as_millis() as i64;
+        audit.submit(row);
+    }
+}
+
+/// Bytes as a response body (used by the admin server too).
+pub fn text_response(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<ProxyBody> {
+    let mut response = Response::new(full(body));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vendors::CustomerScope;
+
+    #[test]
+    fn upstream_uri_joins_base_path_and_query() {
+        assert_eq!(
+            upstream_uri("https://api.stripe.com", "/v1/charges", Some("limit=3")).unwrap(),
+            "https://api.stripe.com/v1/charges?limit=3"
+        );
+        assert_eq!(
+            upstream_uri("http://127.0.0.1:9/base/", "/emails", None).unwrap(),
+            "http://127.0.0.1:9/base/emails"
+        );
+    }
+
+    #[test]
+    fn customer_scope_audit_value_joins_ids() {
+        assert_eq!(
+            CustomerScope::Ids(vec!["a.com".into(), "b.com".into()])
+                .audit_value()
+                .as_deref(),
+            Some("a.com,b.com")
+        );
+        assert_eq!(CustomerScope::Missing.audit_value(), None);
+    }
+}

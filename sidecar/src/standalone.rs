@@ -1,0 +1,517 @@
+//! Standalone mode: the policy comes from a YAML file instead of the controller stream. Vault
+//! keys appear only as SHA-256 hashes; upstream secrets come from environment variables or
+//! files the config names, never from the config itself. The file is polled and re-applied
+//! when what it resolves to changes; a broken file keeps the last good policy.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use jiff::Timestamp;
+use keybrake_api::{
+    AgentRef, AllowRule, KeyGrant, KeyId, KeyState, Limits, OnStale, SecretString, TokenHash,
+    Vendor, stream::PolicyApply,
+};
+use serde::Deserialize;
+use tokio::sync::watch;
+
+use crate::vendors::module_for;
+
+/// Namespace of every standalone key (`keybrake_calls_total{namespace="standalone"}`).
+pub const NAMESPACE: &str = "standalone";
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct StandaloneConfig {
+    pub upstreams: BTreeMap<String, UpstreamConfig>,
+    #[serde(default)]
+    pub keys: Vec<KeyConfig>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct UpstreamConfig {
+    pub vendor: Vendor,
+    /// Defaults to the vendor's production API.
+    #[serde(default)]
+    pub base_url: Option<String>,
+    /// Name of an environment variable holding the secret.
+    #[serde(default)]
+    pub secret_env: Option<String>,
+    /// A file holding the secret (relative paths are relative to the config file).
+    #[serde(default)]
+    pub secret_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct KeyConfig {
+    pub name: String,
+    /// `keybrake-sidecar hash-key` prints it.
+    pub token_sha256: TokenHash,
+    /// A name under `upstreams`.
+    pub upstream: String,
+    #[serde(default)]
+    pub state: KeyState,
+    #[serde(default)]
+    pub expires_at: Option<Timestamp>,
+    pub agent: AgentRef,
+    #[serde(default)]
+    pub allow: Vec<AllowRule>,
+    #[serde(default)]
+    pub customers: Vec<String>,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub on_stale: OnStale,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("parsing {path}: {source}")]
+    Parse {
+        path: String,
+        source: serde_yaml::Error,
+    },
+    #[error("key {key}: upstream {upstream:?} is not declared under upstreams")]
+    UnknownUpstream { key: String, upstream: String },
+    #[error("key name {0:?} appears twice")]
+    DuplicateKey(String),
+    #[error("key {0:?}: names must be 1-253 characters of a-z, 0-9, '-' and '.'")]
+    BadKeyName(String),
+    #[error("upstream {0}: set exactly one of secretEnv and secretFile (secrets are never inline)")]
+    SecretSource(String),
+    #[error("upstream {upstream}: environment variable {var} is not set or empty")]
+    SecretEnvMissing { upstream: String, var: String },
+    #[error("upstream {upstream}: secret file {path}: {reason}")]
+    SecretFile {
+        upstream: String,
+        path: String,
+        reason: String,
+    },
+    #[error(
+        "upstream {0}: baseUrl must be http(s)://host[:port][/path] without query or credentials"
+    )]
+    BadBaseUrl(String),
+    #[error("upstream {0}: vendor custom needs a baseUrl")]
+    NoBaseUrl(String),
+    #[error("key {key}: allow entry {index} must be either {{operation}} or {{method, path}}")]
+    BadAllowRule { key: String, index: usize },
+    #[error("key {key}: operation {operation:?} is not in the {vendor} catalogue")]
+    UnknownOperation {
+        key: String,
+        operation: String,
+        vendor: Vendor,
+    },
+    #[error("key {key}: path {path:?} must be an absolute template such as /v1/customers/{{id}}")]
+    BadPathTemplate { key: String, path: String },
+}
+
+/// Where secrets come from; a seam so tests need not touch the process environment.
+pub trait SecretSourceEnv {
+    fn var(&self, name: &str) -> Option<String>;
+}
+
+pub struct ProcessEnv;
+
+impl SecretSourceEnv for ProcessEnv {
+    fn var(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok()
+    }
+}
+
+/// Reads, parses, validates and resolves `path` into grants (with `policy_revision` 0; the
+/// watcher stamps the revision).
+pub fn load(path: &Path, env: &dyn SecretSourceEnv) -> Result<Vec<KeyGrant>, ConfigError> {
+    let shown = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: shown.clone(),
+        source,
+    })?;
+    let config: StandaloneConfig =
+        serde_yaml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: shown,
+            source,
+        })?;
+    resolve(config, path.parent().unwrap_or(Path::new(".")), env)
+}
+
+pub fn resolve(
+    config: StandaloneConfig,
+    base_dir: &Path,
+    env: &dyn SecretSourceEnv,
+) -> Result<Vec<KeyGrant>, ConfigError> {
+    let mut upstreams = BTreeMap::new();
+    for (name, upstream) in &config.upstreams {
+        let secret = match (&upstream.secret_env, &upstream.secret_file) {
+            (Some(var), None) => {
+                env.var(var)
+                    .filter(|v| !v.trim().is_empty())
+                    .ok_or_else(|| ConfigError::SecretEnvMissing {
+                        upstream: name.clone(),
+                        var: var.clone(),
+                    })?
+            }
+            (None, Some(file)) => {
+                let full = base_dir.join(file);
+                let text = std::fs::read_to_string(&full).map_err(|e| ConfigError::SecretFile {
+                    upstream: name.clone(),
+                    path: full.display().to_string(),
+                    reason: e.to_string(),
+                })?;
+                if text.trim().is_empty() {
+                    return Err(ConfigError::SecretFile {
+                        upstream: name.clone(),
+                        path: full.display().to_string(),
+                        reason: "empty".into(),
+                    });
+                }
+                text
+            }
+            _ => return Err(ConfigError::SecretSource(name.clone())),
+        };
+        let base_url = match &upstream.base_url {
+            Some(url) => {
+                check_base_url(url).map_err(|()| ConfigError::BadBaseUrl(name.clone()))?;
+                url.trim_end_matches('/').to_owned()
+            }
+            None => upstream
+                .vendor
+                .default_base_url()
+                .ok_or_else(|| ConfigError::NoBaseUrl(name.clone()))?
+                .to_owned(),
+        };
+        upstreams.insert(
+            name.as_str(),
+            (upstream.vendor, base_url, SecretString::new(secret.trim())),
+        );
+    }
+
+    let mut seen = BTreeSet::new();
+    let mut grants = Vec::with_capacity(config.keys.len());
+    for key in config.keys {
+        if !valid_name(&key.name) {
+            return Err(ConfigError::BadKeyName(key.name));
+        }
+        if !seen.insert(key.name.clone()) {
+            return Err(ConfigError::DuplicateKey(key.name));
+        }
+        let (vendor, base_url, secret) =
+            upstreams
+                .get(key.upstream.as_str())
+                .cloned()
+                .ok_or_else(|| ConfigError::UnknownUpstream {
+                    key: key.name.clone(),
+                    upstream: key.upstream.clone(),
+                })?;
+        check_allow_rules(&key.name, vendor, &key.allow)?;
+        grants.push(KeyGrant {
+            id: KeyId::new(NAMESPACE, &key.name),
+            token_sha256: key.token_sha256,
+            vendor,
+            base_url,
+            upstream_secret: secret,
+            state: key.state,
+            expires_at: key.expires_at,
+            agent: key.agent,
+            allow: key.allow,
+            customers: key.customers,
+            limits: key.limits,
+            on_stale: key.on_stale,
+            policy_revision: 0,
+        });
+    }
+    Ok(grants)
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+}
+
+fn check_base_url(url: &str) -> Result<(), ()> {
+    let parsed = url::Url::parse(url).map_err(|_| ())?;
+    let ok = matches!(parsed.scheme(), "http" | "https")
+        && parsed.host().is_some()
+        && parsed.username().is_empty()
+        && parsed.password().is_none()
+        && parsed.query().is_none()
+        && parsed.fragment().is_none();
+    if ok { Ok(()) } else { Err(()) }
+}
+
+fn check_allow_rules(key: &str, vendor: Vendor, rules: &[AllowRule]) -> Result<(), ConfigError> {
+    let catalogue = module_for(vendor).operations();
+    for (index, rule) in rules.iter().enumerate() {
+        match (&rule.operation, rule.method, &rule.path) {
+            (Some(op), None, None) => {
+                if !catalogue.iter().any(|o| o.name == op) {
+                    return Err(ConfigError::UnknownOperation {
+                        key: key.into(),
+                        operation: op.clone(),
+                        vendor,
+                    });
+                }
+            }
+            (None, Some(_), Some(path)) => {
+                if crate::path::check_path(path).is_err() || path.contains('?') {
+                    return Err(ConfigError::BadPathTemplate {
+                        key: key.into(),
+                        path: path.clone(),
+                    });
+                }
+            }
+            _ => {
+                return Err(ConfigError::BadAllowRule {
+                    key: key.into(),
+                    index,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Keeps `store` in step with the file at `path`: applies it now (returning the error if the
+/// first load fails), then polls every `interval` until `shutdown` flips.
+pub struct ConfigWatcher {
+    path: PathBuf,
+    store: Arc<dyn PolicyApply>,
+    env: Box<dyn SecretSourceEnv + Send + Sync>,
+    current: Vec<KeyGrant>,
+    revision: u64,
+    last_error: Option<String>,
+}
+
+impl ConfigWatcher {
+    pub fn start(
+        path: PathBuf,
+        store: Arc<dyn PolicyApply>,
+        env: Box<dyn SecretSourceEnv + Send + Sync>,
+    ) -> Result<Self, ConfigError> {
+        let grants = load(&path, env.as_ref())?;
+        let mut watcher = ConfigWatcher {
+            path,
+            store,
+            env,
+            current: Vec::new(),
+            revision: 0,
+            last_error: None,
+        };
+        watcher.apply(grants);
+        Ok(watcher)
+    }
+
+    pub fn revision(&self) -> u64 {
+        self.revision
+    }
+
+    fn apply(&mut self, grants: Vec<KeyGrant>) {
+        self.revision += 1;
+        self.current = grants.clone();
+        let stamped = grants
+            .into_iter()
+            .map(|mut g| {
+                g.policy_revision = self.revision as i64;
+                g
+            })
+            .collect::<Vec<_>>();
+        tracing::info!(path = %self.path.display(), revision = self.revision, keys = stamped.len(), "policy file applied");
+        self.store.replace_all(stamped, self.revision);
+        self.store.mark_fresh(self.revision);
+    }
+
+    /// One poll: re-read the file and apply it if what it resolves to changed.
+    pub fn poll(&mut self) {
+        match load(&self.path, self.env.as_ref()) {
+            Ok(grants) => {
+                self.last_error = None;
+                if grants != self.current {
+                    self.apply(grants);
+                }
+            }
+            Err(e) => {
+                let text = e.to_string();
+                if self.last_error.as_deref() != Some(text.as_str()) {
+                    tracing::error!(error = %text, revision = self.revision, "policy file is broken; keeping the last good policy");
+                    self.last_error = Some(text);
+                }
+            }
+        }
+    }
+
+    pub async fn run(mut self, interval: Duration, mut shutdown: watch::Receiver<bool>) {
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => self.poll(),
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+    use crate::store::{Freshness, PolicyStore};
+
+    struct FakeEnv(HashMap<&'static str, &'static str>);
+    impl SecretSourceEnv for FakeEnv {
+        fn var(&self, name: &str) -> Option<String> {
+            self.0.get(name).map(|v| v.to_string())
+        }
+    }
+
+    fn env() -> Box<FakeEnv> {
+        Box::new(FakeEnv(HashMap::from([("STRIPE_KEY", "sk_test_123")])))
+    }
+
+    fn config(extra: &str) -> String {
+        format!(
+            r#"
+upstreams:
+  stripe-test:
+    vendor: stripe
+    baseUrl: http://127.0.0.1:12111
+    secretEnv: STRIPE_KEY
+keys:
+  - name: refund-agent
+    tokenSha256: {hash}
+    upstream: stripe-test
+    agent: {{name: refund-agent, runId: run-42}}
+    allow:
+      - operation: refunds.create
+      - {{method: GET, path: "/v1/customers/{{id}}"}}
+    customers: [cus_123]
+    limits: {{dailyUsdCap: "250.00", perCallUsdMax: "50.00", callsPerMinute: 120}}
+{extra}"#,
+            hash = TokenHash::of("vault_key_x").to_hex()
+        )
+    }
+
+    #[test]
+    fn loads_the_design_example() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.yaml");
+        std::fs::write(&path, config("")).unwrap();
+        let grants = load(&path, env().as_ref()).unwrap();
+        assert_eq!(grants.len(), 1);
+        let g = &grants[0];
+        assert_eq!(g.id, KeyId::new("standalone", "refund-agent"));
+        assert_eq!(g.upstream_secret.expose(), "sk_test_123");
+        assert_eq!(g.token_sha256, TokenHash::of("vault_key_x"));
+        assert_eq!(g.limits.calls_per_minute, Some(120));
+        assert_eq!(g.on_stale, OnStale::Deny);
+    }
+
+    #[test]
+    fn refuses_inline_secrets_and_bad_references() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.yaml");
+        let cases = [
+            (
+                config("").replace("secretEnv: STRIPE_KEY", "secret: sk_live_inline"),
+                "unknown field `secret`",
+            ),
+            (
+                config("").replace("secretEnv: STRIPE_KEY", "secretEnv: NOPE"),
+                "NOPE is not set",
+            ),
+            (
+                config("").replace("upstream: stripe-test", "upstream: nope"),
+                "not declared",
+            ),
+            (
+                config("").replace("refunds.create", "refunds.explode"),
+                "not in the stripe catalogue",
+            ),
+            (
+                config("").replace("/v1/customers/{id}", "/v1/../x"),
+                "absolute template",
+            ),
+            (
+                config("").replace("http://127.0.0.1:12111", "ftp://x"),
+                "baseUrl must be",
+            ),
+            (
+                config("").replace("tokenSha256: ", "tokenSha256: zz"),
+                "parsing",
+            ),
+            (
+                config("  - name: refund-agent\n    tokenSha256: 00\n"),
+                "parsing",
+            ),
+        ];
+        for (text, needle) in cases {
+            std::fs::write(&path, &text).unwrap();
+            let err = load(&path, env().as_ref()).unwrap_err().to_string();
+            assert!(err.contains(needle), "expected {needle:?} in {err:?}");
+            assert!(
+                !err.contains("sk_live_inline"),
+                "an error message echoed a secret: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn watcher_applies_changes_and_keeps_the_last_good_policy() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.yaml");
+        std::fs::write(&path, config("")).unwrap();
+        let store = Arc::new(PolicyStore::new(Freshness::AlwaysFresh));
+        let mut w = ConfigWatcher::start(path.clone(), store.clone(), env()).unwrap();
+        assert_eq!(store.revision(), 1);
+        assert_eq!(
+            store
+                .lookup(&TokenHash::of("vault_key_x"))
+                .unwrap()
+                .grant
+                .policy_revision,
+            1
+        );
+
+        w.poll();
+        assert_eq!(store.revision(), 1, "an unchanged file is not re-applied");
+
+        std::fs::write(&path, "upstreams: [broken").unwrap();
+        w.poll();
+        assert_eq!(store.revision(), 1);
+        assert!(
+            store.lookup(&TokenHash::of("vault_key_x")).is_some(),
+            "last good policy kept"
+        );
+
+        std::fs::write(
+            &path,
+            config("").replace(
+                "upstream: stripe-test",
+                "upstream: stripe-test\n    state: Revoked",
+            ),
+        )
+        .unwrap();
+        w.poll();
+        assert_eq!(store.revision(), 2);
+        assert_eq!(
+            store
+                .lookup(&TokenHash::of("vault_key_x"))
+                .unwrap()
+                .grant
+                .state,
+            KeyState::Revoked
+        );
+    }
+}

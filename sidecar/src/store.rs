@@ -1,0 +1,286 @@
+//! The policy store: every [`KeyGrant`] this sidecar enforces, indexed by the vault key's hash.
+//! Fed through [`PolicyApply`] by the standalone config loader or the controller stream.
+//!
+//! Reads take a `RwLock` read guard just long enough to clone one `Arc`; writers build what they
+//! can outside the lock. Per-key runtime state (the rate bucket) survives policy updates.
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, Mutex, RwLock,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use keybrake_api::{KeyGrant, KeyId, TokenHash, stream::PolicyApply};
+
+use crate::ratelimit::TokenBucket;
+
+/// State a key keeps across policy updates.
+#[derive(Debug, Default)]
+pub struct KeyRuntime {
+    pub rate: Mutex<TokenBucket>,
+}
+
+/// One enforced key: its grant plus its runtime state.
+#[derive(Debug)]
+pub struct KeyEntry {
+    pub grant: KeyGrant,
+    pub runtime: Arc<KeyRuntime>,
+}
+
+#[derive(Default)]
+struct Index {
+    by_hash: HashMap<TokenHash, Arc<KeyEntry>>,
+    by_id: HashMap<KeyId, TokenHash>,
+}
+
+impl Index {
+    fn insert(&mut self, grant: KeyGrant, runtime: Arc<KeyRuntime>) {
+        if let Some(old_hash) = self.by_id.remove(&grant.id) {
+            self.by_hash.remove(&old_hash);
+        }
+        if let Some(clash) = self.by_hash.get(&grant.token_sha256) {
+            // Two keys with one token cannot both be enforced; the newer wins, loudly.
+            tracing::warn!(key = %grant.id, other = %clash.grant.id, "two vault keys share a token hash");
+            self.by_id.remove(&clash.grant.id);
+        }
+        self.by_id.insert(grant.id.clone(), grant.token_sha256);
+        self.by_hash
+            .insert(grant.token_sha256, Arc::new(KeyEntry { grant, runtime }));
+    }
+}
+
+/// Where freshness comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Freshness {
+    /// A local file is its own source of truth: never stale.
+    AlwaysFresh,
+    /// A stream: stale once nothing arrived for this long.
+    StaleAfter(Duration),
+}
+
+pub struct PolicyStore {
+    index: RwLock<Index>,
+    revision: AtomicU64,
+    loaded: AtomicBool,
+    freshness: Freshness,
+    origin: Instant,
+    /// Nanoseconds after `origin` of the last `mark_fresh`.
+    fresh_at_ns: AtomicU64,
+}
+
+impl PolicyStore {
+    pub fn new(freshness: Freshness) -> Self {
+        PolicyStore {
+            index: RwLock::new(Index::default()),
+            revision: AtomicU64::new(0),
+            loaded: AtomicBool::new(false),
+            freshness,
+            origin: Instant::now(),
+            fresh_at_ns: AtomicU64::new(0),
+        }
+    }
+
+    /// The key whose token hashes to `hash`. The map compares hashes with `TokenHash`'s
+    /// constant-time equality.
+    pub fn lookup(&self, hash: &TokenHash) -> Option<Arc<KeyEntry>> {
+        self.read().by_hash.get(hash).cloned()
+    }
+
+    pub fn len(&self) -> usize {
+        self.read().by_hash.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn revision(&self) -> u64 {
+        self.revision.load(Ordering::Acquire)
+    }
+
+    /// Ready once a first policy (possibly with zero keys) was applied.
+    pub fn is_loaded(&self) -> bool {
+        self.loaded.load(Ordering::Acquire)
+    }
+
+    /// Time since the source last proved alive (zero for an always-fresh source).
+    pub fn staleness(&self) -> Duration {
+        match self.freshness {
+            Freshness::AlwaysFresh => Duration::ZERO,
+            Freshness::StaleAfter(_) => {
+                let fresh_at = Duration::from_nanos(self.fresh_at_ns.load(Ordering::Acquire));
+                self.origin.elapsed().saturating_sub(fresh_at)
+            }
+        }
+    }
+
+    pub fn is_stale(&self) -> bool {
+        match self.freshness {
+            Freshness::AlwaysFresh => false,
+            Freshness::StaleAfter(bound) => !self.is_loaded() || self.staleness() > bound,
+        }
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Index> {
+        // A panic while holding the lock cannot leave the index half-written (every write is a
+        // single insert/remove or a whole swap), so a poisoned lock is still consistent.
+        self.index.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Index> {
+        self.index.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn runtime_for(&self, id: &KeyId) -> Arc<KeyRuntime> {
+        let index = self.read();
+        index
+            .by_id
+            .get(id)
+            .and_then(|h| index.by_hash.get(h))
+            .map(|e| e.runtime.clone())
+            .unwrap_or_default()
+    }
+
+    fn set_revision(&self, revision: u64) {
+        self.revision.store(revision, Ordering::Release);
+    }
+}
+
+impl PolicyApply for PolicyStore {
+    fn replace_all(&self, keys: Vec<KeyGrant>, revision: u64) {
+        let mut next = Index::default();
+        {
+            let current = self.read();
+            for grant in keys {
+                let runtime = current
+                    .by_id
+                    .get(&grant.id)
+                    .and_then(|h| current.by_hash.get(h))
+                    .map(|e| e.runtime.clone())
+                    .unwrap_or_default();
+                next.insert(grant, runtime);
+            }
+        }
+        *self.write() = next;
+        self.set_revision(revision);
+        self.loaded.store(true, Ordering::Release);
+    }
+
+    fn upsert(&self, key: KeyGrant, revision: u64) {
+        let runtime = self.runtime_for(&key.id);
+        self.write().insert(key, runtime);
+        self.set_revision(revision);
+    }
+
+    fn remove(&self, id: &KeyId, revision: u64) {
+        {
+            let mut index = self.write();
+            if let Some(hash) = index.by_id.remove(id) {
+                index.by_hash.remove(&hash);
+            }
+        }
+        self.set_revision(revision);
+    }
+
+    fn mark_fresh(&self, revision: u64) {
+        let now = self.origin.elapsed().as_nanos() as u64;
+        self.fresh_at_ns.store(now, Ordering::Release);
+        self.set_revision(revision);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use keybrake_api::{AgentRef, KeyState, Limits, OnStale, SecretString, Vendor};
+
+    use super::*;
+
+    pub(crate) fn grant(name: &str, token: &str) -> KeyGrant {
+        KeyGrant {
+            id: KeyId::new("ns", name),
+            token_sha256: TokenHash::of(token),
+            vendor: Vendor::Stripe,
+            base_url: "http://127.0.0.1:9".into(),
+            upstream_secret: SecretString::new("sk_test"),
+            state: KeyState::Active,
+            expires_at: None,
+            agent: AgentRef {
+                name: "a".into(),
+                run_id: None,
+            },
+            allow: vec![],
+            customers: vec![],
+            limits: Limits::default(),
+            on_stale: OnStale::Deny,
+            policy_revision: 1,
+        }
+    }
+
+    #[test]
+    fn lookup_by_hash_and_updates() {
+        let store = PolicyStore::new(Freshness::AlwaysFresh);
+        assert!(!store.is_loaded());
+        store.replace_all(vec![grant("a", "t1"), grant("b", "t2")], 5);
+        assert!(store.is_loaded());
+        assert_eq!(store.revision(), 5);
+        assert_eq!(
+            store.lookup(&TokenHash::of("t1")).unwrap().grant.id,
+            KeyId::new("ns", "a")
+        );
+        assert!(store.lookup(&TokenHash::of("t3")).is_none());
+
+        let mut revoked = grant("a", "t1");
+        revoked.state = KeyState::Revoked;
+        store.upsert(revoked, 6);
+        assert_eq!(
+            store.lookup(&TokenHash::of("t1")).unwrap().grant.state,
+            KeyState::Revoked
+        );
+
+        // A re-minted token replaces the old hash.
+        store.upsert(grant("a", "t9"), 7);
+        assert!(store.lookup(&TokenHash::of("t1")).is_none());
+        assert!(store.lookup(&TokenHash::of("t9")).is_some());
+
+        store.remove(&KeyId::new("ns", "b"), 8);
+        assert!(store.lookup(&TokenHash::of("t2")).is_none());
+        assert_eq!(store.len(), 1);
+        assert_eq!(store.revision(), 8);
+    }
+
+    #[test]
+    fn runtime_state_survives_updates() {
+        let store = PolicyStore::new(Freshness::AlwaysFresh);
+        store.replace_all(vec![grant("a", "t1")], 1);
+        let before = store.lookup(&TokenHash::of("t1")).unwrap().runtime.clone();
+        store.replace_all(vec![grant("a", "t1")], 2);
+        store.upsert(grant("a", "t1"), 3);
+        let after = store.lookup(&TokenHash::of("t1")).unwrap().runtime.clone();
+        assert!(Arc::ptr_eq(&before, &after));
+    }
+
+    #[test]
+    fn staleness_follows_mark_fresh() {
+        let store = PolicyStore::new(Freshness::StaleAfter(Duration::from_secs(3600)));
+        // Nothing received yet: stale (fail closed until the first snapshot).
+        assert!(store.is_stale());
+        store.apply(keybrake_api::stream::WatchEvent::Snapshot {
+            revision: 1,
+            keys: vec![],
+        });
+        assert!(!store.is_stale());
+        assert!(store.staleness() < Duration::from_secs(60));
+
+        let quick = PolicyStore::new(Freshness::StaleAfter(Duration::ZERO));
+        quick.replace_all(vec![], 1);
+        quick.mark_fresh(1);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !quick.is_stale() && Instant::now() < deadline {
+            std::hint::spin_loop();
+        }
+        assert!(quick.is_stale());
+        assert!(!PolicyStore::new(Freshness::AlwaysFresh).is_stale());
+    }
+}

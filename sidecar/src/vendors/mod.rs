@@ -1,0 +1,452 @@
+//! Vendor knowledge, one module per vendor behind [`VendorModule`]: where the key sits, the
+//! operation catalogue, how to find the customer a call touches, a pre-flight cost estimate and
+//! the vendor's own error envelope. Adding a vendor is one new file plus one line in
+//! [`module_for`].
+use std::borrow::Cow;
+
+use base64::Engine as _;
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, StatusCode, header::AUTHORIZATION};
+use keybrake_api::{SecretString, Usd, Vendor, Verdict};
+
+use crate::path::template_matches;
+
+pub mod custom;
+pub mod openai;
+pub mod resend;
+pub mod stripe;
+pub mod twilio;
+
+/// Longest `Authorization` header the sidecar reads; longer ones are refused unparsed.
+pub const MAX_AUTH_HEADER_BYTES: usize = 4096;
+
+/// One entry of a vendor's operation catalogue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Operation {
+    pub name: &'static str,
+    pub method: Method,
+    /// `{name}` matches one path segment; `{Sid}.json` a segment ending in `.json`.
+    pub path: &'static str,
+}
+
+impl Operation {
+    pub const fn new(name: &'static str, method: Method, path: &'static str) -> Self {
+        Operation { name, method, path }
+    }
+}
+
+/// Where a vendor's SDK puts the API key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthSlot {
+    /// `Authorization: Bearer KEY`.
+    Bearer,
+    /// `Authorization: Bearer KEY`, or HTTP Basic with the key as the username (Stripe's curl
+    /// examples use `-u sk_test_…:`).
+    BearerOrBasicUser,
+    /// HTTP Basic with the key as the password (Twilio: account SID as the username).
+    BasicPassword,
+}
+
+/// The vault key as the agent presented it, plus the Basic username when there was one.
+#[derive(Debug)]
+pub struct Credential<'a> {
+    pub token: Cow<'a, str>,
+    pub basic_username: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum CredentialError {
+    #[error("no Authorization header")]
+    Missing,
+    #[error("Authorization header too large")]
+    TooLarge,
+    #[error("Authorization header uses a scheme this vendor does not use")]
+    WrongScheme,
+    #[error("Authorization header is malformed")]
+    Malformed,
+}
+
+impl CredentialError {
+    pub const fn reason(self) -> &'static str {
+        match self {
+            CredentialError::Missing => "auth_missing",
+            CredentialError::TooLarge => "auth_too_large",
+            CredentialError::WrongScheme => "auth_wrong_scheme",
+            CredentialError::Malformed => "auth_malformed",
+        }
+    }
+}
+
+/// Reads the vault key from the slot `slot` names.
+pub fn extract_credential(
+    slot: AuthSlot,
+    headers: &HeaderMap,
+) -> Result<Credential<'_>, CredentialError> {
+    let mut values = headers.get_all(AUTHORIZATION).iter();
+    let value = values.next().ok_or(CredentialError::Missing)?;
+    if values.next().is_some() {
+        return Err(CredentialError::Malformed);
+    }
+    if value.len() > MAX_AUTH_HEADER_BYTES {
+        return Err(CredentialError::TooLarge);
+    }
+    let text = value.to_str().map_err(|_| CredentialError::Malformed)?;
+    let (scheme, rest) = text.split_once(' ').ok_or(CredentialError::Malformed)?;
+    let rest = rest.trim();
+    if rest.is_empty() || rest.contains(' ') {
+        return Err(CredentialError::Malformed);
+    }
+    let bearer = scheme.eq_ignore_ascii_case("bearer");
+    let basic = scheme.eq_ignore_ascii_case("basic");
+    match slot {
+        AuthSlot::Bearer | AuthSlot::BearerOrBasicUser if bearer => Ok(Credential {
+            token: Cow::Borrowed(rest),
+            basic_username: None,
+        }),
+        AuthSlot::BearerOrBasicUser if basic => {
+            let (user, _password) = decode_basic(rest)?;
+            non_empty(user).map(|user| Credential {
+                token: Cow::Owned(user),
+                basic_username: None,
+            })
+        }
+        AuthSlot::BasicPassword if basic => {
+            let (user, password) = decode_basic(rest)?;
+            non_empty(password).map(|password| Credential {
+                token: Cow::Owned(password),
+                basic_username: Some(user),
+            })
+        }
+        _ if bearer || basic => Err(CredentialError::WrongScheme),
+        _ => Err(CredentialError::WrongScheme),
+    }
+}
+
+fn non_empty(s: String) -> Result<String, CredentialError> {
+    if s.is_empty() {
+        Err(CredentialError::Malformed)
+    } else {
+        Ok(s)
+    }
+}
+
+fn decode_basic(encoded: &str) -> Result<(String, String), CredentialError> {
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(encoded)
+        .map_err(|_| CredentialError::Malformed)?;
+    let text = String::from_utf8(raw).map_err(|_| CredentialError::Malformed)?;
+    let (user, password) = text.split_once(':').ok_or(CredentialError::Malformed)?;
+    Ok((user.to_owned(), password.to_owned()))
+}
+
+fn basic_header(user: &str, password: &str) -> String {
+    let encoded =
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}").as_bytes());
+    format!("Basic {encoded}")
+}
+
+/// The `Authorization` header sent upstream: the vendor secret in the vendor's slot.
+///
+/// Twilio secrets may be `ACCOUNT_SID:AUTH_TOKEN` (or `API_KEY_SID:API_KEY_SECRET`); a bare auth
+/// token is paired with the username the agent sent (its account SID).
+pub fn upstream_authorization(
+    slot: AuthSlot,
+    secret: &SecretString,
+    presented: &Credential<'_>,
+) -> Result<HeaderValue, http::header::InvalidHeaderValue> {
+    let value = match slot {
+        AuthSlot::Bearer | AuthSlot::BearerOrBasicUser => {
+            format!("Bearer {}", secret.expose())
+        }
+        AuthSlot::BasicPassword => match secret.expose().split_once(':') {
+            Some((user, password)) => basic_header(user, password),
+            None => basic_header(
+                presented.basic_username.as_deref().unwrap_or_default(),
+                secret.expose(),
+            ),
+        },
+    };
+    let mut header = HeaderValue::from_str(&value)?;
+    header.set_sensitive(true);
+    Ok(header)
+}
+
+/// What a request tells about the customers it touches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CustomerScope {
+    /// This kind of call touches no identifiable customer (e.g. a Stripe refund names a charge).
+    NotApplicable,
+    /// The call should name a customer but does not: with a customer allowlist, it is denied.
+    Missing,
+    /// Every customer the call touches (all must be allowed).
+    Ids(Vec<String>),
+}
+
+impl CustomerScope {
+    /// The audit row's `customer_scope_id` (several ids joined by ',').
+    pub fn audit_value(&self) -> Option<String> {
+        match self {
+            CustomerScope::Ids(ids) if !ids.is_empty() => Some(ids.join(",")),
+            _ => None,
+        }
+    }
+}
+
+/// A request as the vendor modules see it: method, the vendor-relative path (no prefix, no
+/// query), the raw query, headers and the (bounded, fully read) body.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestView<'a> {
+    pub method: &'a Method,
+    pub path: &'a str,
+    pub query: Option<&'a str>,
+    pub headers: &'a HeaderMap,
+    pub body: &'a [u8],
+}
+
+impl RequestView<'_> {
+    /// First value of a form field (`application/x-www-form-urlencoded` body, else the query).
+    pub fn form_field(&self, name: &str) -> Option<String> {
+        let from = |data: &[u8]| {
+            url::form_urlencoded::parse(data)
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.into_owned())
+        };
+        if !self.body.is_empty()
+            && !self.is_json()
+            && let Some(v) = from(self.body)
+        {
+            return Some(v);
+        }
+        self.query.and_then(|q| from(q.as_bytes()))
+    }
+
+    pub fn is_json(&self) -> bool {
+        self.headers
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.trim_start().starts_with("application/json"))
+            || self.body.first() == Some(&b'{')
+            || self.body.first() == Some(&b'[')
+    }
+
+    pub fn json(&self) -> Option<serde_json::Value> {
+        serde_json::from_slice(self.body).ok()
+    }
+}
+
+/// A denial rendered in the vendor's own error format.
+#[derive(Debug, Clone)]
+pub struct Denial {
+    pub status: StatusCode,
+    pub content_type: &'static str,
+    pub body: Bytes,
+    /// Extra headers that steer the vendor's SDK (e.g. "do not retry").
+    pub headers: &'static [(&'static str, &'static str)],
+}
+
+/// Everything the sidecar knows about one vendor.
+pub trait VendorModule: Send + Sync + 'static {
+    fn vendor(&self) -> Vendor;
+    fn auth_slot(&self) -> AuthSlot;
+    /// Built-in operations; allow rules name these.
+    fn operations(&self) -> &'static [Operation];
+    /// Which customers this call touches (for the `customers` allowlist and the audit row).
+    fn customer_scope(
+        &self,
+        operation: Option<&Operation>,
+        request: &RequestView<'_>,
+    ) -> CustomerScope;
+    /// Pre-flight cost estimate from the request alone, for the per-call and daily caps.
+    /// `None` means the request carries no price the sidecar can compute.
+    fn preflight_cost(
+        &self,
+        operation: Option<&Operation>,
+        request: &RequestView<'_>,
+    ) -> Option<Usd>;
+    /// Whether the pre-flight estimate is what the call costs (Twilio segments, Resend
+    /// recipients, a Stripe USD amount) rather than only an upper bound (OpenAI max tokens).
+    fn preflight_is_cost_estimate(&self) -> bool {
+        true
+    }
+    /// The response header carrying the vendor's request id (audit `vendor_request_id`).
+    fn request_id_header(&self) -> Option<&'static str> {
+        None
+    }
+    /// Renders a refusal in the vendor's envelope so its SDK raises its native error.
+    fn denial(&self, status: StatusCode, verdict: Verdict, message: &str) -> Denial;
+
+    /// The catalogue operation a request is, if any.
+    fn match_operation(&self, method: &Method, path: &str) -> Option<&'static Operation> {
+        self.operations()
+            .iter()
+            .find(|op| op.method == *method && template_matches(op.path, path))
+    }
+}
+
+static STRIPE: stripe::Stripe = stripe::Stripe;
+static OPENAI: openai::OpenAi = openai::OpenAi;
+static TWILIO: twilio::Twilio = twilio::Twilio;
+static RESEND: resend::Resend = resend::Resend;
+static CUSTOM: custom::Custom = custom::Custom;
+
+/// The module for `vendor`.
+pub fn module_for(vendor: Vendor) -> &'static dyn VendorModule {
+    match vendor {
+        Vendor::Stripe => &STRIPE,
+        Vendor::Openai => &OPENAI,
+        Vendor::Twilio => &TWILIO,
+        Vendor::Resend => &RESEND,
+        Vendor::Custom => &CUSTOM,
+    }
+}
+
+/// A JSON string literal (quotes included) for hand-built envelopes.
+pub(crate) fn json_string(text: &str) -> String {
+    serde_json::Value::String(text.to_owned()).to_string()
+}
+
+/// "do not retry" hints for denials that retrying cannot fix; the rate limit is retryable.
+pub(crate) fn retry_hint(
+    verdict: Verdict,
+    name: &'static str,
+) -> &'static [(&'static str, &'static str)] {
+    // Each vendor's SDK honours its own header; both tables are static so nothing allocates.
+    match (verdict, name) {
+        (Verdict::RateLimited | Verdict::PolicyStale, "stripe") => {
+            &[("stripe-should-retry", "true")]
+        }
+        (_, "stripe") => &[("stripe-should-retry", "false")],
+        (Verdict::RateLimited | Verdict::PolicyStale, "openai") => &[("x-should-retry", "true")],
+        (_, "openai") => &[("x-should-retry", "false")],
+        _ => &[],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(value: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(AUTHORIZATION, HeaderValue::from_str(value).unwrap());
+        h
+    }
+
+    fn b64(s: &str) -> String {
+        base64::engine::general_purpose::STANDARD.encode(s)
+    }
+
+    #[test]
+    fn bearer_is_read() {
+        let h = headers("Bearer vault_key_abc");
+        let c = extract_credential(AuthSlot::Bearer, &h).unwrap();
+        assert_eq!(c.token, "vault_key_abc");
+        let h = headers("bearer vault_key_abc");
+        assert!(extract_credential(AuthSlot::Bearer, &h).is_ok());
+    }
+
+    #[test]
+    fn basic_password_slot_for_twilio() {
+        let h = headers(&format!("Basic {}", b64("AC123:vault_key_abc")));
+        let c = extract_credential(AuthSlot::BasicPassword, &h).unwrap();
+        assert_eq!(c.token, "vault_key_abc");
+        assert_eq!(c.basic_username.as_deref(), Some("AC123"));
+        let h = headers(&format!("Basic {}", b64("vault_key_abc:")));
+        assert_eq!(
+            extract_credential(AuthSlot::BasicPassword, &h).unwrap_err(),
+            CredentialError::Malformed
+        );
+    }
+
+    #[test]
+    fn basic_user_slot_for_stripe() {
+        let h = headers(&format!("Basic {}", b64("vault_key_abc:")));
+        let c = extract_credential(AuthSlot::BearerOrBasicUser, &h).unwrap();
+        assert_eq!(c.token, "vault_key_abc");
+    }
+
+    #[test]
+    fn bad_headers_are_classified() {
+        let none = HeaderMap::new();
+        assert_eq!(
+            extract_credential(AuthSlot::Bearer, &none).unwrap_err(),
+            CredentialError::Missing
+        );
+        for (value, err) in [
+            ("Bearer", CredentialError::Malformed),
+            ("Bearer ", CredentialError::Malformed),
+            ("Bearer a b", CredentialError::Malformed),
+            ("Token abc", CredentialError::WrongScheme),
+            ("Basic dmF1bHQ6eA==", CredentialError::WrongScheme),
+        ] {
+            assert_eq!(
+                extract_credential(AuthSlot::Bearer, &headers(value)).unwrap_err(),
+                err,
+                "{value}"
+            );
+        }
+        assert_eq!(
+            extract_credential(AuthSlot::BasicPassword, &headers("Bearer x")).unwrap_err(),
+            CredentialError::WrongScheme
+        );
+        assert_eq!(
+            extract_credential(AuthSlot::BasicPassword, &headers("Basic !!!")).unwrap_err(),
+            CredentialError::Malformed
+        );
+        let huge = format!("Bearer {}", "a".repeat(MAX_AUTH_HEADER_BYTES));
+        assert_eq!(
+            extract_credential(AuthSlot::Bearer, &headers(&huge)).unwrap_err(),
+            CredentialError::TooLarge
+        );
+        let mut two = headers("Bearer a");
+        two.append(AUTHORIZATION, HeaderValue::from_static("Bearer b"));
+        assert_eq!(
+            extract_credential(AuthSlot::Bearer, &two).unwrap_err(),
+            CredentialError::Malformed
+        );
+    }
+
+    #[test]
+    fn upstream_header_carries_the_secret_in_the_vendor_slot() {
+        let presented = Credential {
+            token: Cow::Borrowed("vault_key_x"),
+            basic_username: Some("AC1".into()),
+        };
+        let secret = SecretString::new("sk_test_1");
+        let h = upstream_authorization(AuthSlot::Bearer, &secret, &presented).unwrap();
+        assert_eq!(h, "Bearer sk_test_1");
+        assert!(h.is_sensitive());
+        let h = upstream_authorization(
+            AuthSlot::BasicPassword,
+            &SecretString::new("tok"),
+            &presented,
+        )
+        .unwrap();
+        assert_eq!(h.to_str().unwrap(), format!("Basic {}", b64("AC1:tok")));
+        let h = upstream_authorization(
+            AuthSlot::BasicPassword,
+            &SecretString::new("AC9:tok"),
+            &presented,
+        )
+        .unwrap();
+        assert_eq!(h.to_str().unwrap(), format!("Basic {}", b64("AC9:tok")));
+    }
+
+    #[test]
+    fn every_vendor_denial_keeps_the_verdict_status() {
+        for vendor in Vendor::ALL {
+            let module = module_for(vendor);
+            assert_eq!(module.vendor(), vendor);
+            for verdict in Verdict::ALL.into_iter().filter(|v| !v.is_allow()) {
+                let status = StatusCode::from_u16(verdict.http_status()).unwrap();
+                let d = module.denial(status, verdict, "denied by keybrake");
+                assert_eq!(d.status, status);
+                let body: serde_json::Value = serde_json::from_slice(&d.body).unwrap();
+                assert!(
+                    body.to_string().contains("denied by keybrake"),
+                    "{vendor} {verdict}: {body}"
+                );
+            }
+        }
+    }
+}
