@@ -1,1 +1,17 @@
+//! keybrake-controller: reconciles VaultKeys, indexes their grants per subscriber scope, serves
+//! the sidecars' policy watch streams and turns their acknowledgements into status.
 #![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod app;
+pub mod auth;
+pub mod enforcement;
+pub mod feed;
+pub mod index;
+pub mod leader;
+pub mod lifecycle;
+pub mod metrics;
+pub mod reconcile;
+pub mod server;
+pub mod tls;
+pub mod token;

@@ -1,0 +1,201 @@
+//! Process wiring: flags, the Kubernetes client, and the tasks every replica runs.
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use k8s_openapi::api::{coordination::v1::Lease, core::v1::Secret};
+use keybrake_api::VaultKey;
+use kube::{
+    Api, Client,
+    runtime::events::{Recorder, Reporter},
+};
+use tokio::{net::TcpListener, sync::watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    admin::serve_admin,
+    auth::{Authenticator, KubeTokenReviewer},
+    enforcement::EnforcementTracker,
+    feed::{SyncGate, feed_secrets, feed_vault_keys},
+    index::PolicyIndex,
+    leader::{LeaderElector, LeaseConfig},
+    metrics::Metrics,
+    reconcile::{Context, run_controller},
+    server::{IngestHandler, StreamServer},
+    tls::ServingIdentity,
+};
+
+#[derive(clap::Parser, Debug, Clone)]
+#[command(
+    name = "keybrake-controller",
+    about = "Keybrake controller: VaultKeys → sidecar policy streams"
+)]
+pub struct Config {
+    /// Sidecar streams, acks and audit ingest (HTTP/2 over TLS).
+    #[arg(long, env = "KEYBRAKE_STREAM_ADDR", default_value = "0.0.0.0:8443")]
+    pub stream_addr: SocketAddr,
+    /// `/live`, `/ready`, `/metrics` (plain HTTP).
+    #[arg(long, env = "KEYBRAKE_ADMIN_ADDR", default_value = "0.0.0.0:8080")]
+    pub admin_addr: SocketAddr,
+    /// Serving certificate (PEM). Without it a CA and certificate are generated at start.
+    #[arg(long, env = "KEYBRAKE_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    #[arg(long, env = "KEYBRAKE_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Names for the generated certificate (repeatable).
+    #[arg(long = "tls-san", default_values = ["127.0.0.1", "localhost"])]
+    pub tls_sans: Vec<String>,
+    /// Where to write the generated CA (PEM), for sidecars and tests to trust.
+    #[arg(long, env = "KEYBRAKE_TLS_CA_OUT")]
+    pub tls_ca_out: Option<PathBuf>,
+    /// Heartbeat interval on quiet streams, in milliseconds.
+    #[arg(long, default_value_t = 5000)]
+    pub heartbeat_ms: u64,
+    /// Lease used for leader election.
+    #[arg(long, default_value = "keybrake-controller")]
+    pub lease_name: String,
+    #[arg(long, env = "POD_NAMESPACE", default_value = "keybrake-system")]
+    pub lease_namespace: String,
+    /// How long a silent leader keeps the lease before another replica takes over.
+    #[arg(long, default_value_t = 15)]
+    pub lease_duration_secs: u64,
+    /// This replica's identity in the Lease (default: hostname-pid).
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
+    /// Delete Expired VaultKeys this many seconds after expiry; 0 keeps them.
+    #[arg(long, default_value_t = 86_400)]
+    pub gc_grace_secs: u64,
+    /// How long an accepted TokenReview is reused.
+    #[arg(long, default_value_t = 10)]
+    pub token_cache_secs: u64,
+}
+
+impl Config {
+    fn identity(&self) -> String {
+        self.identity.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/etc/hostname")
+                .map(|h| h.trim().to_owned())
+                .unwrap_or_else(|_| "keybrake-controller".into());
+            format!("{host}-{}", std::process::id())
+        })
+    }
+}
+
+/// Runs every task until `shutdown` fires (or one of the servers fails).
+pub async fn run(
+    config: Config,
+    audit: Option<Arc<dyn IngestHandler>>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let client = Client::try_default()
+        .await
+        .context("building the Kubernetes client (KUBECONFIG or in-cluster config)")?;
+    let identity = config.identity();
+    let metrics = Metrics::new();
+    let index = Arc::new(PolicyIndex::new(PolicyIndex::revision_seed()));
+    let tracker = Arc::new(EnforcementTracker::new());
+    let (synced_tx, synced_rx) = watch::channel(false);
+    let (leader_tx, leader_rx) = watch::channel(false);
+
+    let tls_identity = match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => ServingIdentity::from_pem_files(cert, key)?,
+        _ => ServingIdentity::generate(&config.tls_sans)?,
+    };
+    if let (Some(path), Some(ca)) = (&config.tls_ca_out, &tls_identity.generated_ca_pem) {
+        std::fs::write(path, ca)
+            .with_context(|| format!("writing the CA to {}", path.display()))?;
+    }
+    let tls = tls_identity.server_config()?;
+
+    let stream_listener = TcpListener::bind(config.stream_addr)
+        .await
+        .with_context(|| format!("binding {}", config.stream_addr))?;
+    let admin_listener = TcpListener::bind(config.admin_addr)
+        .await
+        .with_context(|| format!("binding {}", config.admin_addr))?;
+    // Tests and scripts read this line to find ports chosen with :0.
+    println!(
+        "keybrake-controller listening stream={} admin={} identity={identity}",
+        stream_listener.local_addr()?,
+        admin_listener.local_addr()?
+    );
+
+    let gate = SyncGate::new(synced_tx);
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(feed_vault_keys(
+        Api::<VaultKey>::all(client.clone()),
+        index.clone(),
+        gate.clone(),
+    ));
+    tasks.spawn(feed_secrets(
+        Api::<Secret>::all(client.clone()),
+        index.clone(),
+        gate,
+    ));
+
+    let elector = LeaderElector::new(
+        Api::<Lease>::namespaced(client.clone(), &config.lease_namespace),
+        LeaseConfig {
+            name: config.lease_name.clone(),
+            identity: identity.clone(),
+            duration: Duration::from_secs(config.lease_duration_secs.max(1)),
+            renew_every: Duration::from_millis(config.lease_duration_secs.max(1) * 1000 / 3),
+        },
+    );
+    let leader_task = tokio::spawn(elector.run(leader_tx, metrics.clone(), shutdown.clone()));
+
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        index: index.clone(),
+        tracker: tracker.clone(),
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: "keybrake-controller".into(),
+                instance: Some(identity.clone()),
+            },
+        ),
+        metrics: metrics.clone(),
+        leader: leader_rx,
+        gc_grace: (config.gc_grace_secs > 0).then(|| Duration::from_secs(config.gc_grace_secs)),
+    });
+    tasks.spawn(run_controller(ctx, shutdown.clone()));
+
+    let server = Arc::new(StreamServer {
+        index,
+        tracker,
+        auth: Arc::new(
+            Authenticator::new(Arc::new(KubeTokenReviewer::new(client))).with_limits(
+                Duration::from_secs(config.token_cache_secs),
+                Duration::from_secs(2),
+                10_000,
+            ),
+        ),
+        metrics: metrics.clone(),
+        heartbeat: Duration::from_millis(config.heartbeat_ms.max(100)),
+        synced: synced_rx.clone(),
+        audit,
+        shutdown: shutdown.clone(),
+    });
+    let mut servers = tokio::task::JoinSet::new();
+    servers.spawn(server.serve(stream_listener, tls));
+    servers.spawn(serve_admin(
+        admin_listener,
+        metrics,
+        synced_rx,
+        shutdown.clone(),
+    ));
+
+    let result = tokio::select! {
+        () = shutdown.cancelled() => Ok(()),
+        Some(done) = servers.join_next() => match done {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(anyhow::Error::from(e).context("server failed")),
+            Err(e) => Err(anyhow::Error::from(e).context("server task panicked")),
+        },
+    };
+    shutdown.cancel();
+    // Give the lease back so a standby takes over at once rather than after expiry.
+    let _ = tokio::time::timeout(Duration::from_secs(5), leader_task).await;
+    tasks.abort_all();
+    result
+}

@@ -1,0 +1,242 @@
+//! Sidecar authentication: a projected ServiceAccount token (audience `keybrake`) checked with
+//! the TokenReview API, cached briefly in a bounded map keyed by the token's hash.
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use futures::future::BoxFuture;
+use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
+use keybrake_api::{TokenHash, stream::TOKEN_AUDIENCE};
+use kube::{Api, Client, api::PostParams};
+
+use crate::index::Scope;
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("no bearer token")]
+    MissingToken,
+    #[error("token rejected by the apiserver")]
+    Rejected,
+    #[error("token is not a service account token for audience {TOKEN_AUDIENCE}")]
+    NotAServiceAccount,
+    #[error("token review failed: {0}")]
+    Unavailable(String),
+}
+
+/// The outcome of one TokenReview.
+pub trait TokenReviewer: Send + Sync + 'static {
+    fn review(&self, token: String) -> BoxFuture<'static, Result<Scope, AuthError>>;
+}
+
+/// `system:serviceaccount:NS:SA` → scope.
+pub fn scope_of_username(username: &str) -> Option<Scope> {
+    let rest = username.strip_prefix("system:serviceaccount:")?;
+    let (ns, sa) = rest.split_once(':')?;
+    (!ns.is_empty() && !sa.is_empty() && !sa.contains(':')).then(|| Scope::new(ns, sa))
+}
+
+/// TokenReview against the apiserver, requiring audience `keybrake`.
+pub struct KubeTokenReviewer {
+    client: Client,
+}
+
+impl KubeTokenReviewer {
+    pub fn new(client: Client) -> Self {
+        KubeTokenReviewer { client }
+    }
+}
+
+impl TokenReviewer for KubeTokenReviewer {
+    fn review(&self, token: String) -> BoxFuture<'static, Result<Scope, AuthError>> {
+        let api: Api<TokenReview> = Api::all(self.client.clone());
+        Box::pin(async move {
+            let review = TokenReview {
+                spec: TokenReviewSpec {
+                    token: Some(token),
+                    audiences: Some(vec![TOKEN_AUDIENCE.to_owned()]),
+                },
+                ..TokenReview::default()
+            };
+            let out = api
+                .create(&PostParams::default(), &review)
+                .await
+                .map_err(|e| AuthError::Unavailable(e.to_string()))?;
+            let status = out.status.unwrap_or_default();
+            if status.authenticated != Some(true) {
+                return Err(AuthError::Rejected);
+            }
+            // The apiserver only authenticates a token for the audiences it carries; double
+            // check, since an empty answer means "the apiserver's own audience".
+            if !status
+                .audiences
+                .unwrap_or_default()
+                .iter()
+                .any(|a| a == TOKEN_AUDIENCE)
+            {
+                return Err(AuthError::NotAServiceAccount);
+            }
+            status
+                .user
+                .and_then(|u| u.username)
+                .as_deref()
+                .and_then(scope_of_username)
+                .ok_or(AuthError::NotAServiceAccount)
+        })
+    }
+}
+
+/// Cached review outcomes by token hash, each with its expiry.
+type ReviewCache = HashMap<TokenHash, (Result<Scope, AuthError>, Instant)>;
+
+/// Caches review outcomes: accepted tokens for `accept_ttl`, rejected ones for `reject_ttl`
+/// (so a sidecar with a bad token cannot turn every reconnect into a TokenReview), at most
+/// `capacity` entries. Apiserver failures are not cached.
+pub struct Authenticator {
+    reviewer: Arc<dyn TokenReviewer>,
+    cache: Mutex<ReviewCache>,
+    accept_ttl: Duration,
+    reject_ttl: Duration,
+    capacity: usize,
+}
+
+impl Authenticator {
+    pub fn new(reviewer: Arc<dyn TokenReviewer>) -> Self {
+        Authenticator {
+            reviewer,
+            cache: Mutex::new(HashMap::new()),
+            accept_ttl: Duration::from_secs(10),
+            reject_ttl: Duration::from_secs(2),
+            capacity: 10_000,
+        }
+    }
+
+    pub fn with_limits(
+        mut self,
+        accept_ttl: Duration,
+        reject_ttl: Duration,
+        capacity: usize,
+    ) -> Self {
+        self.accept_ttl = accept_ttl;
+        self.reject_ttl = reject_ttl;
+        self.capacity = capacity.max(1);
+        self
+    }
+
+    /// Authenticates an `Authorization` header value.
+    pub async fn authenticate(&self, authorization: Option<&str>) -> Result<Scope, AuthError> {
+        let token = authorization
+            .and_then(|h| h.strip_prefix("Bearer "))
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .ok_or(AuthError::MissingToken)?;
+        let hash = TokenHash::of(token);
+        let now = Instant::now();
+        if let Some((outcome, until)) = self.cache_lock().get(&hash)
+            && *until > now
+        {
+            return outcome.clone();
+        }
+        let outcome = self.reviewer.review(token.to_owned()).await;
+        let ttl = match &outcome {
+            Ok(_) => self.accept_ttl,
+            Err(AuthError::Unavailable(_)) => return outcome,
+            Err(_) => self.reject_ttl,
+        };
+        let mut cache = self.cache_lock();
+        if cache.len() >= self.capacity {
+            cache.retain(|_, (_, until)| *until > now);
+            if cache.len() >= self.capacity {
+                cache.clear();
+            }
+        }
+        cache.insert(hash, (outcome.clone(), now + ttl));
+        outcome
+    }
+
+    fn cache_lock(&self) -> std::sync::MutexGuard<'_, ReviewCache> {
+        self.cache.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn cached_entries(&self) -> usize {
+        self.cache_lock().len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    struct Fake {
+        calls: Arc<AtomicUsize>,
+    }
+
+    impl TokenReviewer for Fake {
+        fn review(&self, token: String) -> BoxFuture<'static, Result<Scope, AuthError>> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async move {
+                match token.as_str() {
+                    "good" => Ok(Scope::new("agents", "refund")),
+                    "down" => Err(AuthError::Unavailable("boom".into())),
+                    _ => Err(AuthError::Rejected),
+                }
+            })
+        }
+    }
+
+    #[test]
+    fn usernames_map_to_scopes() {
+        assert_eq!(
+            scope_of_username("system:serviceaccount:agents:refund"),
+            Some(Scope::new("agents", "refund"))
+        );
+        for bad in [
+            "admin",
+            "system:serviceaccount:agents",
+            "system:serviceaccount::x",
+            "system:serviceaccount:a:b:c",
+            "system:node:agents:refund",
+        ] {
+            assert_eq!(scope_of_username(bad), None, "{bad}");
+        }
+    }
+
+    #[tokio::test]
+    async fn caches_outcomes_but_not_outages_and_stays_bounded() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let auth = Authenticator::new(Arc::new(Fake {
+            calls: calls.clone(),
+        }))
+        .with_limits(Duration::from_secs(60), Duration::from_secs(60), 3);
+        assert_eq!(auth.authenticate(None).await, Err(AuthError::MissingToken));
+        assert_eq!(
+            auth.authenticate(Some("Basic x")).await,
+            Err(AuthError::MissingToken)
+        );
+        for _ in 0..3 {
+            assert_eq!(
+                auth.authenticate(Some("Bearer good")).await,
+                Ok(Scope::new("agents", "refund"))
+            );
+            assert_eq!(
+                auth.authenticate(Some("Bearer bad")).await,
+                Err(AuthError::Rejected)
+            );
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        for _ in 0..2 {
+            assert!(matches!(
+                auth.authenticate(Some("Bearer down")).await,
+                Err(AuthError::Unavailable(_))
+            ));
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 4);
+        for i in 0..10 {
+            let _ = auth.authenticate(Some(&format!("Bearer other-{i}"))).await;
+            assert!(auth.cached_entries() <= 3);
+        }
+    }
+}
