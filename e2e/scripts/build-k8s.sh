@@ -3,9 +3,13 @@
 # keyed by version, so later runs reuse them. Prints progress; safe to run concurrently (flock).
 set -euo pipefail
 
-K8S_VERSION=${K8S_VERSION:-1.35.4}
-ETCD_VERSION=${ETCD_VERSION:-3.6.16}
-HELM_VERSION=${HELM_VERSION:-3.21.4}
+# Pinned versions live in versions.env (shared with the Rust harness); env vars override.
+_k8s=${K8S_VERSION:-} _etcd=${ETCD_VERSION:-} _helm=${HELM_VERSION:-}
+# shellcheck source=versions.env
+source "$(dirname "${BASH_SOURCE[0]}")/versions.env"
+K8S_VERSION=${_k8s:-$K8S_VERSION}
+ETCD_VERSION=${_etcd:-$ETCD_VERSION}
+HELM_VERSION=${_helm:-$HELM_VERSION}
 CACHE=${KEYBRAKE_CACHE:-$HOME/.cache/keybrake}
 BIN="$CACHE/bin"
 mkdir -p "$BIN" "$CACHE/build"
