@@ -22,32 +22,31 @@ use crate::names;
 pub fn sidecar_args(config: &InjectionConfig) -> Vec<String> {
     let p = &config.ports;
     vec![
-        "run".to_string(),
         format!("--controller-url={}", config.controller_url),
         format!("--token-file={}/{}", names::TOKEN_DIR, names::TOKEN_FILE),
         format!("--ca-file={}/{}", names::CA_DIR, config.ca_bundle_key),
         format!("--staleness-bound={}s", config.staleness_bound.as_secs()),
         format!("--spool-dir={}", names::SPOOL_DIR),
-        "--listen-address=127.0.0.1".to_string(),
+        "--listen-addr=127.0.0.1".to_string(),
         format!("--proxy-port={}", p.proxy),
         format!("--stripe-port={}", p.stripe),
         format!("--openai-port={}", p.openai),
         format!("--twilio-port={}", p.twilio),
         format!("--resend-port={}", p.resend),
         // The kubelet probes on the pod IP, so admin listens on all addresses; it serves no secrets.
-        "--admin-address=0.0.0.0".to_string(),
+        "--admin-listen-addr=0.0.0.0".to_string(),
         format!("--admin-port={}", p.admin),
     ]
 }
 
-/// Pod identity from the downward API: the sidecar stamps it on audit rows and presents it to
-/// the controller.
+/// Pod identity from the downward API (`POD_NAME` is what the sidecar's `--pod-name` reads): the
+/// sidecar stamps it on audit rows and presents it to the controller.
 pub fn sidecar_env() -> Vec<EnvVar> {
     [
-        ("KEYBRAKE_POD_NAME", "metadata.name"),
-        ("KEYBRAKE_POD_NAMESPACE", "metadata.namespace"),
-        ("KEYBRAKE_POD_UID", "metadata.uid"),
-        ("KEYBRAKE_SERVICE_ACCOUNT", "spec.serviceAccountName"),
+        ("POD_NAME", "metadata.name"),
+        ("POD_NAMESPACE", "metadata.namespace"),
+        ("POD_UID", "metadata.uid"),
+        ("POD_SERVICE_ACCOUNT", "spec.serviceAccountName"),
     ]
     .into_iter()
     .map(|(name, field)| EnvVar {
