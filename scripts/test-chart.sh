@@ -65,11 +65,11 @@ step "a real kube-apiserver"
 started_here=""
 if [[ -n "${KEYBRAKE_CHART_KUBECONFIG:-}" ]]; then
   export KUBECONFIG=$KEYBRAKE_CHART_KUBECONFIG
-elif [[ -f target/e2e/env ]] && (source target/e2e/env && "$KUBECTL" get --raw /readyz >/dev/null 2>&1); then
-  source target/e2e/env
 elif [[ -x e2e/scripts/cluster.sh ]]; then
-  e2e/scripts/cluster.sh up
-  started_here=1
+  if [[ "$(e2e/scripts/cluster.sh status)" != running* ]]; then
+    e2e/scripts/cluster.sh up
+    started_here=1
+  fi
   source target/e2e/env
 else
   fail "no apiserver: run 'make cluster' (e2e/scripts/cluster.sh), or set KEYBRAKE_CHART_KUBECONFIG"
