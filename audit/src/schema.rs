@@ -1,0 +1,126 @@
+//! The `agent_call_audit` DDL, one text for SQLite and PostgreSQL, applied as numbered migrations
+//! recorded in `schema_migrations`.
+//!
+//! Portability choices (see docs/audit.md):
+//! - money is `BIGINT` micro-dollars (`*_usd_micros`): SQLite has no exact decimal type (its
+//!   `NUMERIC` affinity stores fractions as 8-byte floats), so `NUMERIC(18,6)` would be exact on
+//!   PostgreSQL only. Integer micro-dollars are exact on both and match [`keybrake_api::Usd`].
+//! - `started_at` is declared `TIMESTAMPTZ`: a real timestamp on PostgreSQL; on SQLite it holds the
+//!   fixed-width UTC text `YYYY-MM-DDTHH:MM:SS.ffffffZ` (see [`crate::row::timestamp_text`]), whose
+//!   byte order is time order, so the same comparisons and `ORDER BY` work on both.
+
+/// One schema change. Versions only grow; a released migration is never edited.
+#[derive(Debug, Clone, Copy)]
+pub struct Migration {
+    pub version: i64,
+    pub name: &'static str,
+    /// Statements separated by `;` (none of them contains a `;` of its own).
+    pub sql: &'static str,
+}
+
+/// Bookkeeping table, created before any migration runs.
+pub const CREATE_SCHEMA_MIGRATIONS: &str = "CREATE TABLE IF NOT EXISTS schema_migrations (
+    version BIGINT PRIMARY KEY,
+    name TEXT NOT NULL,
+    applied_at TEXT NOT NULL
+)";
+
+pub const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    name: "create agent_call_audit",
+    sql: "CREATE TABLE IF NOT EXISTS agent_call_audit (
+    id TEXT PRIMARY KEY,
+    started_at TIMESTAMPTZ NOT NULL,
+    duration_ms BIGINT NOT NULL,
+    vault_key_id TEXT,
+    agent_name TEXT,
+    agent_run_id TEXT,
+    namespace TEXT,
+    pod TEXT,
+    vendor TEXT NOT NULL,
+    operation TEXT,
+    method TEXT NOT NULL,
+    path_template TEXT,
+    policy_verdict TEXT NOT NULL,
+    verdict_reason TEXT,
+    customer_scope_id TEXT,
+    vendor_status INTEGER NOT NULL,
+    vendor_request_id TEXT,
+    cost_usd_micros BIGINT,
+    cost_source TEXT NOT NULL,
+    cap_usage_after_usd_micros BIGINT,
+    policy_revision BIGINT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS agent_call_audit_key_time ON agent_call_audit (vault_key_id, started_at);
+CREATE INDEX IF NOT EXISTS agent_call_audit_run_time ON agent_call_audit (agent_run_id, started_at);
+CREATE INDEX IF NOT EXISTS agent_call_audit_customer ON agent_call_audit (customer_scope_id);
+CREATE INDEX IF NOT EXISTS agent_call_audit_denials ON agent_call_audit (policy_verdict, started_at) WHERE policy_verdict <> 'allow'",
+}];
+
+/// Column order used by every writer (SQLite INSERT, PostgreSQL COPY) and by [`crate::row`].
+pub const COLUMNS: [&str; 21] = [
+    "id",
+    "started_at",
+    "duration_ms",
+    "vault_key_id",
+    "agent_name",
+    "agent_run_id",
+    "namespace",
+    "pod",
+    "vendor",
+    "operation",
+    "method",
+    "path_template",
+    "policy_verdict",
+    "verdict_reason",
+    "customer_scope_id",
+    "vendor_status",
+    "vendor_request_id",
+    "cost_usd_micros",
+    "cost_source",
+    "cap_usage_after_usd_micros",
+    "policy_revision",
+];
+
+/// The statements of one migration, in order.
+pub fn statements(migration: &Migration) -> impl Iterator<Item = &'static str> {
+    migration
+        .sql
+        .split(';')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+}
+
+/// Migrations not yet applied, given the versions already recorded.
+pub fn pending(applied: &[i64]) -> impl Iterator<Item = &'static Migration> + '_ {
+    MIGRATIONS.iter().filter(|m| !applied.contains(&m.version))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_strictly_increase() {
+        for pair in MIGRATIONS.windows(2) {
+            assert!(pair[0].version < pair[1].version);
+        }
+        assert_eq!(MIGRATIONS[0].version, 1);
+    }
+
+    #[test]
+    fn ddl_declares_every_column_once() {
+        let ddl = MIGRATIONS[0].sql;
+        for column in COLUMNS {
+            let needle = format!("\n    {column} ");
+            assert_eq!(ddl.matches(&needle).count(), 1, "{column}");
+        }
+        assert_eq!(statements(&MIGRATIONS[0]).count(), 5);
+    }
+
+    #[test]
+    fn pending_skips_applied() {
+        assert_eq!(pending(&[]).count(), MIGRATIONS.len());
+        assert_eq!(pending(&[1]).count(), MIGRATIONS.len() - 1);
+    }
+}

@@ -1,0 +1,240 @@
+//! PostgreSQL sink: each batch is `COPY ... FROM STDIN (FORMAT binary)` into a per-connection
+//! temporary staging table, then `INSERT ... SELECT ... ON CONFLICT (id) DO NOTHING` in the same
+//! transaction. COPY alone would fail the whole batch on one replayed id; staging keeps COPY's
+//! speed and makes the write idempotent.
+use std::time::SystemTime;
+
+use futures::pin_mut;
+use keybrake_api::audit::AuditRow;
+use tokio::sync::Mutex;
+use tokio_postgres::{Client, NoTls, binary_copy::BinaryCopyInWriter, types::ToSql, types::Type};
+
+use super::{AuditSink, SinkError, WriteOutcome};
+use crate::{
+    queries::Param,
+    row::{Value, cap_usage_micros, cost_micros, timestamp_text},
+    schema,
+};
+
+const STAGE: &str = "CREATE TEMP TABLE IF NOT EXISTS agent_call_audit_stage (LIKE agent_call_audit) ON COMMIT DELETE ROWS";
+const COPY: &str = "COPY agent_call_audit_stage (id, started_at, duration_ms, vault_key_id, agent_name, agent_run_id, namespace, pod, vendor, operation, method, path_template, policy_verdict, verdict_reason, customer_scope_id, vendor_status, vendor_request_id, cost_usd_micros, cost_source, cap_usage_after_usd_micros, policy_revision) FROM STDIN (FORMAT binary)";
+const MERGE: &str =
+    "INSERT INTO agent_call_audit SELECT * FROM agent_call_audit_stage ON CONFLICT (id) DO NOTHING";
+/// Serialises migrations when several controller replicas start at once.
+const MIGRATION_LOCK_KEY: i64 = 0x6b62_6175_6469_7431; // "kbaudit1"
+
+const COPY_TYPES: [Type; 21] = [
+    Type::TEXT,
+    Type::TIMESTAMPTZ,
+    Type::INT8,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+    Type::INT4,
+    Type::TEXT,
+    Type::INT8,
+    Type::TEXT,
+    Type::INT8,
+    Type::INT8,
+];
+
+pub struct PostgresSink {
+    url: String,
+    /// `None` after the connection broke; the next call reconnects.
+    client: Mutex<Option<Client>>,
+}
+
+impl PostgresSink {
+    /// Connects, applies pending migrations and prepares the staging table.
+    pub async fn connect(url: &str) -> Result<PostgresSink, SinkError> {
+        let client = open_client(url).await?;
+        Ok(PostgresSink {
+            url: url.to_owned(),
+            client: Mutex::new(Some(client)),
+        })
+    }
+
+    /// Applies pending migrations again (a no-op when up to date); returns how many ran.
+    pub async fn migrate(&self) -> Result<usize, SinkError> {
+        let mut guard = self.client.lock().await;
+        let client = ensure(&mut guard, &self.url).await?;
+        let result = migrate(client).await;
+        forget_if_broken(&mut guard);
+        result
+    }
+
+    /// Runs one SQL query with `$n` parameters; timestamps come back as
+    /// [`crate::row::timestamp_text`].
+    pub async fn query(&self, sql: &str, params: &[Param]) -> Result<Vec<Vec<Value>>, SinkError> {
+        let bound: Vec<Box<dyn ToSql + Sync + Send>> = params
+            .iter()
+            .map(|p| -> Box<dyn ToSql + Sync + Send> {
+                match p {
+                    Param::Text(s) => Box::new(s.clone()),
+                    Param::Time(t) => Box::new(SystemTime::from(*t)),
+                }
+            })
+            .collect();
+        let refs: Vec<&(dyn ToSql + Sync)> = bound
+            .iter()
+            .map(|b| b.as_ref() as &(dyn ToSql + Sync))
+            .collect();
+        let mut guard = self.client.lock().await;
+        let client = ensure(&mut guard, &self.url).await?;
+        let result = client.query(sql, &refs).await;
+        forget_if_broken(&mut guard);
+        let rows = result?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            let mut cells = Vec::with_capacity(row.len());
+            for (i, column) in row.columns().iter().enumerate() {
+                let ty = column.type_();
+                let cell = if *ty == Type::TEXT || *ty == Type::VARCHAR || *ty == Type::NAME {
+                    row.get::<_, Option<String>>(i).map(Value::Text)
+                } else if *ty == Type::INT8 {
+                    row.get::<_, Option<i64>>(i).map(Value::Int)
+                } else if *ty == Type::INT4 {
+                    row.get::<_, Option<i32>>(i).map(|n| Value::Int(n.into()))
+                } else if *ty == Type::TIMESTAMPTZ {
+                    row.get::<_, Option<SystemTime>>(i)
+                        .map(|t| match jiff::Timestamp::try_from(t) {
+                            Ok(ts) => Ok(Value::Text(timestamp_text(ts))),
+                            Err(e) => Err(SinkError::Worker(e.to_string())),
+                        })
+                        .transpose()?
+                } else {
+                    return Err(SinkError::ColumnType {
+                        column: column.name().to_owned(),
+                        type_name: ty.name().to_owned(),
+                    });
+                };
+                cells.push(cell.unwrap_or(Value::Null));
+            }
+            out.push(cells);
+        }
+        Ok(out)
+    }
+}
+
+impl AuditSink for PostgresSink {
+    async fn write_batch(&self, rows: &[AuditRow]) -> Result<WriteOutcome, SinkError> {
+        if rows.is_empty() {
+            return Ok(WriteOutcome::default());
+        }
+        let mut guard = self.client.lock().await;
+        let client = ensure(&mut guard, &self.url).await?;
+        let result = copy_batch(client, rows).await;
+        forget_if_broken(&mut guard);
+        result
+    }
+}
+
+async fn copy_batch(client: &mut Client, rows: &[AuditRow]) -> Result<WriteOutcome, SinkError> {
+    let tx = client.transaction().await?;
+    let sink = tx.copy_in(COPY).await?;
+    let writer = BinaryCopyInWriter::new(sink, &COPY_TYPES);
+    pin_mut!(writer);
+    for row in rows {
+        let started_at = SystemTime::from(row.started_at);
+        let cost = cost_micros(row);
+        let cap = cap_usage_micros(row);
+        writer
+            .as_mut()
+            .write(&[
+                &row.id,
+                &started_at,
+                &row.duration_ms,
+                &row.vault_key_id,
+                &row.agent_name,
+                &row.agent_run_id,
+                &row.namespace,
+                &row.pod,
+                &row.vendor.as_str(),
+                &row.operation,
+                &row.method,
+                &row.path_template,
+                &row.policy_verdict.as_str(),
+                &row.verdict_reason,
+                &row.customer_scope_id,
+                &row.vendor_status,
+                &row.vendor_request_id,
+                &cost,
+                &row.cost_source.as_str(),
+                &cap,
+                &row.policy_revision,
+            ])
+            .await?;
+    }
+    writer.finish().await?;
+    let inserted = tx.execute(MERGE, &[]).await?;
+    tx.commit().await?;
+    Ok(WriteOutcome {
+        inserted,
+        duplicates: rows.len() as u64 - inserted,
+    })
+}
+
+async fn open_client(url: &str) -> Result<Client, SinkError> {
+    let (mut client, connection) = tokio_postgres::connect(url, NoTls).await?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::warn!(error = %e, "postgres audit sink connection closed");
+        }
+    });
+    migrate(&mut client).await?;
+    client.batch_execute(STAGE).await?;
+    Ok(client)
+}
+
+async fn ensure<'a>(slot: &'a mut Option<Client>, url: &str) -> Result<&'a mut Client, SinkError> {
+    if slot.as_ref().is_none_or(Client::is_closed) {
+        *slot = Some(open_client(url).await?);
+    }
+    Ok(slot.as_mut().expect("just connected"))
+}
+
+fn forget_if_broken(slot: &mut Option<Client>) {
+    if slot.as_ref().is_some_and(Client::is_closed) {
+        *slot = None;
+    }
+}
+
+async fn migrate(client: &mut Client) -> Result<usize, SinkError> {
+    let tx = client.transaction().await?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK_KEY])
+        .await?;
+    tx.batch_execute(schema::CREATE_SCHEMA_MIGRATIONS).await?;
+    let applied: Vec<i64> = tx
+        .query("SELECT version FROM schema_migrations", &[])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let mut ran = 0;
+    for migration in schema::pending(&applied) {
+        for statement in schema::statements(migration) {
+            tx.batch_execute(statement).await?;
+        }
+        tx.execute(
+            "INSERT INTO schema_migrations (version, name, applied_at) VALUES ($1, $2, $3) ON CONFLICT (version) DO NOTHING",
+            &[
+                &migration.version,
+                &migration.name,
+                &timestamp_text(jiff::Timestamp::now()),
+            ],
+        )
+        .await?;
+        ran += 1;
+    }
+    tx.commit().await?;
+    Ok(ran)
+}

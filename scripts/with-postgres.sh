@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# Run a command against a throwaway PostgreSQL cluster: initdb in a temp dir, start it on a free
+# loopback port, export KEYBRAKE_TEST_POSTGRES_URL, run "$@", then stop the cluster and delete it.
+# Installs Debian's postgresql package when the server binaries are missing.
+# Usage: scripts/with-postgres.sh cargo test -p keybrake-audit
+set -euo pipefail
+
+if [ "$#" -eq 0 ]; then
+  echo "usage: $0 COMMAND [ARGS...]" >&2
+  exit 2
+fi
+
+find_pg_bin() {
+  local dir
+  for dir in ${KEYBRAKE_PG_BIN:-} /usr/lib/postgresql/*/bin; do
+    if [ -x "$dir/initdb" ] && [ -x "$dir/pg_ctl" ]; then
+      echo "$dir"
+      return 0
+    fi
+  done
+  return 1
+}
+
+if ! PG_BIN=$(find_pg_bin); then
+  echo "with-postgres: PostgreSQL server binaries not found; installing Debian's postgresql" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q >&2
+  apt-get install -y -q --no-install-recommends postgresql >&2
+  PG_BIN=$(find_pg_bin) || { echo "with-postgres: initdb still missing after apt-get install postgresql" >&2; exit 1; }
+fi
+
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/keybrake-pg.XXXXXX")
+DATA="$WORK/data"
+LOG="$WORK/postgres.log"
+
+# initdb refuses to run as root: run the server as the Debian `postgres` user in that case.
+as_pg() { "$@"; }
+if [ "$(id -u)" -eq 0 ]; then
+  id postgres >/dev/null 2>&1 || useradd --system --no-create-home postgres
+  chown postgres "$WORK"
+  chmod 755 "$WORK"
+  as_pg() { runuser -u postgres -- "$@"; }
+fi
+
+free_port() {
+  # Ask the kernel for a free loopback port; python3 or perl, whichever exists.
+  if command -v python3 >/dev/null 2>&1; then
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
+  else
+    perl -MIO::Socket::INET -e 'my $s=IO::Socket::INET->new(LocalAddr=>"127.0.0.1",LocalPort=>0,Listen=>1) or die; print $s->sockport, "\n"'
+  fi
+}
+
+cleanup() {
+  local rc=$?
+  if [ -f "$DATA/postmaster.pid" ]; then
+    as_pg "$PG_BIN/pg_ctl" -D "$DATA" -m fast -w stop >/dev/null 2>&1 || true
+  fi
+  if [ "$rc" -ne 0 ] && [ -f "$LOG" ]; then
+    echo "with-postgres: exit $rc; last server log lines:" >&2
+    tail -n 20 "$LOG" >&2 || true
+  fi
+  rm -rf "$WORK"
+  exit "$rc"
+}
+trap cleanup EXIT INT TERM
+
+as_pg "$PG_BIN/initdb" -D "$DATA" -U keybrake --auth=trust --encoding=UTF8 --no-locale >"$WORK/initdb.log" 2>&1 \
+  || { cat "$WORK/initdb.log" >&2; exit 1; }
+
+started=0
+for _ in 1 2 3 4 5; do
+  PORT=$(free_port)
+  if as_pg "$PG_BIN/pg_ctl" -D "$DATA" -l "$LOG" -w -t 60 \
+      -o "-p $PORT -c listen_addresses=127.0.0.1 -k $WORK ${KEYBRAKE_PG_OPTS:-}" start >/dev/null; then
+    started=1
+    break
+  fi
+done
+[ "$started" -eq 1 ] || { echo "with-postgres: could not start PostgreSQL" >&2; exit 1; }
+
+export KEYBRAKE_TEST_POSTGRES_URL="postgres://keybrake@127.0.0.1:$PORT/postgres"
+echo "with-postgres: PostgreSQL $("$PG_BIN/postgres" --version | awk '{print $3}') at $KEYBRAKE_TEST_POSTGRES_URL" >&2
+
+set +e
+"$@"
+status=$?
+set -e
+exit "$status"
