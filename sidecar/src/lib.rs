@@ -23,6 +23,7 @@ pub mod ratelimit;
 pub mod server;
 pub mod standalone;
 pub mod store;
+pub mod stream_client;
 pub mod vendors;
 
 pub use server::{BoundAddrs, Deps, Settings, Sidecar};
