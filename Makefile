@@ -38,7 +38,7 @@ crd-check:
 	  || { echo "crds/vaultkey.yaml is stale: run 'make crds' and commit it"; exit 1; }
 
 ## test-unit: unit and component tests (real PostgreSQL for the audit sink).
-test-unit:
+test-unit: e2e-deps
 	scripts/with-postgres.sh $(CARGO) test --workspace --exclude keybrake-e2e
 
 ## e2e-deps: build (once, cached) etcd, kube-apiserver, kubectl and helm from Go modules.
