@@ -17,7 +17,7 @@ use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited, StreamBody, combinators::BoxBody};
 use hyper::body::{Frame, Incoming};
 use hyper_util::{
-    rt::{TokioExecutor, TokioIo},
+    rt::{TokioExecutor, TokioIo, TokioTimer},
     server::conn::auto,
 };
 use keybrake_api::stream::{
@@ -147,6 +147,7 @@ impl StreamServer {
                 let mut builder = auto::Builder::new(TokioExecutor::new());
                 builder
                     .http2()
+                    .timer(TokioTimer::new())
                     .keep_alive_interval(Some(Duration::from_secs(10)))
                     .keep_alive_timeout(Duration::from_secs(20));
                 let service = hyper::service::service_fn(move |req| {

@@ -20,7 +20,7 @@ use http::{Request, StatusCode, header};
 use http_body_util::{BodyExt, Full};
 use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
-    rt::TokioExecutor,
+    rt::{TokioExecutor, TokioTimer},
 };
 use keybrake_api::stream::{
     ACK_PATH, Ack, MAX_LINE_BYTES, NDJSON, PolicyApply, RESUME_PARAM, WATCH_PATH, WatchEvent,
@@ -227,6 +227,8 @@ impl StreamClient {
             .enable_http2()
             .wrap_connector(connector);
         let http = Client::builder(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
             .http2_only(true)
             .http2_keep_alive_interval(Some(Duration::from_secs(10)))
             .http2_keep_alive_timeout(Duration::from_secs(20))
