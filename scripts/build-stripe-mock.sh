@@ -4,7 +4,7 @@
 # path on stdout; exits non-zero (with the Go error on stderr) when it cannot be built.
 set -euo pipefail
 
-STRIPE_MOCK_VERSION=${STRIPE_MOCK_VERSION:-latest}
+STRIPE_MOCK_VERSION=${STRIPE_MOCK_VERSION:-v0.203.0}
 CACHE=${KEYBRAKE_CACHE:-$HOME/.cache/keybrake}
 OUT="$CACHE/bin/stripe-mock-$STRIPE_MOCK_VERSION"
 mkdir -p "$OUT"

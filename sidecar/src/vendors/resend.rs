@@ -102,11 +102,13 @@ impl VendorModule for Resend {
     }
 
     fn denial(&self, status: StatusCode, verdict: Verdict, message: &str) -> Denial {
-        // Resend's SDKs raise by `name` (e.g. resend.exceptions.InvalidApiKeyError).
+        // Resend's SDKs pick the exception by status + `name`: 401 missing_api_key →
+        // MissingApiKeyError, 403 invalid_api_key → InvalidApiKeyError, 429 → RateLimitError;
+        // anything else → ResendError.
         let name = match verdict {
-            Verdict::KeyUnknown | Verdict::KeyRevoked | Verdict::KeyExpired => "invalid_api_key",
+            Verdict::KeyUnknown | Verdict::KeyRevoked | Verdict::KeyExpired => "missing_api_key",
             Verdict::KeySuspended | Verdict::OperationDenied | Verdict::CustomerDenied => {
-                "restricted_api_key"
+                "invalid_api_key"
             }
             Verdict::RateLimited => "rate_limit_exceeded",
             Verdict::PerCallCap | Verdict::DailyCap => "daily_quota_exceeded",
