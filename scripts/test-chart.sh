@@ -102,6 +102,38 @@ cat "$tmp/objects"
 "$KUBECTL" get crd vaultkeys.keybrake.dev -o name
 echo "all $expected objects stored"
 
+step "the controller's ServiceAccount can do its job and nothing more (kubectl auth can-i)"
+sa="system:serviceaccount:$namespace:$release-controller"
+can() { # expected(yes|no) verb resource [flags...]
+  local expected=$1; shift
+  local got
+  got=$("$KUBECTL" auth can-i --as="$sa" "$@" 2>/dev/null || true)
+  [[ "$got" == "$expected" ]] || fail "can-i $* as the controller: expected $expected, got '$got'"
+  printf '  %-3s %s\n' "$expected" "$*"
+}
+can yes watch vaultkeys.keybrake.dev --all-namespaces
+can yes patch vaultkeys.keybrake.dev --subresource=status -n agents
+can yes delete vaultkeys.keybrake.dev -n agents
+can yes list secrets --all-namespaces
+can yes create secrets -n agents
+can yes create tokenreviews.authentication.k8s.io
+can yes create events -n agents
+can yes create events.events.k8s.io -n agents
+can yes update leases.coordination.k8s.io/"$release-controller" -n "$namespace"
+can yes patch mutatingwebhookconfigurations.admissionregistration.k8s.io/"$release-sidecar-injector"
+can yes update configmaps/keybrake-ca -n agents
+can yes update secrets/"$release-tls" -n "$namespace"
+can no update secrets -n agents
+can no delete secrets -n agents
+can no update vaultkeys.keybrake.dev -n agents
+can no update leases.coordination.k8s.io/other-lease -n "$namespace"
+can no patch mutatingwebhookconfigurations.admissionregistration.k8s.io/someone-elses
+can no update configmaps/app-config -n agents
+can no create pods -n agents
+can no list pods --all-namespaces
+can no create clusterroles.rbac.authorization.k8s.io
+can no create serviceaccounts/token -n agents
+
 step "helm install, production-like values (PostgreSQL sink: a Deployment)"
 # The test plane has no cert-manager or Prometheus Operator CRDs: those objects are covered by
 # the production golden; everything else is installed for real.
