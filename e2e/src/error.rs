@@ -33,6 +33,8 @@ pub enum HarnessError {
     Reuse(String),
     #[error("{0}")]
     Crd(String),
+    #[error("unexpected answer from the apiserver: {0}")]
+    UnexpectedAnswer(String),
 }
 
 impl HarnessError {

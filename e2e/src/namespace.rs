@@ -129,7 +129,7 @@ impl<'p> TestNamespace<'p> {
         issued
             .status
             .map(|s| s.token)
-            .ok_or_else(|| HarnessError::Reuse("TokenRequest returned no status".into()))
+            .ok_or_else(|| HarnessError::UnexpectedAnswer("TokenRequest without status".into()))
     }
 }
 
