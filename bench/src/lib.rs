@@ -6,6 +6,7 @@
 pub mod client;
 pub mod dataplane;
 pub mod doc;
+pub mod keys;
 pub mod openloop;
 pub mod record;
 pub mod rss;

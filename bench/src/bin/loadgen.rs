@@ -70,7 +70,8 @@ fn main() -> anyhow::Result<()> {
     let request = target.get_request(&args.headers);
     let samples = openloop::run(&plan, &target, &request, args.expect_body);
     let us = |sorted: &[Duration], q: f64| {
-        percentile(sorted, q).map_or(f64::NAN, |d| d.as_secs_f64() * 1e6)
+        // Tenths of a microsecond are plenty; more digits are clock noise.
+        percentile(sorted, q).map_or(f64::NAN, |d| (d.as_secs_f64() * 1e7).round() / 10.0)
     };
     let record = Record::Latency {
         via: match args.via {
