@@ -61,6 +61,17 @@ for name in default production; do
   fi
 done
 
+step "helm package carries the copied files"
+"$HELM" package "$CHART" --destination "$tmp" >/dev/null
+package=$(ls "$tmp"/keybrake-*.tgz)
+tar -tzf "$package" | grep -q '^keybrake/crds/vaultkey.yaml$' || fail "package lacks crds/vaultkey.yaml"
+tar -tzf "$package" | grep -q '^keybrake/files/keybrake.rules.yaml$' || fail "package lacks the rules"
+"$HELM" template keybrake "$package" --namespace keybrake-system --kube-version 1.35.4 \
+  -f "$CHART/tests/values-production.yaml" | diff -u "$GOLDEN/production.yaml" - >&2 \
+  || fail "the packaged chart renders differently from the directory"
+tar -tzf "$package" | grep -q '^keybrake/tests/' && fail "package ships tests/ (see .helmignore)"
+echo "$(basename "$package"): $(tar -tzf "$package" | wc -l) files, renders like the directory"
+
 step "a real kube-apiserver"
 started_here=""
 if [[ -n "${KEYBRAKE_CHART_KUBECONFIG:-}" ]]; then
