@@ -252,3 +252,32 @@ async fn admit(request: Request<Incoming>) -> Result<Response<Full<Bytes>>, hype
         .body(Full::new(Bytes::from(answer.to_string())))
         .expect("response"))
 }
+
+/// What `KEYBRAKE_E2E_REUSE_CLUSTER=1` does with a `make cluster` plane: attach through the
+/// harness-written kubeconfig, without owning (or stopping) the processes.
+#[tokio::test]
+async fn attach_reuses_a_running_plane_without_owning_it() {
+    let ns = TestNamespace::new("plane-attach").await;
+    let owner = ns.plane();
+    let kubeconfig = owner.kubeconfig().to_path_buf();
+    let attached = tokio::task::spawn_blocking(move || ControlPlane::attach(&kubeconfig))
+        .await
+        .unwrap()
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(attached.server_url(), owner.server_url());
+    assert_eq!(attached.ca_pem(), owner.ca_pem());
+    assert!(
+        attached.startup().is_none(),
+        "attached planes report no startup"
+    );
+    Api::<Namespace>::all(attached.client())
+        .get(ns.name())
+        .await
+        .expect("the attached client sees the owner's namespace");
+    drop(attached);
+    // Dropping an attachment leaves the owner's plane running.
+    Api::<Namespace>::all(ns.client())
+        .get(ns.name())
+        .await
+        .expect("owner plane still serves");
+}
