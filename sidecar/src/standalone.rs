@@ -468,6 +468,31 @@ keys:
     }
 
     #[test]
+    fn the_shipped_example_is_valid() {
+        let example =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/standalone/keybrake.yaml");
+        let dir = tempfile::tempdir().unwrap();
+        let copy = dir.path().join("keybrake.yaml");
+        std::fs::copy(&example, &copy).unwrap();
+        std::fs::write(dir.path().join("openai.secret"), "sk-proj-example\n").unwrap();
+        let env = FakeEnv(HashMap::from([
+            ("STRIPE_SECRET_KEY", "sk_test_x"),
+            ("TWILIO_CREDENTIALS", "ACx:tok"),
+            ("RESEND_API_KEY", "re_x"),
+        ]));
+        let grants = load(&copy, &env).unwrap();
+        assert_eq!(grants.len(), 4);
+        let refund = &grants[0];
+        assert_eq!(
+            refund.token_sha256,
+            TokenHash::of("vault_key_exampleRefundAgent0000000000000000000000000")
+        );
+        assert_eq!(refund.base_url, "https://api.stripe.com");
+        assert_eq!(grants[1].upstream_secret.expose(), "sk-proj-example");
+        assert_eq!(grants[3].state, KeyState::Suspended);
+    }
+
+    #[test]
     fn watcher_applies_changes_and_keeps_the_last_good_policy() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.yaml");
