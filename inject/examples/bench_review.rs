@@ -13,7 +13,11 @@ fn main() {
         "ghcr.io/keybrake/sidecar:0.1.0",
         "https://keybrake-controller.keybrake-system.svc:8443",
     );
-    for fixture in ["pod-create-opted-in", "pod-create-replicaset", "pod-create-plain"] {
+    for fixture in [
+        "pod-create-opted-in",
+        "pod-create-replicaset",
+        "pod-create-plain",
+    ] {
         let path = format!("{}/tests/data/{fixture}.json", env!("CARGO_MANIFEST_DIR"));
         let body = std::fs::read(&path).expect("recorded fixture");
         let mut samples: Vec<Duration> = Vec::with_capacity(iterations);

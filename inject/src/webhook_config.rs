@@ -165,9 +165,51 @@ pub fn mutating_webhook_configuration(settings: &WebhookSettings) -> MutatingWeb
     }
 }
 
+/// The JSON patch that sets (or replaces) the caBundle of the configuration rendered above, for
+/// the controller to apply after generating or rotating its serving CA:
+/// `Api::<MutatingWebhookConfiguration>::all(c).patch(CONFIGURATION_NAME, &pp, &Patch::Json(..))`.
+/// A `test` op first makes the patch fail rather than touch a different webhook at index 0.
+pub fn ca_bundle_patch(ca_pem: &[u8]) -> json_patch::Patch {
+    use json_patch::jsonptr::PointerBuf;
+    use json_patch::{AddOperation, PatchOperation, TestOperation};
+    let webhook = |field: &str| PointerBuf::from_tokens(["webhooks", "0", field]);
+    json_patch::Patch(vec![
+        PatchOperation::Test(TestOperation {
+            path: webhook("name"),
+            value: serde_json::Value::String(WEBHOOK_NAME.into()),
+        }),
+        PatchOperation::Add(AddOperation {
+            path: PointerBuf::from_tokens(["webhooks", "0", "clientConfig", "caBundle"]),
+            value: serde_json::to_value(ByteString(ca_pem.to_vec()))
+                .unwrap_or(serde_json::Value::Null),
+        }),
+    ])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ca_bundle_patch_sets_the_bundle_and_guards_the_webhook_name() {
+        let settings = WebhookSettings::new(
+            WebhookEndpoint::Url("https://127.0.0.1:9443/inject".into()),
+            "keybrake-system",
+        );
+        let mut doc = serde_json::to_value(mutating_webhook_configuration(&settings)).unwrap();
+        json_patch::patch(&mut doc, &ca_bundle_patch(b"PEM")).unwrap();
+        let patched: MutatingWebhookConfiguration = serde_json::from_value(doc.clone()).unwrap();
+        assert_eq!(
+            patched.webhooks.unwrap()[0].client_config.ca_bundle,
+            Some(ByteString(b"PEM".to_vec()))
+        );
+        // Rotation: applying again replaces the bundle.
+        json_patch::patch(&mut doc, &ca_bundle_patch(b"NEW")).unwrap();
+        assert_eq!(doc["webhooks"][0]["clientConfig"]["caBundle"], "TkVX");
+        // A different webhook at index 0: refused.
+        doc["webhooks"][0]["name"] = "other.example.com".into();
+        assert!(json_patch::patch(&mut doc, &ca_bundle_patch(b"PEM")).is_err());
+    }
 
     fn by_service() -> WebhookSettings {
         WebhookSettings::new(

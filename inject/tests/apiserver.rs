@@ -15,13 +15,13 @@ use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::core::v1::{Container, Pod, PodSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement;
 use keybrake_e2e::{CertifiedKey, TestCa, TestNamespace};
-use keybrake_inject::webhook_config::WEBHOOK_PATH;
+use keybrake_inject::webhook_config::{WEBHOOK_PATH, ca_bundle_patch};
 use keybrake_inject::{
     InjectionConfig, InjectionResult, WebhookEndpoint, WebhookSettings,
     mutating_webhook_configuration, review_json,
 };
 use kube::Api;
-use kube::api::{DeleteParams, ObjectMeta, PostParams};
+use kube::api::{DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
@@ -138,11 +138,12 @@ async fn apiserver_stores_injected_pods_and_leaves_others_alone() {
     let counts: Counts = Arc::default();
     let addr = serve_webhook(&ca.issue_server(&["127.0.0.1"]).unwrap(), counts.clone()).await;
 
-    let mut settings = WebhookSettings::new(
+    let settings = WebhookSettings::new(
         WebhookEndpoint::Url(format!("https://{addr}{WEBHOOK_PATH}")),
         "keybrake-system",
     );
-    settings.ca_bundle = Some(ca.cert_pem().into_bytes());
+    // Registered without a caBundle, as the chart does; then the bundle is patched in, as the
+    // controller does after generating its CA.
     let mut registration = mutating_webhook_configuration(&settings);
     registration.metadata.name = Some(format!("keybrake-inject-{}", ns.name()));
     // The plane may be shared with other tests: only this test's namespace goes to this webhook.
@@ -162,6 +163,14 @@ async fn apiserver_stores_injected_pods_and_leaves_others_alone() {
         .create(&PostParams::default(), &registration)
         .await
         .expect("the apiserver accepts the rendered MutatingWebhookConfiguration");
+    registrations
+        .patch(
+            registration.metadata.name.as_ref().unwrap(),
+            &PatchParams::default(),
+            &Patch::<()>::Json(ca_bundle_patch(ca.cert_pem().as_bytes())),
+        )
+        .await
+        .expect("the apiserver accepts the caBundle patch");
 
     let pods = ns.api::<Pod>();
     // The apiserver picks up a new webhook configuration asynchronously: dry-run an opted-in pod
