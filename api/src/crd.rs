@@ -1,6 +1,8 @@
 //! The `VaultKey` custom resource (`keybrake.dev/v1alpha1`). The apiserver enforces what can be
 //! enforced declaratively (structural schema + CEL), so a malformed key is refused at `kubectl
 //! apply` rather than discovered by a sidecar.
+// kube's `printcolumn(...)` repeats `type_ = …` once per column by design.
+#![allow(clippy::duplicated_attributes)]
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;

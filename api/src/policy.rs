@@ -48,7 +48,7 @@ impl fmt::Display for KeyId {
 /// SHA-256 of a vault key. Sidecars store and compare these, never the tokens themselves.
 /// (Vault keys carry ≥ 190 bits of entropy, so a fast hash is enough: there is nothing to brute
 /// force.)
-#[derive(Clone, Copy, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, PartialOrd, Ord)]
 pub struct TokenHash([u8; 32]);
 
 impl TokenHash {
@@ -79,6 +79,12 @@ impl PartialEq for TokenHash {
 }
 
 impl Eq for TokenHash {}
+
+impl std::hash::Hash for TokenHash {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.hash(state);
+    }
+}
 
 impl fmt::Debug for TokenHash {
     /// Only a prefix: enough to correlate, not enough to matter.

@@ -16,6 +16,8 @@ pub const MAX_LINE_BYTES: usize = 1 << 20;
 /// Query parameter a reconnecting sidecar uses to resume.
 pub const RESUME_PARAM: &str = "sinceRevision";
 
+// Events are serialized or applied as soon as they are built, so the unboxed grant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "camelCase")]
 pub enum WatchEvent {
