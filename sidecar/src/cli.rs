@@ -166,7 +166,9 @@ pub fn init_logging(format: LogFormat) {
     }
 }
 
-/// Runs the sidecar until SIGINT/SIGTERM, then drains.
+/// Runs the sidecar until SIGINT/SIGTERM, then drains. Standalone mode today (`--config`); the
+/// controller stream client plugs in as another policy source feeding the same store and then
+/// calls [`serve`].
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let config = args.config.clone().context(
         "no policy source: pass --config FILE (standalone mode); the controller stream is configured separately",
@@ -175,6 +177,21 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let store = Arc::new(PolicyStore::new(Freshness::AlwaysFresh));
     let watcher = ConfigWatcher::start(config.clone(), store.clone(), Box::new(ProcessEnv))
         .with_context(|| format!("loading {}", config.display()))?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let reload = tokio::spawn(watcher.run(args.reload_interval, stop_rx));
+    let served = serve(&args, store, metrics).await;
+    let _ = stop_tx.send(true);
+    let _ = reload.await;
+    served
+}
+
+/// Serves the proxy in front of `store` (fed by any policy source) until SIGINT/SIGTERM, then
+/// stops accepting and drains in-flight calls.
+pub async fn serve(
+    args: &RunArgs,
+    store: Arc<PolicyStore>,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<()> {
     let audit: Arc<dyn AuditSink> = match args.audit {
         AuditMode::None => Arc::new(NoopAudit),
         AuditMode::Stdout => Arc::new(JsonLinesAudit::spawn(10_000, metrics.clone())),
@@ -193,13 +210,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         std::fs::write(&tmp, json).with_context(|| format!("writing {}", tmp.display()))?;
         std::fs::rename(&tmp, path)?;
     }
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let reload = tokio::spawn(watcher.run(args.reload_interval, stop_rx));
     wait_for_signal().await;
     tracing::info!("shutting down: draining in-flight calls");
-    let _ = stop_tx.send(true);
     sidecar.shutdown().await;
-    let _ = reload.await;
     Ok(())
 }
 

@@ -25,6 +25,13 @@ impl Denied {
 
     /// What the agent reads in the vendor envelope's message.
     pub fn message(&self) -> String {
+        if self.verdict.is_allow() {
+            // Allowed by policy, but the upstream failed (unreachable, timeout).
+            return format!(
+                "keybrake: the vendor API could not be reached ({})",
+                self.reason
+            );
+        }
         format!(
             "keybrake: request denied ({verdict}: {reason}); see docs/verdicts.md",
             verdict = self.verdict,

@@ -97,6 +97,7 @@ struct State {
 
 pub struct FakeVendor {
     addr: SocketAddr,
+    tls: bool,
     state: Arc<State>,
     shutdown: watch::Sender<bool>,
 }
@@ -112,8 +113,51 @@ impl FakeVendor {
         secret: &str,
         addr: SocketAddr,
     ) -> std::io::Result<FakeVendor> {
+        Self::start_inner(kind, secret, addr, None).await
+    }
+
+    /// Starts a fake that serves HTTPS with the given PEM certificate chain and private key
+    /// (for testing the sidecar's TLS client and its extra-CA option).
+    pub async fn start_tls(
+        kind: FakeKind,
+        secret: &str,
+        cert_chain_pem: &str,
+        key_pem: &str,
+    ) -> std::io::Result<FakeVendor> {
+        let invalid = |e: &dyn std::fmt::Display| {
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string())
+        };
+        let certs =
+            rustls_pemfile::certs(&mut cert_chain_pem.as_bytes()).collect::<Result<Vec<_>, _>>()?;
+        let key = rustls_pemfile::private_key(&mut key_pem.as_bytes())?
+            .ok_or_else(|| invalid(&"no private key in PEM"))?;
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| invalid(&e))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| invalid(&e))?;
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        Self::start_inner(
+            kind,
+            secret,
+            "127.0.0.1:0".parse().expect("valid address"),
+            Some(acceptor),
+        )
+        .await
+    }
+
+    async fn start_inner(
+        kind: FakeKind,
+        secret: &str,
+        addr: SocketAddr,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) -> std::io::Result<FakeVendor> {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
+        let is_tls = tls.is_some();
         let (streams_open, _) = watch::channel(true);
         let state = Arc::new(State {
             kind,
@@ -130,9 +174,19 @@ impl FakeVendor {
                     accepted = listener.accept() => {
                         let Ok((stream, _)) = accepted else { continue };
                         let state = serving.clone();
+                        let tls = tls.clone();
                         tokio::spawn(async move {
                             let service = service_fn(move |req| handle(state.clone(), req));
-                            let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+                            match tls {
+                                Some(acceptor) => {
+                                    if let Ok(stream) = acceptor.accept(stream).await {
+                                        let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+                                    }
+                                }
+                                None => {
+                                    let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+                                }
+                            }
                         });
                     }
                     _ = stop.changed() => return,
@@ -141,6 +195,7 @@ impl FakeVendor {
         });
         Ok(FakeVendor {
             addr,
+            tls: is_tls,
             state,
             shutdown,
         })
@@ -152,7 +207,8 @@ impl FakeVendor {
 
     /// `http://127.0.0.1:PORT`: the base URL to configure as the key's upstream.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     pub fn requests(&self) -> Vec<RecordedRequest> {
