@@ -1,13 +1,20 @@
-//! PostgreSQL sink: each batch is `COPY ... FROM STDIN (FORMAT binary)` into a per-connection
-//! temporary staging table, then `INSERT ... SELECT ... ON CONFLICT (id) DO NOTHING` in the same
-//! transaction. COPY alone would fail the whole batch on one replayed id; staging keeps COPY's
-//! speed and makes the write idempotent.
+//! PostgreSQL sink. Each batch is one transaction:
+//! - fast path: `COPY agent_call_audit ... FROM STDIN (FORMAT binary)` straight into the table;
+//! - if that hits a duplicate id (a replay), the transaction is rolled back and the batch is
+//!   copied into a per-connection temporary staging table, then merged with
+//!   `INSERT ... SELECT ... ON CONFLICT (id) DO NOTHING`. Replays are rare, so the common case
+//!   pays for COPY only; the rare one is still idempotent.
 use std::time::SystemTime;
 
 use futures::pin_mut;
 use keybrake_api::audit::AuditRow;
 use tokio::sync::Mutex;
-use tokio_postgres::{Client, NoTls, binary_copy::BinaryCopyInWriter, types::ToSql, types::Type};
+use tokio_postgres::{
+    Client, NoTls,
+    binary_copy::BinaryCopyInWriter,
+    error::SqlState,
+    types::{ToSql, Type},
+};
 
 use super::{AuditSink, SinkError, WriteOutcome};
 use crate::{
@@ -17,7 +24,8 @@ use crate::{
 };
 
 const STAGE: &str = "CREATE TEMP TABLE IF NOT EXISTS agent_call_audit_stage (LIKE agent_call_audit) ON COMMIT DELETE ROWS";
-const COPY: &str = "COPY agent_call_audit_stage (id, started_at, duration_ms, vault_key_id, agent_name, agent_run_id, namespace, pod, vendor, operation, method, path_template, policy_verdict, verdict_reason, customer_scope_id, vendor_status, vendor_request_id, cost_usd_micros, cost_source, cap_usage_after_usd_micros, policy_revision) FROM STDIN (FORMAT binary)";
+const COPY_DIRECT: &str = "COPY agent_call_audit (id, started_at, duration_ms, vault_key_id, agent_name, agent_run_id, namespace, pod, vendor, operation, method, path_template, policy_verdict, verdict_reason, customer_scope_id, vendor_status, vendor_request_id, cost_usd_micros, cost_source, cap_usage_after_usd_micros, policy_revision) FROM STDIN (FORMAT binary)";
+const COPY_STAGE: &str = "COPY agent_call_audit_stage (id, started_at, duration_ms, vault_key_id, agent_name, agent_run_id, namespace, pod, vendor, operation, method, path_template, policy_verdict, verdict_reason, customer_scope_id, vendor_status, vendor_request_id, cost_usd_micros, cost_source, cap_usage_after_usd_micros, policy_revision) FROM STDIN (FORMAT binary)";
 const MERGE: &str =
     "INSERT INTO agent_call_audit SELECT * FROM agent_call_audit_stage ON CONFLICT (id) DO NOTHING";
 /// Serialises migrations when several controller replicas start at once.
@@ -140,7 +148,33 @@ impl AuditSink for PostgresSink {
 
 async fn copy_batch(client: &mut Client, rows: &[AuditRow]) -> Result<WriteOutcome, SinkError> {
     let tx = client.transaction().await?;
-    let sink = tx.copy_in(COPY).await?;
+    match copy_rows(&tx, COPY_DIRECT, rows).await {
+        Ok(()) => {
+            tx.commit().await?;
+            return Ok(WriteOutcome {
+                inserted: rows.len() as u64,
+                duplicates: 0,
+            });
+        }
+        Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => tx.rollback().await?,
+        Err(e) => return Err(e.into()),
+    }
+    let tx = client.transaction().await?;
+    copy_rows(&tx, COPY_STAGE, rows).await?;
+    let inserted = tx.execute(MERGE, &[]).await?;
+    tx.commit().await?;
+    Ok(WriteOutcome {
+        inserted,
+        duplicates: rows.len() as u64 - inserted,
+    })
+}
+
+async fn copy_rows(
+    tx: &tokio_postgres::Transaction<'_>,
+    copy: &str,
+    rows: &[AuditRow],
+) -> Result<(), tokio_postgres::Error> {
+    let sink = tx.copy_in(copy).await?;
     let writer = BinaryCopyInWriter::new(sink, &COPY_TYPES);
     pin_mut!(writer);
     for row in rows {
@@ -175,12 +209,7 @@ async fn copy_batch(client: &mut Client, rows: &[AuditRow]) -> Result<WriteOutco
             .await?;
     }
     writer.finish().await?;
-    let inserted = tx.execute(MERGE, &[]).await?;
-    tx.commit().await?;
-    Ok(WriteOutcome {
-        inserted,
-        duplicates: rows.len() as u64 - inserted,
-    })
+    Ok(())
 }
 
 async fn open_client(url: &str) -> Result<Client, SinkError> {
