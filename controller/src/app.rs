@@ -64,6 +64,12 @@ pub struct Config {
     /// Delete Expired VaultKeys this many seconds after expiry; 0 keeps them.
     #[arg(long, default_value_t = 86_400)]
     pub gc_grace_secs: u64,
+    /// Watch and reconcile only this namespace (default: all namespaces).
+    #[arg(long, env = "KEYBRAKE_WATCH_NAMESPACE")]
+    pub watch_namespace: Option<String>,
+    /// Exit when standard input closes (test harnesses: the controller dies with its parent).
+    #[arg(long)]
+    pub exit_on_stdin_close: bool,
     /// How long an accepted TokenReview is reused.
     #[arg(long, default_value_t = 10)]
     pub token_cache_secs: u64,
@@ -121,16 +127,19 @@ pub async fn run(
 
     let gate = SyncGate::new(synced_tx);
     let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(feed_vault_keys(
-        Api::<VaultKey>::all(client.clone()),
-        index.clone(),
-        gate.clone(),
-    ));
-    tasks.spawn(feed_secrets(
-        Api::<Secret>::all(client.clone()),
-        index.clone(),
-        gate,
-    ));
+    let scoped = |c: &Client| match &config.watch_namespace {
+        Some(ns) => (
+            Api::<VaultKey>::namespaced(c.clone(), ns),
+            Api::<Secret>::namespaced(c.clone(), ns),
+        ),
+        None => (
+            Api::<VaultKey>::all(c.clone()),
+            Api::<Secret>::all(c.clone()),
+        ),
+    };
+    let (vault_keys_api, secrets_api) = scoped(&client);
+    tasks.spawn(feed_vault_keys(vault_keys_api, index.clone(), gate.clone()));
+    tasks.spawn(feed_secrets(secrets_api, index.clone(), gate));
 
     let elector = LeaderElector::new(
         Api::<Lease>::namespaced(client.clone(), &config.lease_namespace),
@@ -158,7 +167,13 @@ pub async fn run(
         leader: leader_rx,
         gc_grace: (config.gc_grace_secs > 0).then(|| Duration::from_secs(config.gc_grace_secs)),
     });
-    tasks.spawn(run_controller(ctx, shutdown.clone()));
+    let (controller_keys, controller_secrets) = scoped(&client);
+    tasks.spawn(run_controller(
+        ctx,
+        controller_keys,
+        controller_secrets,
+        shutdown.clone(),
+    ));
 
     let server = Arc::new(StreamServer {
         index,

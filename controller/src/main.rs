@@ -14,6 +14,13 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let config = Config::parse();
     let shutdown = CancellationToken::new();
+    if config.exit_on_stdin_close {
+        let stop = shutdown.clone();
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
+            stop.cancel();
+        });
+    }
     let signal = shutdown.clone();
     tokio::spawn(async move {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

@@ -252,9 +252,12 @@ fn object_ref(id: &KeyId) -> ObjectRef<VaultKey> {
 /// Runs the controller until shutdown. Reconciles are also triggered when leadership is
 /// gained, when a key's grant changes in the index, and when its acknowledgements change
 /// (the scheduler coalesces repeated triggers for one key while a reconcile is pending).
-pub async fn run_controller(ctx: Arc<Context>, shutdown: CancellationToken) {
-    let keys: Api<VaultKey> = Api::all(ctx.client.clone());
-    let secrets: Api<Secret> = Api::all(ctx.client.clone());
+pub async fn run_controller(
+    ctx: Arc<Context>,
+    keys: Api<VaultKey>,
+    secrets: Api<Secret>,
+    shutdown: CancellationToken,
+) {
     let mut leader = ctx.leader.clone();
     let gained = futures::stream::unfold(leader.clone(), |mut rx| async move {
         loop {

@@ -1,0 +1,1014 @@
+//! keybrake-controller end to end: a real kube-apiserver + etcd (the shared plane), the
+//! controller as a separate process (built from this workspace), and sidecars running the real
+//! proxy and policy store fed by the real stream client, in this test process. Agents call
+//! through the sidecar to a fake Stripe on loopback.
+//!
+//! Each test gets its own namespace and its own controller(s) restricted to that namespace
+//! (`--watch-namespace`), so tests running in parallel never reconcile each other's keys.
+use std::{
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex, OnceLock},
+    time::{Duration, Instant},
+};
+
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Bytes;
+use hyper_util::{
+    client::legacy::{Client, connect::HttpConnector},
+    rt::{TokioExecutor, TokioIo},
+};
+use k8s_openapi::api::{coordination::v1::Lease, core::v1::Secret, events::v1::Event};
+use keybrake_api::{Phase, VaultKey};
+use keybrake_e2e::{TestCa, TestNamespace, install_crds};
+use keybrake_sidecar::{
+    PolicyStore, Sidecar,
+    audit::NoopAudit,
+    ledger::InMemoryLedger,
+    metrics::Metrics,
+    server::{Deps, Settings},
+    store::Freshness,
+    stream_client::{StreamClient, StreamClientConfig},
+};
+use keybrake_testkit::{FakeKind, FakeVendor};
+use kube::{
+    Api,
+    api::{Patch, PatchParams, PostParams},
+};
+use serde_json::json;
+
+const DEADLINE: Duration = Duration::from_secs(30);
+
+/// Polls `f` every 10 ms until it returns `Some`, failing after `limit`.
+async fn poll<T, F, Fut>(what: &str, limit: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The controller process
+
+fn controller_binary() -> &'static Path {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "-q", "-p", "keybrake-controller", "--bin", "keybrake-controller"])
+            .status()
+            .expect("running cargo build -p keybrake-controller");
+        assert!(status.success(), "cargo build -p keybrake-controller failed");
+        // This test binary lives in target/<profile>/deps/.
+        let exe = std::env::current_exe().expect("test binary path");
+        let bin = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("target/<profile>")
+            .join("keybrake-controller");
+        assert!(bin.exists(), "{} missing after cargo build", bin.display());
+        bin
+    })
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+/// TLS material for controllers: one CA, one serving certificate for 127.0.0.1, so sidecars
+/// keep trusting a controller across restarts and replicas.
+struct Tls {
+    dir: tempfile::TempDir,
+}
+
+impl Tls {
+    fn new() -> Tls {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = TestCa::new("keybrake-e2e-controller-ca").expect("CA");
+        let serving = ca.issue_server(&["127.0.0.1", "localhost"]).expect("cert");
+        std::fs::write(dir.path().join("ca.pem"), ca.cert_pem()).unwrap();
+        std::fs::write(dir.path().join("tls.crt"), &serving.cert_pem).unwrap();
+        std::fs::write(dir.path().join("tls.key"), &serving.key_pem).unwrap();
+        Tls { dir }
+    }
+
+    fn ca(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+}
+
+struct ControllerProcess {
+    child: Child,
+    identity: String,
+    stream_url: String,
+    admin: SocketAddr,
+    log: PathBuf,
+}
+
+impl ControllerProcess {
+    fn spawn(ns: &TestNamespace<'_>, tls: &Tls, identity: &str, stream_port: u16) -> Self {
+        Self::spawn_with(ns, tls, identity, stream_port, &[])
+    }
+
+    fn spawn_with(
+        ns: &TestNamespace<'_>,
+        tls: &Tls,
+        identity: &str,
+        stream_port: u16,
+        extra: &[&str],
+    ) -> Self {
+        let log = tls.dir.path().join(format!("{identity}.log"));
+        let stderr = std::fs::File::create(&log).expect("log file");
+        let mut child = Command::new(controller_binary())
+            .env("KUBECONFIG", ns.plane().kubeconfig())
+            .env("RUST_LOG", "info,kube=warn,keybrake_controller=debug")
+            .args([
+                "--stream-addr",
+                &format!("127.0.0.1:{stream_port}"),
+                "--admin-addr",
+                "127.0.0.1:0",
+                "--tls-cert",
+                tls.dir.path().join("tls.crt").to_str().unwrap(),
+                "--tls-key",
+                tls.dir.path().join("tls.key").to_str().unwrap(),
+                "--heartbeat-ms",
+                "500",
+                "--watch-namespace",
+                ns.name(),
+                "--lease-namespace",
+                ns.name(),
+                "--lease-duration-secs",
+                "3",
+                "--identity",
+                identity,
+                "--exit-on-stdin-close",
+            ])
+            .args(extra)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(stderr))
+            .spawn()
+            .expect("spawning keybrake-controller");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if line.starts_with("keybrake-controller listening") {
+                    let _ = tx.send(line);
+                }
+            }
+        });
+        let line = rx.recv_timeout(DEADLINE).unwrap_or_else(|_| {
+            panic!(
+                "controller did not start; log:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            )
+        });
+        let field = |name: &str| {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(&format!("{name}=")))
+                .unwrap_or_else(|| panic!("no {name} in {line:?}"))
+                .to_owned()
+        };
+        ControllerProcess {
+            child,
+            identity: identity.to_owned(),
+            stream_url: format!("https://{}", field("stream")),
+            admin: field("admin").parse().expect("admin address"),
+            log,
+        }
+    }
+
+    async fn wait_ready(&self) {
+        let http = plain_client();
+        let uri: hyper::Uri = format!("http://{}/ready", self.admin).parse().unwrap();
+        poll("controller /ready", DEADLINE, || {
+            let http = http.clone();
+            let uri = uri.clone();
+            async move {
+                let res = http.get(uri).await.ok()?;
+                (res.status() == 200).then_some(())
+            }
+        })
+        .await;
+    }
+
+    async fn metrics(&self) -> String {
+        let uri: hyper::Uri = format!("http://{}/metrics", self.admin).parse().unwrap();
+        let res = plain_client().get(uri).await.expect("GET /metrics");
+        let body = res.into_body().collect().await.expect("metrics body");
+        String::from_utf8_lossy(&body.to_bytes()).into_owned()
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for ControllerProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn plain_client() -> Client<HttpConnector, Empty<Bytes>> {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sidecars and agents
+
+struct TestSidecar {
+    sidecar: Option<Sidecar>,
+    proxy: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl TestSidecar {
+    async fn start(controller_url: &str, ca: &Path, token: &str, stale_after: Duration) -> Self {
+        let dir = tempfile::tempdir().unwrap().keep();
+        let token_file = dir.join("token");
+        std::fs::write(&token_file, token).unwrap();
+        let store = Arc::new(PolicyStore::new(Freshness::StaleAfter(stale_after)));
+        let mut config = StreamClientConfig::new(controller_url, token_file);
+        config.ca_file = Some(ca.to_owned());
+        config.backoff_initial = Duration::from_millis(50);
+        config.backoff_max = Duration::from_millis(500);
+        config.idle_timeout = Duration::from_secs(2);
+        let client = StreamClient::new(config, store.clone()).expect("stream client");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(client.run(async move {
+            let _ = stopped.await;
+        }));
+        let deps = Deps {
+            store,
+            metrics: Arc::new(Metrics::new()),
+            audit: Arc::new(NoopAudit),
+            ledger: Arc::new(InMemoryLedger::new()),
+        };
+        let sidecar = Sidecar::start(&Settings::ephemeral(), deps)
+            .await
+            .expect("sidecar start");
+        let proxy = sidecar.addrs().proxy;
+        TestSidecar {
+            sidecar: Some(sidecar),
+            proxy,
+            stop: Some(stop),
+        }
+    }
+
+    /// One agent call: `GET /stripe/v1/customers/cus_1` with the vault key.
+    async fn call(&self, vault_key: &str) -> Call {
+        let http: Client<HttpConnector, Full<Bytes>> =
+            Client::builder(TokioExecutor::new()).build_http();
+        let started = Instant::now();
+        let request = hyper::Request::get(format!(
+            "http://{}/stripe/v1/customers/cus_1",
+            self.proxy
+        ))
+        .header("authorization", format!("Bearer {vault_key}"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+        let res = http.request(request).await.expect("call through the sidecar");
+        let status = res.status().as_u16();
+        let verdict = res
+            .headers()
+            .get("keybrake-verdict")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
+        let _ = res.into_body().collect().await;
+        Call {
+            started,
+            finished: Instant::now(),
+            status,
+            verdict,
+        }
+    }
+
+    async fn wait_verdict(&self, vault_key: &str, verdict: &str, limit: Duration) -> Call {
+        let deadline = Instant::now() + limit;
+        loop {
+            let call = self.call(vault_key).await;
+            if call.verdict == verdict {
+                return call;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {verdict} within {limit:?}; last call: {} {}",
+                call.status,
+                call.verdict
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(s) = self.sidecar.take() {
+            s.shutdown().await;
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Call {
+    started: Instant,
+    finished: Instant,
+    status: u16,
+    verdict: String,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kubernetes objects
+
+async fn setup(prefix: &str) -> TestNamespace<'static> {
+    let ns = TestNamespace::new(prefix).await;
+    install_crds(&ns.client()).await.expect("install CRDs");
+    ns
+}
+
+async fn put_upstream_secret(ns: &TestNamespace<'_>, name: &str, value: &str) {
+    let secrets: Api<Secret> = ns.api();
+    let secret: Secret = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": name},
+        "stringData": {"api-key": value},
+    }))
+    .unwrap();
+    secrets
+        .patch(
+            name,
+            &PatchParams::apply("e2e").force(),
+            &Patch::Apply(&secret),
+        )
+        .await
+        .expect("apply upstream Secret");
+}
+
+fn vault_key(name: &str, sa: &str, base_url: &str, extra_spec: serde_json::Value) -> VaultKey {
+    let mut spec = json!({
+        "vendor": "stripe",
+        "upstream": {"secretRef": {"name": "stripe-upstream", "key": "api-key"}, "baseUrl": base_url},
+        "agent": {"name": "refund-agent", "runId": name},
+        "workload": {"serviceAccountName": sa},
+        "allow": [{"method": "GET", "path": "/v1/customers/{id}"}],
+    });
+    if let (Some(spec), Some(extra)) = (spec.as_object_mut(), extra_spec.as_object()) {
+        for (k, v) in extra {
+            spec.insert(k.clone(), v.clone());
+        }
+    }
+    serde_json::from_value(json!({
+        "apiVersion": "keybrake.dev/v1alpha1", "kind": "VaultKey",
+        "metadata": {"name": name},
+        "spec": spec,
+    }))
+    .expect("VaultKey")
+}
+
+async fn create_key(ns: &TestNamespace<'_>, key: &VaultKey) {
+    ns.api::<VaultKey>()
+        .create(&PostParams::default(), key)
+        .await
+        .expect("create VaultKey");
+}
+
+/// The minted vault key, once the controller wrote its Secret.
+async fn minted_token(ns: &TestNamespace<'_>, name: &str) -> String {
+    let secrets: Api<Secret> = ns.api();
+    let secret_name = format!("{name}-token");
+    poll("the minted token Secret", DEADLINE, || {
+        let secrets = secrets.clone();
+        let secret_name = secret_name.clone();
+        async move {
+            let s = secrets.get_opt(&secret_name).await.ok()??;
+            let v = s.data?.get("VAULT_KEY")?.0.clone();
+            String::from_utf8(v).ok()
+        }
+    })
+    .await
+}
+
+async fn set_state(ns: &TestNamespace<'_>, name: &str, state: &str) -> Result<(), kube::Error> {
+    ns.api::<VaultKey>()
+        .patch(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"state": state}})),
+        )
+        .await
+        .map(|_| ())
+}
+
+async fn wait_status<T>(
+    ns: &TestNamespace<'_>,
+    name: &str,
+    what: &str,
+    check: impl Fn(&VaultKey) -> Option<T>,
+) -> T {
+    let api = ns.api::<VaultKey>();
+    let check = &check;
+    poll(what, DEADLINE, || {
+        let api = api.clone();
+        async move { check(&api.get(name).await.ok()?) }
+    })
+    .await
+}
+
+fn condition(vk: &VaultKey, type_: &str) -> Option<(String, String, String)> {
+    vk.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+}
+
+async fn sa_token(ns: &TestNamespace<'_>, sa: &str) -> String {
+    ns.service_account_token(sa, "keybrake")
+        .await
+        .expect("TokenRequest")
+}
+
+fn percentile(sorted: &[u128], p: f64) -> u128 {
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn controller_revoke_latency_over_50_trials() {
+    const TRIALS: usize = 50;
+    let ns = setup("ctl-revoke").await;
+    let upstream = FakeVendor::start(FakeKind::Stripe, "sk_test_upstream")
+        .await
+        .unwrap();
+    put_upstream_secret(&ns, "stripe-upstream", "sk_test_upstream").await;
+    let tls = Tls::new();
+    let controller = ControllerProcess::spawn(&ns, &tls, "revoke-a", free_port());
+    controller.wait_ready().await;
+    let token = sa_token(&ns, "agent").await;
+    let sidecar = TestSidecar::start(
+        &controller.stream_url,
+        &tls.ca(),
+        &token,
+        Duration::from_secs(30),
+    )
+    .await;
+
+    let mut keys = Vec::new();
+    for i in 0..TRIALS {
+        let name = format!("run-{i}");
+        create_key(&ns, &vault_key(&name, "agent", &upstream.url(), json!({}))).await;
+        keys.push(name);
+    }
+    let mut tokens = Vec::new();
+    for name in &keys {
+        let token = minted_token(&ns, name).await;
+        assert!(token.starts_with("vault_key_") && token.len() == 53, "token shape");
+        sidecar.wait_verdict(&token, "allow", DEADLINE).await;
+        tokens.push(token);
+    }
+
+    let mut latencies_ms = Vec::new();
+    let mut leaked = 0usize;
+    for (name, token) in keys.iter().zip(&tokens) {
+        let calls = Arc::new(Mutex::new(Vec::<Call>::new()));
+        let agent = {
+            let calls = calls.clone();
+            let token = token.clone();
+            let proxy = sidecar.proxy;
+            tokio::spawn(async move {
+                let sidecar = TestSidecar {
+                    sidecar: None,
+                    proxy,
+                    stop: None,
+                };
+                let mut tick = tokio::time::interval(Duration::from_millis(100));
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while Instant::now() < deadline {
+                    tick.tick().await;
+                    let call = sidecar.call(&token).await;
+                    let denied = call.verdict == "key_revoked";
+                    calls.lock().unwrap().push(call);
+                    if denied {
+                        return;
+                    }
+                }
+            })
+        };
+        poll("the agent's first calls", DEADLINE, || {
+            let calls = calls.clone();
+            async move { (calls.lock().unwrap().len() >= 2).then_some(()) }
+        })
+        .await;
+        set_state(&ns, name, "Revoked").await.expect("revoke");
+        let patched = Instant::now();
+        agent.await.unwrap();
+        let calls = calls.lock().unwrap().clone();
+        let denied = calls
+            .iter()
+            .find(|c| c.verdict == "key_revoked")
+            .unwrap_or_else(|| panic!("{name}: never denied; calls {calls:?}"));
+        assert_eq!(denied.status, 401, "revoked keys answer 401");
+        latencies_ms.push(denied.finished.saturating_duration_since(patched).as_millis());
+        leaked += calls
+            .iter()
+            .filter(|c| c.started >= patched && c.verdict == "allow")
+            .count();
+        assert!(
+            calls.iter().all(|c| c.verdict == "allow" || c.verdict == "key_revoked"),
+            "{calls:?}"
+        );
+    }
+    latencies_ms.sort_unstable();
+    let (p50, p99, max) = (
+        percentile(&latencies_ms, 50.0),
+        percentile(&latencies_ms, 99.0),
+        *latencies_ms.last().unwrap(),
+    );
+    println!(
+        "REVOKE_LATENCY_MS p50={p50} p99={p99} max={max} trials={} leaked={leaked}",
+        latencies_ms.len()
+    );
+    assert!(p99 <= 1000, "p99 revoke latency {p99} ms > 1000 ms");
+
+    // The last revoked key: status says revoked, enforced by 1/1 sidecars, with an Event.
+    let last = keys.last().unwrap();
+    let (summary, message) = wait_status(&ns, last, "Propagated=True on the revoked key", |vk| {
+        let st = vk.status.as_ref()?;
+        let (status, _, message) = condition(vk, "Propagated")?;
+        let summary = st.enforcement.clone()?.summary;
+        (st.phase == Some(Phase::Revoked) && status == "True" && st.revoked_at.is_some())
+            .then_some((summary, message))
+    })
+    .await;
+    assert_eq!(summary, "1/1");
+    assert!(message.contains("enforced by 1/1 sidecars"), "{message}");
+    let events: Api<Event> = ns.api();
+    poll("a Revoked Event", DEADLINE, || {
+        let events = events.clone();
+        async move {
+            let list = events.list(&Default::default()).await.ok()?;
+            list.items
+                .iter()
+                .any(|e| {
+                    e.reason.as_deref() == Some("Revoked")
+                        && e.regarding.as_ref().and_then(|r| r.name.as_deref())
+                            == Some(last.as_str())
+                })
+                .then_some(())
+        }
+    })
+    .await;
+    let metrics = controller.metrics().await;
+    for needle in [
+        "keybrake_controller_propagation_seconds_count",
+        "keybrake_controller_streams_connected 1",
+        "keybrake_controller_leader 1",
+    ] {
+        assert!(metrics.contains(needle), "metrics lack {needle}:\n{metrics}");
+    }
+    // No token ever reaches the controller's log.
+    let log = controller.log_text();
+    assert!(tokens.iter().all(|t| !log.contains(t.as_str())), "vault key in the log");
+    assert!(!log.contains("sk_test_upstream"), "upstream secret in the log");
+    sidecar.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn controller_suspend_resume_unrevoke_refused_and_expiry() {
+    let ns = setup("ctl-life").await;
+    let upstream = FakeVendor::start(FakeKind::Stripe, "sk_test_upstream")
+        .await
+        .unwrap();
+    put_upstream_secret(&ns, "stripe-upstream", "sk_test_upstream").await;
+    let tls = Tls::new();
+    let controller =
+        ControllerProcess::spawn_with(&ns, &tls, "life-a", free_port(), &["--gc-grace-secs", "2"]);
+    controller.wait_ready().await;
+    let sidecar = TestSidecar::start(
+        &controller.stream_url,
+        &tls.ca(),
+        &sa_token(&ns, "agent").await,
+        Duration::from_secs(30),
+    )
+    .await;
+
+    create_key(&ns, &vault_key("life", "agent", &upstream.url(), json!({}))).await;
+    let token = minted_token(&ns, "life").await;
+    let ok = sidecar.wait_verdict(&token, "allow", DEADLINE).await;
+    assert_eq!(ok.status, 200);
+    wait_status(&ns, "life", "Active, Ready, 1/1", |vk| {
+        let st = vk.status.as_ref()?;
+        let ready = condition(vk, "Ready")?;
+        (st.phase == Some(Phase::Active)
+            && ready.0 == "True"
+            && st.token_secret_ref.as_ref()?.name == "life-token"
+            && st.observed_generation == vk.metadata.generation
+            && st.enforcement.as_ref()?.summary == "1/1")
+            .then_some(())
+    })
+    .await;
+    // Minted exactly once: a status write or a resync never re-mints.
+    set_state(&ns, "life", "Suspended").await.unwrap();
+    let denied = sidecar
+        .wait_verdict(&token, "key_suspended", Duration::from_secs(5))
+        .await;
+    assert_ne!(denied.status, 200);
+    set_state(&ns, "life", "Active").await.unwrap();
+    sidecar
+        .wait_verdict(&token, "allow", Duration::from_secs(5))
+        .await;
+    assert_eq!(minted_token(&ns, "life").await, token, "token re-minted");
+
+    set_state(&ns, "life", "Revoked").await.unwrap();
+    sidecar
+        .wait_verdict(&token, "key_revoked", Duration::from_secs(5))
+        .await;
+    let refused = set_state(&ns, "life", "Active")
+        .await
+        .expect_err("un-revoking must be refused");
+    match refused {
+        kube::Error::Api(s) => {
+            assert_eq!(s.code, 422, "{s:?}");
+            assert!(s.message.contains("Revoked"), "{}", s.message);
+        }
+        other => panic!("unexpected error {other}"),
+    }
+    assert_eq!(sidecar.call(&token).await.verdict, "key_revoked");
+
+    // Expiry: denied with key_expired from expiresAt on, then Expired, then collected.
+    let expires_at = k8s_openapi::jiff::Timestamp::now()
+        .checked_add(k8s_openapi::jiff::SignedDuration::from_secs(4))
+        .unwrap()
+        .round(k8s_openapi::jiff::Unit::Second)
+        .unwrap();
+    create_key(
+        &ns,
+        &vault_key(
+            "short",
+            "agent",
+            &upstream.url(),
+            json!({"expiresAt": expires_at.to_string()}),
+        ),
+    )
+    .await;
+    let short = minted_token(&ns, "short").await;
+    sidecar.wait_verdict(&short, "allow", DEADLINE).await;
+    let expired = sidecar
+        .wait_verdict(&short, "key_expired", Duration::from_secs(10))
+        .await;
+    let now = k8s_openapi::jiff::Timestamp::now();
+    let late = now.duration_since(expires_at);
+    assert!(
+        late >= k8s_openapi::jiff::SignedDuration::ZERO
+            && late < k8s_openapi::jiff::SignedDuration::from_millis(1500),
+        "denied {late:?} after expiresAt"
+    );
+    assert_eq!(expired.status, 401);
+    wait_status(&ns, "short", "phase Expired", |vk| {
+        (vk.status.as_ref()?.phase == Some(Phase::Expired)).then_some(())
+    })
+    .await;
+    let keys = ns.api::<VaultKey>();
+    poll(
+        "garbage collection of the expired key",
+        Duration::from_secs(15),
+        || {
+            let keys = keys.clone();
+            async move { keys.get_opt("short").await.ok()?.is_none().then_some(()) }
+        },
+    )
+    .await;
+    sidecar
+        .wait_verdict(&short, "key_unknown", Duration::from_secs(5))
+        .await;
+    sidecar.shutdown().await;
+}
+
+/// Reads a raw watch stream (HTTP/2 over TLS) into a shared buffer.
+async fn raw_watch(url: &str, ca: &Path, token: &str) -> (u16, Arc<Mutex<Vec<u8>>>) {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut std::fs::read(ca).unwrap().as_slice()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let addr = url.trim_start_matches("https://").to_owned();
+    let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect("127.0.0.1".try_into().unwrap(), tcp)
+        .await
+        .unwrap();
+    let (mut send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let request = hyper::Request::get(format!("{url}/v1/watch"))
+        .header("authorization", format!("Bearer {token}"))
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let res = send.send_request(request).await.unwrap();
+    let status = res.status().as_u16();
+    let buf = Arc::new(Mutex::new(Vec::new()));
+    let sink = buf.clone();
+    let mut body = res.into_body();
+    tokio::spawn(async move {
+        let _keep_connection = send;
+        while let Some(Ok(frame)) = body.frame().await {
+            if let Ok(data) = frame.into_data() {
+                sink.lock().unwrap().extend_from_slice(&data);
+            }
+        }
+    });
+    (status, buf)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn controller_streams_are_isolated_per_namespace_and_service_account() {
+    let ns = setup("ctl-iso").await;
+    let other_ns = TestNamespace::new("ctl-iso-other").await;
+    let upstream = FakeVendor::start(FakeKind::Stripe, "sk_test_isolated_secret")
+        .await
+        .unwrap();
+    put_upstream_secret(&ns, "stripe-upstream", "sk_test_isolated_secret").await;
+    let tls = Tls::new();
+    let controller = ControllerProcess::spawn(&ns, &tls, "iso-a", free_port());
+    controller.wait_ready().await;
+    create_key(&ns, &vault_key("iso", "agent", &upstream.url(), json!({}))).await;
+    let token = minted_token(&ns, "iso").await;
+
+    let (owner_status, owner) =
+        raw_watch(&controller.stream_url, &tls.ca(), &sa_token(&ns, "agent").await).await;
+    let (intruder_status, intruder) =
+        raw_watch(&controller.stream_url, &tls.ca(), &sa_token(&ns, "intruder").await).await;
+    // Same service account name, other namespace (this controller does not even watch it).
+    let (foreign_status, foreign) = raw_watch(
+        &controller.stream_url,
+        &tls.ca(),
+        &sa_token(&other_ns, "agent").await,
+    )
+    .await;
+    assert_eq!((owner_status, intruder_status, foreign_status), (200, 200, 200));
+    let text = |b: &Arc<Mutex<Vec<u8>>>| String::from_utf8_lossy(&b.lock().unwrap()).into_owned();
+    poll("the owner's snapshot with the key", DEADLINE, || {
+        let t = text(&owner);
+        async move { t.contains("sk_test_isolated_secret").then_some(()) }
+    })
+    .await;
+    // Traffic for the key: a rotation and a revocation, both seen by the owner.
+    put_upstream_secret(&ns, "stripe-upstream", "sk_test_rotated_secret").await;
+    set_state(&ns, "iso", "Revoked").await.unwrap();
+    poll("the owner's revocation", DEADLINE, || {
+        let t = text(&owner);
+        async move { t.contains("\"state\":\"Revoked\"").then_some(()) }
+    })
+    .await;
+    // Heartbeats prove the other streams were live the whole time.
+    poll("heartbeats on the other streams", DEADLINE, || {
+        let (a, b) = (text(&intruder), text(&foreign));
+        async move {
+            (a.contains("\"type\":\"heartbeat\"") && b.contains("\"type\":\"heartbeat\""))
+                .then_some(())
+        }
+    })
+    .await;
+    let token_hash = keybrake_api::TokenHash::of(&token).to_hex();
+    for (who, stream) in [("intruder", &intruder), ("foreign", &foreign)] {
+        let t = text(stream);
+        assert!(t.starts_with("{\"type\":\"snapshot\""), "{who}: {t}");
+        for secret in [
+            "sk_test_isolated_secret",
+            "sk_test_rotated_secret",
+            "/iso\"",
+            token_hash.as_str(),
+            token.as_str(),
+        ] {
+            assert!(!t.contains(secret), "{who} stream leaked {secret}: {t}");
+        }
+    }
+    let owner_text = text(&owner);
+    assert!(owner_text.contains(&token_hash) && !owner_text.contains(&token));
+
+    // Tokens that are not keybrake service-account tokens are refused.
+    let (bogus, _) = raw_watch(&controller.stream_url, &tls.ca(), "not-a-token").await;
+    assert_eq!(bogus, 401);
+    let wrong_audience = ns
+        .service_account_token("agent", "some-other-audience")
+        .await
+        .unwrap();
+    let (wrong, _) = raw_watch(&controller.stream_url, &tls.ca(), &wrong_audience).await;
+    assert_eq!(wrong, 401);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn controller_killed_sidecar_keeps_policy_until_stale_then_resyncs() {
+    const STALE: Duration = Duration::from_secs(3);
+    let ns = setup("ctl-fault").await;
+    let upstream = FakeVendor::start(FakeKind::Stripe, "sk_test_upstream")
+        .await
+        .unwrap();
+    put_upstream_secret(&ns, "stripe-upstream", "sk_test_upstream").await;
+    let tls = Tls::new();
+    let port = free_port();
+    let mut controller = ControllerProcess::spawn(&ns, &tls, "fault-a", port);
+    controller.wait_ready().await;
+    let sidecar = TestSidecar::start(
+        &controller.stream_url,
+        &tls.ca(),
+        &sa_token(&ns, "agent").await,
+        STALE,
+    )
+    .await;
+    create_key(&ns, &vault_key("deny", "agent", &upstream.url(), json!({"onStale": "Deny"}))).await;
+    create_key(&ns, &vault_key("allow", "agent", &upstream.url(), json!({"onStale": "Allow"}))).await;
+    let deny = minted_token(&ns, "deny").await;
+    let allow = minted_token(&ns, "allow").await;
+    sidecar.wait_verdict(&deny, "allow", DEADLINE).await;
+    sidecar.wait_verdict(&allow, "allow", DEADLINE).await;
+
+    controller.kill();
+    let killed = Instant::now();
+    assert_eq!(sidecar.call(&deny).await.verdict, "allow", "last policy kept");
+    let stale = sidecar
+        .wait_verdict(&deny, "policy_stale", STALE + Duration::from_secs(3))
+        .await;
+    let after = stale.finished.duration_since(killed);
+    // The last heartbeat came at most 0.5 s before the kill.
+    assert!(
+        after >= STALE - Duration::from_millis(600),
+        "stale after only {after:?}"
+    );
+    let kept = sidecar.call(&allow).await;
+    assert_eq!((kept.status, kept.verdict.as_str()), (200, "allow"), "onStale: Allow");
+
+    let controller = ControllerProcess::spawn(&ns, &tls, "fault-b", port);
+    controller.wait_ready().await;
+    let resynced = Instant::now();
+    sidecar.wait_verdict(&deny, "allow", DEADLINE).await;
+    println!(
+        "controller restart: stale after {after:?}, resynced {:?} after /ready",
+        resynced.elapsed()
+    );
+    // A revocation made while the controller was down is delivered by the resync too.
+    drop(controller);
+    set_state(&ns, "deny", "Revoked").await.unwrap();
+    let controller = ControllerProcess::spawn(&ns, &tls, "fault-c", port);
+    controller.wait_ready().await;
+    sidecar
+        .wait_verdict(&deny, "key_revoked", DEADLINE)
+        .await;
+    sidecar.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn controller_two_replicas_revocation_propagates_when_the_leader_dies() {
+    let ns = setup("ctl-ha").await;
+    let upstream = FakeVendor::start(FakeKind::Stripe, "sk_test_upstream")
+        .await
+        .unwrap();
+    put_upstream_secret(&ns, "stripe-upstream", "sk_test_upstream").await;
+    let tls = Tls::new();
+    let a = ControllerProcess::spawn(&ns, &tls, "ha-a", free_port());
+    let b = ControllerProcess::spawn(&ns, &tls, "ha-b", free_port());
+    a.wait_ready().await;
+    b.wait_ready().await;
+    let leases: Api<Lease> = ns.api();
+    let leader = poll("a lease holder", DEADLINE, || {
+        let leases = leases.clone();
+        async move {
+            leases
+                .get_opt("keybrake-controller")
+                .await
+                .ok()??
+                .spec?
+                .holder_identity
+        }
+    })
+    .await;
+    let (mut leader, follower) = if leader == a.identity { (a, b) } else { (b, a) };
+    assert!(leader.metrics().await.contains("keybrake_controller_leader 1"));
+    assert!(follower.metrics().await.contains("keybrake_controller_leader 0"));
+
+    // The sidecar streams from the follower; the leader mints and writes status.
+    let sidecar = TestSidecar::start(
+        &follower.stream_url,
+        &tls.ca(),
+        &sa_token(&ns, "agent").await,
+        Duration::from_secs(30),
+    )
+    .await;
+    create_key(&ns, &vault_key("ha", "agent", &upstream.url(), json!({}))).await;
+    let token = minted_token(&ns, "ha").await;
+    sidecar.wait_verdict(&token, "allow", DEADLINE).await;
+
+    leader.kill();
+    set_state(&ns, "ha", "Revoked").await.unwrap();
+    let patched = Instant::now();
+    let denied = sidecar
+        .wait_verdict(&token, "key_revoked", Duration::from_secs(5))
+        .await;
+    println!(
+        "revocation with the leader dead: denied {:?} after the patch",
+        denied.finished.duration_since(patched)
+    );
+    // The follower takes the lease over (3 s lease) and writes the status.
+    wait_status(&ns, "ha", "Revoked status from the new leader", |vk| {
+        let st = vk.status.as_ref()?;
+        (st.phase == Some(Phase::Revoked)
+            && condition(vk, "Propagated")?.0 == "True"
+            && st.enforcement.as_ref()?.summary == "1/1")
+            .then_some(())
+    })
+    .await;
+    let lease = leases.get("keybrake-controller").await.unwrap();
+    assert_eq!(
+        lease.spec.unwrap().holder_identity.as_deref(),
+        Some(follower.identity.as_str())
+    );
+    assert!(follower.metrics().await.contains("keybrake_controller_leader 1"));
+    sidecar.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn controller_upstream_secret_rotation_applies_to_the_next_call() {
+    let ns = setup("ctl-rotate").await;
+    // The vendor already accepts only the new secret: the old one gets the vendor's own 401.
+    let upstream = FakeVendor::start(FakeKind::Stripe, "sk_test_new").await.unwrap();
+    put_upstream_secret(&ns, "stripe-upstream", "sk_test_old").await;
+    let tls = Tls::new();
+    let controller = ControllerProcess::spawn(&ns, &tls, "rotate-a", free_port());
+    controller.wait_ready().await;
+    let sidecar = TestSidecar::start(
+        &controller.stream_url,
+        &tls.ca(),
+        &sa_token(&ns, "agent").await,
+        Duration::from_secs(30),
+    )
+    .await;
+    create_key(&ns, &vault_key("rot", "agent", &upstream.url(), json!({}))).await;
+    let token = minted_token(&ns, "rot").await;
+    let before = sidecar.wait_verdict(&token, "allow", DEADLINE).await;
+    assert_eq!(before.status, 401, "the vendor refuses the old secret");
+    let last_auth = || {
+        upstream
+            .requests()
+            .last()
+            .and_then(|r| r.headers.get("authorization").cloned())
+            .map(|v| v.to_str().unwrap_or("").to_owned())
+    };
+    assert_eq!(last_auth().as_deref(), Some("Bearer sk_test_old"));
+
+    put_upstream_secret(&ns, "stripe-upstream", "sk_test_new").await;
+    let rotated = Instant::now();
+    let after = poll("a call with the rotated secret", Duration::from_secs(5), || {
+        let sidecar = &sidecar;
+        let token = token.clone();
+        async move {
+            let call = sidecar.call(&token).await;
+            (call.status == 200).then_some(call)
+        }
+    })
+    .await;
+    assert_eq!(last_auth().as_deref(), Some("Bearer sk_test_new"));
+    println!(
+        "upstream rotation effective {:?} after the Secret write",
+        after.finished.duration_since(rotated)
+    );
+    // The vault key never reached the vendor.
+    assert!(upstream.requests().iter().all(|r| !r.everything().contains(&token)));
+    sidecar.shutdown().await;
+}
