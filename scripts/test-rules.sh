@@ -50,6 +50,43 @@ echo "test-rules: using $("$promtool" --version 2>&1 | head -n 1) ($promtool)"
 "$promtool" check rules "$rules" || fail "promtool check rules $rules"
 "$promtool" test rules monitoring/tests/*.yaml || fail "promtool test rules monitoring/tests/*.yaml"
 
+# The tests must be able to fail: every mutant in monitoring/tests/mutants.tsv (a deliberate bug in
+# the rules: a threshold, a window, a `for:`, a fallback) must make its test file fail.
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+rules_text=$(<"$rules")
+jobs_max=$(nproc 2>/dev/null || echo 2)
+mutants=0
+# Runs mutant number $1 in its own directory; leaves a file in $work/survived/ if the tests pass.
+run_mutant() {
+  local n=$1 test_file=$2 from=$3 to=$4 dir="$work/mutant-$1"
+  mkdir -p "$dir/rules" "$dir/tests"
+  cp monitoring/tests/*.yaml "$dir/tests/"
+  printf '%s\n' "${rules_text//"$from"/"$to"}" > "$dir/rules/keybrake.rules.yaml"
+  if ! "$promtool" check rules "$dir/rules/keybrake.rules.yaml" >/dev/null 2>&1; then
+    echo "$test_file: '$from' -> '$to' is not a valid rules file (fix monitoring/tests/mutants.tsv)" \
+      > "$work/survived/$n"
+  elif "$promtool" test rules "$dir/tests/$test_file" >/dev/null 2>&1; then
+    echo "$test_file: '$from' -> '$to'" > "$work/survived/$n"
+  fi
+}
+mkdir -p "$work/survived"
+while IFS=$'\t' read -r test_file from to; do
+  [[ -z "$test_file" || "$test_file" == \#* ]] && continue
+  [[ "$rules_text" == *"$from"* ]] \
+    || fail "mutant '$from' no longer occurs in $rules: update monitoring/tests/mutants.tsv"
+  mutants=$((mutants + 1))
+  run_mutant "$mutants" "$test_file" "$from" "$to" &
+  while (($(jobs -rp | wc -l) >= jobs_max)); do wait -n; done
+done < monitoring/tests/mutants.tsv
+wait
+if compgen -G "$work/survived/*" >/dev/null; then
+  echo "test-rules: the tests still pass with these bugs in the rules:" >&2
+  sed 's/^/  /' "$work"/survived/* >&2
+  fail "$(ls "$work/survived" | wc -l) of $mutants mutants survived: add a test case that catches each"
+fi
+echo "test-rules: $mutants/$mutants rule mutants caught by the promtool tests"
+
 # manifests/ must carry exactly these rules: regenerate and compare, then read the rules back out
 # of the ConfigMap (strip the block indentation) and compare with the source byte for byte.
 [[ -f "$manifest" ]] || fail "$manifest is missing: run 'scripts/test-rules.sh --write' and commit it"
