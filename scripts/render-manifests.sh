@@ -21,6 +21,8 @@ metadata:
   name: $NAMESPACE
   labels:
     app.kubernetes.io/name: keybrake
+    # The controller runs under the strictest Pod Security level.
+    pod-security.kubernetes.io/enforce: restricted
 YAML
   # Fixed kube version so the output does not depend on the machine; no cluster is contacted.
   "$HELM" template keybrake charts/keybrake --namespace "$NAMESPACE" --include-crds \

@@ -64,13 +64,15 @@ done
 step "helm package carries the copied files"
 "$HELM" package "$CHART" --destination "$tmp" >/dev/null
 package=$(ls "$tmp"/keybrake-*.tgz)
-tar -tzf "$package" | grep -q '^keybrake/crds/vaultkey.yaml$' || fail "package lacks crds/vaultkey.yaml"
-tar -tzf "$package" | grep -q '^keybrake/files/keybrake.rules.yaml$' || fail "package lacks the rules"
+tar -tzf "$package" >"$tmp/package.list" # a file, not a pipe: grep -q would SIGPIPE tar
+grep -qx 'keybrake/crds/vaultkey.yaml' "$tmp/package.list" || fail "package lacks crds/vaultkey.yaml"
+grep -qx 'keybrake/files/keybrake.rules.yaml' "$tmp/package.list" || fail "package lacks the rules"
+if grep -q '^keybrake/tests/' "$tmp/package.list"; then fail "package ships tests/ (see .helmignore)"; fi
 "$HELM" template keybrake "$package" --namespace keybrake-system --kube-version 1.35.4 \
-  -f "$CHART/tests/values-production.yaml" | diff -u "$GOLDEN/production.yaml" - >&2 \
+  -f "$CHART/tests/values-production.yaml" >"$tmp/packaged.yaml"
+diff -u "$GOLDEN/production.yaml" "$tmp/packaged.yaml" >&2 \
   || fail "the packaged chart renders differently from the directory"
-tar -tzf "$package" | grep -q '^keybrake/tests/' && fail "package ships tests/ (see .helmignore)"
-echo "$(basename "$package"): $(tar -tzf "$package" | wc -l) files, renders like the directory"
+echo "$(basename "$package"): $(wc -l <"$tmp/package.list") files, renders like the directory"
 
 step "a real kube-apiserver"
 started_here=""
@@ -86,7 +88,8 @@ else
   fail "no apiserver: run 'make cluster' (e2e/scripts/cluster.sh), or set KEYBRAKE_CHART_KUBECONFIG"
 fi
 "$KUBECTL" get --raw /readyz >/dev/null || fail "the apiserver at KUBECONFIG=$KUBECONFIG is not ready"
-echo "apiserver: $("$KUBECTL" version -o json | grep -m1 gitVersion | tr -d ' ,"')"
+"$KUBECTL" version -o json >"$tmp/version.json"
+echo "apiserver: $(grep -m1 gitVersion "$tmp/version.json" | tr -d ' ,"')"
 
 # Namespaces never finish deleting without kube-controller-manager: a fresh one per run, and a
 # release name of its own so cluster-scoped objects (ClusterRole, webhook configuration) are too.
@@ -160,8 +163,16 @@ prod_found=$("$HELM" get manifest "$prod_release" --namespace "$namespace" | "$K
 echo "all $prod_expected objects stored"
 
 step "kubectl apply --dry-run=server -f manifests/"
-# Dry-run does not create the Namespace the other objects live in; make sure it exists.
+# Dry-run does not create the Namespace the other objects live in; make sure it exists, with the
+# Pod Security level manifests/keybrake.yaml gives it, so the apiserver checks the pod template.
 "$KUBECTL" create namespace keybrake-system --dry-run=client -o yaml | "$KUBECTL" apply -f - >/dev/null
-"$KUBECTL" apply --dry-run=server -f manifests/
+"$KUBECTL" label namespace keybrake-system --overwrite \
+  pod-security.kubernetes.io/enforce=restricted pod-security.kubernetes.io/warn=restricted >/dev/null
+"$KUBECTL" apply --dry-run=server -f manifests/ 2>&1 | tee "$tmp/apply.out"
+[[ ${PIPESTATUS[0]} == 0 ]] || fail "kubectl apply --dry-run=server -f manifests/ failed"
+if grep -q "would violate PodSecurity" "$tmp/apply.out"; then
+  fail "the controller's pod template violates Pod Security 'restricted'"
+fi
+echo "pod template passes Pod Security 'restricted'"
 echo
 echo "test-chart: all checks passed"

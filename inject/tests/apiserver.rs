@@ -12,7 +12,9 @@ use hyper::body::{Bytes, Incoming};
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
-use k8s_openapi::api::core::v1::{Container, Pod, PodSpec};
+use k8s_openapi::api::core::v1::{
+    Capabilities, Container, Namespace, Pod, PodSpec, SeccompProfile, SecurityContext,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement;
 use keybrake_e2e::{CertifiedKey, TestCa, TestNamespace};
 use keybrake_inject::webhook_config::{WEBHOOK_PATH, ca_bundle_patch};
@@ -134,6 +136,18 @@ const OPTED_IN: &[(&str, &str)] = &[
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn apiserver_stores_injected_pods_and_leaves_others_alone() {
     let ns = TestNamespace::new("inject").await;
+    // A second namespace enforcing Pod Security "restricted" (checked after mutation).
+    let restricted = TestNamespace::new("inject-restricted").await;
+    Api::<Namespace>::all(ns.client())
+        .patch(
+            restricted.name(),
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"metadata": {"labels": {
+                "pod-security.kubernetes.io/enforce": "restricted"
+            }}})),
+        )
+        .await
+        .unwrap();
     let ca = TestCa::new("keybrake-inject-test").unwrap();
     let counts: Counts = Arc::default();
     let addr = serve_webhook(&ca.issue_server(&["127.0.0.1"]).unwrap(), counts.clone()).await;
@@ -156,7 +170,7 @@ async fn apiserver_stores_injected_pods_and_leaves_others_alone() {
         .push(LabelSelectorRequirement {
             key: "kubernetes.io/metadata.name".into(),
             operator: "In".into(),
-            values: Some(vec![ns.name().to_string()]),
+            values: Some(vec![ns.name().to_string(), restricted.name().to_string()]),
         });
     let registrations = Api::<MutatingWebhookConfiguration>::all(ns.client());
     registrations
@@ -257,6 +271,33 @@ async fn apiserver_stores_injected_pods_and_leaves_others_alone() {
     again.status = None;
     pods.create(&PostParams::default(), &again).await.unwrap();
     assert_eq!(sidecars(&pods.get("refund-agent-again").await.unwrap()), 1);
+
+    // In a "restricted" namespace a compliant agent pod stays admissible once injected: the
+    // sidecar itself meets the restricted profile.
+    let mut compliant = agent_pod("restricted-agent", OPTED_IN);
+    compliant.spec.as_mut().unwrap().containers[0].security_context = Some(SecurityContext {
+        run_as_non_root: Some(true),
+        run_as_user: Some(1000),
+        allow_privilege_escalation: Some(false),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".into()]),
+            add: None,
+        }),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".into(),
+            localhost_profile: None,
+        }),
+        ..Default::default()
+    });
+    let restricted_pods = restricted.api::<Pod>();
+    restricted_pods
+        .create(&PostParams::default(), &compliant)
+        .await
+        .expect("the injected pod passes Pod Security 'restricted'");
+    assert_eq!(
+        sidecars(&restricted_pods.get("restricted-agent").await.unwrap()),
+        1
+    );
 
     let seen = counts.lock().unwrap().clone();
     for expected in [
