@@ -68,10 +68,20 @@ fn controller_binary() -> &'static Path {
     BUILT.get_or_init(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let status = Command::new(cargo)
-            .args(["build", "-q", "-p", "keybrake-controller", "--bin", "keybrake-controller"])
+            .args([
+                "build",
+                "-q",
+                "-p",
+                "keybrake-controller",
+                "--bin",
+                "keybrake-controller",
+            ])
             .status()
             .expect("running cargo build -p keybrake-controller");
-        assert!(status.success(), "cargo build -p keybrake-controller failed");
+        assert!(
+            status.success(),
+            "cargo build -p keybrake-controller failed"
+        );
         // This test binary lives in target/<profile>/deps/.
         let exe = std::env::current_exe().expect("test binary path");
         let bin = exe
@@ -283,14 +293,15 @@ impl TestSidecar {
         let http: Client<HttpConnector, Full<Bytes>> =
             Client::builder(TokioExecutor::new()).build_http();
         let started = Instant::now();
-        let request = hyper::Request::get(format!(
-            "http://{}/stripe/v1/customers/cus_1",
-            self.proxy
-        ))
-        .header("authorization", format!("Bearer {vault_key}"))
-        .body(Full::new(Bytes::new()))
-        .unwrap();
-        let res = http.request(request).await.expect("call through the sidecar");
+        let request =
+            hyper::Request::get(format!("http://{}/stripe/v1/customers/cus_1", self.proxy))
+                .header("authorization", format!("Bearer {vault_key}"))
+                .body(Full::new(Bytes::new()))
+                .unwrap();
+        let res = http
+            .request(request)
+            .await
+            .expect("call through the sidecar");
         let status = res.status().as_u16();
         let verdict = res
             .headers()
@@ -491,14 +502,17 @@ async fn controller_revoke_latency_over_50_trials() {
     let mut tokens = Vec::new();
     for name in &keys {
         let token = minted_token(&ns, name).await;
-        assert!(token.starts_with("vault_key_") && token.len() == 53, "token shape");
+        assert!(
+            token.starts_with("vault_key_") && token.len() == 53,
+            "token shape"
+        );
         sidecar.wait_verdict(&token, "allow", DEADLINE).await;
         tokens.push(token);
     }
 
     let mut latencies_ms = Vec::new();
     let mut leaked = 0usize;
-    for (name, token) in keys.iter().zip(&tokens) {
+    for (trial, (name, token)) in keys.iter().zip(&tokens).enumerate() {
         let calls = Arc::new(Mutex::new(Vec::<Call>::new()));
         let agent = {
             let calls = calls.clone();
@@ -528,6 +542,10 @@ async fn controller_revoke_latency_over_50_trials() {
             async move { (calls.lock().unwrap().len() >= 2).then_some(()) }
         })
         .await;
+        // Spread the patch over the agent's 100 ms cadence (a deterministic phase per trial),
+        // so the measured latency is not biased by always patching right after a call.
+        let phase = Duration::from_millis((trial as u64 * 37) % 100);
+        tokio::time::sleep(phase).await;
         set_state(&ns, name, "Revoked").await.expect("revoke");
         let patched = Instant::now();
         agent.await.unwrap();
@@ -537,13 +555,20 @@ async fn controller_revoke_latency_over_50_trials() {
             .find(|c| c.verdict == "key_revoked")
             .unwrap_or_else(|| panic!("{name}: never denied; calls {calls:?}"));
         assert_eq!(denied.status, 401, "revoked keys answer 401");
-        latencies_ms.push(denied.finished.saturating_duration_since(patched).as_millis());
+        latencies_ms.push(
+            denied
+                .finished
+                .saturating_duration_since(patched)
+                .as_millis(),
+        );
         leaked += calls
             .iter()
             .filter(|c| c.started >= patched && c.verdict == "allow")
             .count();
         assert!(
-            calls.iter().all(|c| c.verdict == "allow" || c.verdict == "key_revoked"),
+            calls
+                .iter()
+                .all(|c| c.verdict == "allow" || c.verdict == "key_revoked"),
             "{calls:?}"
         );
     }
@@ -588,17 +613,41 @@ async fn controller_revoke_latency_over_50_trials() {
     })
     .await;
     let metrics = controller.metrics().await;
+    let sample = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in metrics"))
+    };
+    let (sum, count) = (
+        sample("keybrake_controller_propagation_seconds_sum"),
+        sample("keybrake_controller_propagation_seconds_count"),
+    );
+    assert!(count >= TRIALS as f64, "{count} acknowledged revisions");
+    println!(
+        "CONTROLLER_PROPAGATION mean_ms={:.1} acks={count}",
+        sum / count * 1000.0
+    );
     for needle in [
         "keybrake_controller_propagation_seconds_count",
         "keybrake_controller_streams_connected 1",
         "keybrake_controller_leader 1",
     ] {
-        assert!(metrics.contains(needle), "metrics lack {needle}:\n{metrics}");
+        assert!(
+            metrics.contains(needle),
+            "metrics lack {needle}:\n{metrics}"
+        );
     }
     // No token ever reaches the controller's log.
     let log = controller.log_text();
-    assert!(tokens.iter().all(|t| !log.contains(t.as_str())), "vault key in the log");
-    assert!(!log.contains("sk_test_upstream"), "upstream secret in the log");
+    assert!(
+        tokens.iter().all(|t| !log.contains(t.as_str())),
+        "vault key in the log"
+    );
+    assert!(
+        !log.contains("sk_test_upstream"),
+        "upstream secret in the log"
+    );
     sidecar.shutdown().await;
 }
 
@@ -733,9 +782,10 @@ async fn raw_watch(url: &str, ca: &Path, token: &str) -> (u16, Arc<Mutex<Vec<u8>
         .connect("127.0.0.1".try_into().unwrap(), tcp)
         .await
         .unwrap();
-    let (mut send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
-        .await
-        .unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .unwrap();
     tokio::spawn(conn);
     let request = hyper::Request::get(format!("{url}/v1/watch"))
         .header("authorization", format!("Bearer {token}"))
@@ -771,10 +821,18 @@ async fn controller_streams_are_isolated_per_namespace_and_service_account() {
     create_key(&ns, &vault_key("iso", "agent", &upstream.url(), json!({}))).await;
     let token = minted_token(&ns, "iso").await;
 
-    let (owner_status, owner) =
-        raw_watch(&controller.stream_url, &tls.ca(), &sa_token(&ns, "agent").await).await;
-    let (intruder_status, intruder) =
-        raw_watch(&controller.stream_url, &tls.ca(), &sa_token(&ns, "intruder").await).await;
+    let (owner_status, owner) = raw_watch(
+        &controller.stream_url,
+        &tls.ca(),
+        &sa_token(&ns, "agent").await,
+    )
+    .await;
+    let (intruder_status, intruder) = raw_watch(
+        &controller.stream_url,
+        &tls.ca(),
+        &sa_token(&ns, "intruder").await,
+    )
+    .await;
     // Same service account name, other namespace (this controller does not even watch it).
     let (foreign_status, foreign) = raw_watch(
         &controller.stream_url,
@@ -782,7 +840,10 @@ async fn controller_streams_are_isolated_per_namespace_and_service_account() {
         &sa_token(&other_ns, "agent").await,
     )
     .await;
-    assert_eq!((owner_status, intruder_status, foreign_status), (200, 200, 200));
+    assert_eq!(
+        (owner_status, intruder_status, foreign_status),
+        (200, 200, 200)
+    );
     let text = |b: &Arc<Mutex<Vec<u8>>>| String::from_utf8_lossy(&b.lock().unwrap()).into_owned();
     poll("the owner's snapshot with the key", DEADLINE, || {
         let t = text(&owner);
@@ -853,8 +914,21 @@ async fn controller_killed_sidecar_keeps_policy_until_stale_then_resyncs() {
         STALE,
     )
     .await;
-    create_key(&ns, &vault_key("deny", "agent", &upstream.url(), json!({"onStale": "Deny"}))).await;
-    create_key(&ns, &vault_key("allow", "agent", &upstream.url(), json!({"onStale": "Allow"}))).await;
+    create_key(
+        &ns,
+        &vault_key("deny", "agent", &upstream.url(), json!({"onStale": "Deny"})),
+    )
+    .await;
+    create_key(
+        &ns,
+        &vault_key(
+            "allow",
+            "agent",
+            &upstream.url(),
+            json!({"onStale": "Allow"}),
+        ),
+    )
+    .await;
     let deny = minted_token(&ns, "deny").await;
     let allow = minted_token(&ns, "allow").await;
     sidecar.wait_verdict(&deny, "allow", DEADLINE).await;
@@ -862,7 +936,11 @@ async fn controller_killed_sidecar_keeps_policy_until_stale_then_resyncs() {
 
     controller.kill();
     let killed = Instant::now();
-    assert_eq!(sidecar.call(&deny).await.verdict, "allow", "last policy kept");
+    assert_eq!(
+        sidecar.call(&deny).await.verdict,
+        "allow",
+        "last policy kept"
+    );
     let stale = sidecar
         .wait_verdict(&deny, "policy_stale", STALE + Duration::from_secs(3))
         .await;
@@ -873,7 +951,11 @@ async fn controller_killed_sidecar_keeps_policy_until_stale_then_resyncs() {
         "stale after only {after:?}"
     );
     let kept = sidecar.call(&allow).await;
-    assert_eq!((kept.status, kept.verdict.as_str()), (200, "allow"), "onStale: Allow");
+    assert_eq!(
+        (kept.status, kept.verdict.as_str()),
+        (200, "allow"),
+        "onStale: Allow"
+    );
 
     let controller = ControllerProcess::spawn(&ns, &tls, "fault-b", port);
     controller.wait_ready().await;
@@ -888,9 +970,7 @@ async fn controller_killed_sidecar_keeps_policy_until_stale_then_resyncs() {
     set_state(&ns, "deny", "Revoked").await.unwrap();
     let controller = ControllerProcess::spawn(&ns, &tls, "fault-c", port);
     controller.wait_ready().await;
-    sidecar
-        .wait_verdict(&deny, "key_revoked", DEADLINE)
-        .await;
+    sidecar.wait_verdict(&deny, "key_revoked", DEADLINE).await;
     sidecar.shutdown().await;
 }
 
@@ -920,8 +1000,18 @@ async fn controller_two_replicas_revocation_propagates_when_the_leader_dies() {
     })
     .await;
     let (mut leader, follower) = if leader == a.identity { (a, b) } else { (b, a) };
-    assert!(leader.metrics().await.contains("keybrake_controller_leader 1"));
-    assert!(follower.metrics().await.contains("keybrake_controller_leader 0"));
+    assert!(
+        leader
+            .metrics()
+            .await
+            .contains("keybrake_controller_leader 1")
+    );
+    assert!(
+        follower
+            .metrics()
+            .await
+            .contains("keybrake_controller_leader 0")
+    );
 
     // The sidecar streams from the follower; the leader mints and writes status.
     let sidecar = TestSidecar::start(
@@ -959,7 +1049,12 @@ async fn controller_two_replicas_revocation_propagates_when_the_leader_dies() {
         lease.spec.unwrap().holder_identity.as_deref(),
         Some(follower.identity.as_str())
     );
-    assert!(follower.metrics().await.contains("keybrake_controller_leader 1"));
+    assert!(
+        follower
+            .metrics()
+            .await
+            .contains("keybrake_controller_leader 1")
+    );
     sidecar.shutdown().await;
 }
 
@@ -967,7 +1062,9 @@ async fn controller_two_replicas_revocation_propagates_when_the_leader_dies() {
 async fn controller_upstream_secret_rotation_applies_to_the_next_call() {
     let ns = setup("ctl-rotate").await;
     // The vendor already accepts only the new secret: the old one gets the vendor's own 401.
-    let upstream = FakeVendor::start(FakeKind::Stripe, "sk_test_new").await.unwrap();
+    let upstream = FakeVendor::start(FakeKind::Stripe, "sk_test_new")
+        .await
+        .unwrap();
     put_upstream_secret(&ns, "stripe-upstream", "sk_test_old").await;
     let tls = Tls::new();
     let controller = ControllerProcess::spawn(&ns, &tls, "rotate-a", free_port());
@@ -994,14 +1091,18 @@ async fn controller_upstream_secret_rotation_applies_to_the_next_call() {
 
     put_upstream_secret(&ns, "stripe-upstream", "sk_test_new").await;
     let rotated = Instant::now();
-    let after = poll("a call with the rotated secret", Duration::from_secs(5), || {
-        let sidecar = &sidecar;
-        let token = token.clone();
-        async move {
-            let call = sidecar.call(&token).await;
-            (call.status == 200).then_some(call)
-        }
-    })
+    let after = poll(
+        "a call with the rotated secret",
+        Duration::from_secs(5),
+        || {
+            let sidecar = &sidecar;
+            let token = token.clone();
+            async move {
+                let call = sidecar.call(&token).await;
+                (call.status == 200).then_some(call)
+            }
+        },
+    )
     .await;
     assert_eq!(last_auth().as_deref(), Some("Bearer sk_test_new"));
     println!(
@@ -1009,6 +1110,11 @@ async fn controller_upstream_secret_rotation_applies_to_the_next_call() {
         after.finished.duration_since(rotated)
     );
     // The vault key never reached the vendor.
-    assert!(upstream.requests().iter().all(|r| !r.everything().contains(&token)));
+    assert!(
+        upstream
+            .requests()
+            .iter()
+            .all(|r| !r.everything().contains(&token))
+    );
     sidecar.shutdown().await;
 }
