@@ -11,8 +11,11 @@ use kube::{
 use tokio::{net::TcpListener, sync::watch};
 use tokio_util::sync::CancellationToken;
 
+use keybrake_audit::{AnySink, SinkConfig, ingest::IngestLimits};
+
 use crate::{
     admin::serve_admin,
+    audit_ingest::AuditIngest,
     auth::{Authenticator, KubeTokenReviewer},
     enforcement::EnforcementTracker,
     feed::{SyncGate, feed_secrets, feed_vault_keys},
@@ -70,6 +73,10 @@ pub struct Config {
     /// Exit when standard input closes (test harnesses: the controller dies with its parent).
     #[arg(long)]
     pub exit_on_stdin_close: bool,
+    /// Audit sink for `POST /v1/audit`: `sqlite:///path/audit.db`, `postgres://…` or `stdout`.
+    /// Without it the endpoint answers 501.
+    #[arg(long, env = "KEYBRAKE_AUDIT_SINK")]
+    pub audit_sink: Option<String>,
     /// How long an accepted TokenReview is reused.
     #[arg(long, default_value_t = 10)]
     pub token_cache_secs: u64,
@@ -87,16 +94,26 @@ impl Config {
 }
 
 /// Runs every task until `shutdown` fires (or one of the servers fails).
-pub async fn run(
-    config: Config,
-    audit: Option<Arc<dyn IngestHandler>>,
-    shutdown: CancellationToken,
-) -> anyhow::Result<()> {
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let client = Client::try_default()
         .await
         .context("building the Kubernetes client (KUBECONFIG or in-cluster config)")?;
     let identity = config.identity();
     let metrics = Metrics::new();
+    let audit: Option<Arc<dyn IngestHandler>> = match &config.audit_sink {
+        None => None,
+        Some(text) => {
+            let sink_config: SinkConfig = text.parse().context("--audit-sink")?;
+            let sink = AnySink::open(&sink_config)
+                .await
+                .with_context(|| format!("opening the audit sink {sink_config:?}"))?;
+            Some(Arc::new(AuditIngest::new(
+                Arc::new(sink),
+                IngestLimits::default(),
+                metrics.clone(),
+            )))
+        }
+    };
     let index = Arc::new(PolicyIndex::new(PolicyIndex::revision_seed()));
     let tracker = Arc::new(EnforcementTracker::new());
     let (synced_tx, synced_rx) = watch::channel(false);

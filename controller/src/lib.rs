@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod audit_ingest;
 pub mod auth;
 pub mod enforcement;
 pub mod feed;

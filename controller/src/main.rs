@@ -31,5 +31,5 @@ async fn main() -> anyhow::Result<()> {
         }
         signal.cancel();
     });
-    run(config, None, shutdown).await
+    run(config, shutdown).await
 }
