@@ -44,7 +44,7 @@ overrides="$(env | grep -E '^BENCH_[A-Z_]+=' | grep -vE '^BENCH_(OUT|BIN|ROOT)='
 machine_line() {
   local model
   model="$(grep -m1 '^model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')"
-  echo "Machine: nproc $(nproc), CPU \`${model:-unknown}\`, kernel $(uname -r), load average $(cut -d' ' -f1-3 /proc/loadavg) (1/5/15 min, before the section; the machine is shared). Commit \`$(git rev-parse --short HEAD 2>/dev/null || echo none)$(git diff --quiet HEAD -- sidecar bench api 2>/dev/null || echo ' + uncommitted changes in sidecar/ bench/ api/')\`."
+  echo "Machine: nproc $(nproc), CPU \`${model:-unknown}\`, kernel $(uname -r), load average $(cut -d' ' -f1-3 /proc/loadavg) (1/5/15 min, before the section; the machine is shared). Commit \`$(git rev-parse --short HEAD 2>/dev/null || echo none)$([[ -z "$(git status --porcelain -- sidecar api 2>/dev/null)" ]] || echo ' + uncommitted changes in sidecar/ or api/')\`."
 }
 
 echo "bench: building release binaries of keybrake-bench" >&2
