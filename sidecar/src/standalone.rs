@@ -130,23 +130,78 @@ impl SecretSourceEnv for ProcessEnv {
 /// Reads, parses, validates and resolves `path` into grants (with `policy_revision` 0; the
 /// watcher stamps the revision).
 pub fn load(path: &Path, env: &dyn SecretSourceEnv) -> Result<Vec<KeyGrant>, ConfigError> {
+    load_tracked(path, env).map(|loaded| loaded.grants)
+}
+
+/// A loaded policy plus what it was made from, so a watcher can tell cheaply whether anything
+/// changed without parsing again (and without keeping a second copy of every grant).
+pub struct Loaded {
+    pub grants: Vec<KeyGrant>,
+    /// Secret files read, in reading order.
+    pub secret_files: Vec<PathBuf>,
+    pub fingerprint: u64,
+}
+
+/// Hash of the config bytes and the secret files' contents (environment variables cannot
+/// change under a running process). Change detection only, not security.
+fn fingerprint(config: &[u8], secrets: &[Option<Vec<u8>>]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    config.hash(&mut h);
+    secrets.hash(&mut h);
+    h.finish()
+}
+
+/// The fingerprint `path` and `secret_files` have now, or `None` if the config is unreadable.
+pub fn current_fingerprint(path: &Path, secret_files: &[PathBuf]) -> Option<u64> {
+    let config = std::fs::read(path).ok()?;
+    let secrets: Vec<Option<Vec<u8>>> =
+        secret_files.iter().map(|f| std::fs::read(f).ok()).collect();
+    Some(fingerprint(&config, &secrets))
+}
+
+pub fn load_tracked(path: &Path, env: &dyn SecretSourceEnv) -> Result<Loaded, ConfigError> {
     let shown = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+    let bytes = std::fs::read(path).map_err(|source| ConfigError::Read {
         path: shown.clone(),
         source,
     })?;
     let config: StandaloneConfig =
-        serde_yaml::from_str(&text).map_err(|source| ConfigError::Parse {
+        serde_yaml::from_slice(&bytes).map_err(|source| ConfigError::Parse {
             path: shown,
             source,
         })?;
-    resolve(config, path.parent().unwrap_or(Path::new(".")), env)
+    let mut secret_files = Vec::new();
+    let grants = resolve_tracked(
+        config,
+        path.parent().unwrap_or(Path::new(".")),
+        env,
+        &mut secret_files,
+    )?;
+    let secrets: Vec<Option<Vec<u8>>> = secret_files
+        .iter()
+        .map(|(_, content)| Some(content.clone()))
+        .collect();
+    Ok(Loaded {
+        grants,
+        fingerprint: fingerprint(&bytes, &secrets),
+        secret_files: secret_files.into_iter().map(|(p, _)| p).collect(),
+    })
 }
 
 pub fn resolve(
     config: StandaloneConfig,
     base_dir: &Path,
     env: &dyn SecretSourceEnv,
+) -> Result<Vec<KeyGrant>, ConfigError> {
+    resolve_tracked(config, base_dir, env, &mut Vec::new())
+}
+
+fn resolve_tracked(
+    config: StandaloneConfig,
+    base_dir: &Path,
+    env: &dyn SecretSourceEnv,
+    secret_files: &mut Vec<(PathBuf, Vec<u8>)>,
 ) -> Result<Vec<KeyGrant>, ConfigError> {
     let mut upstreams = BTreeMap::new();
     for (name, upstream) in &config.upstreams {
@@ -161,11 +216,17 @@ pub fn resolve(
             }
             (None, Some(file)) => {
                 let full = base_dir.join(file);
-                let text = std::fs::read_to_string(&full).map_err(|e| ConfigError::SecretFile {
+                let raw = std::fs::read(&full).map_err(|e| ConfigError::SecretFile {
                     upstream: name.clone(),
                     path: full.display().to_string(),
                     reason: e.to_string(),
                 })?;
+                let text = String::from_utf8(raw.clone()).map_err(|_| ConfigError::SecretFile {
+                    upstream: name.clone(),
+                    path: full.display().to_string(),
+                    reason: "not UTF-8".into(),
+                })?;
+                secret_files.push((full.clone(), raw));
                 if text.trim().is_empty() {
                     return Err(ConfigError::SecretFile {
                         upstream: name.clone(),
@@ -288,7 +349,10 @@ pub struct ConfigWatcher {
     path: PathBuf,
     store: Arc<dyn PolicyApply>,
     env: Box<dyn SecretSourceEnv + Send + Sync>,
-    current: Vec<KeyGrant>,
+    /// Inputs of the policy in force, and of the last broken attempt (not retried until changed).
+    applied: u64,
+    failed: Option<u64>,
+    secret_files: Vec<PathBuf>,
     revision: u64,
     last_error: Option<String>,
 }
@@ -299,16 +363,18 @@ impl ConfigWatcher {
         store: Arc<dyn PolicyApply>,
         env: Box<dyn SecretSourceEnv + Send + Sync>,
     ) -> Result<Self, ConfigError> {
-        let grants = load(&path, env.as_ref())?;
+        let loaded = load_tracked(&path, env.as_ref())?;
         let mut watcher = ConfigWatcher {
             path,
             store,
             env,
-            current: Vec::new(),
+            applied: 0,
+            failed: None,
+            secret_files: Vec::new(),
             revision: 0,
             last_error: None,
         };
-        watcher.apply(grants);
+        watcher.apply(loaded);
         Ok(watcher)
     }
 
@@ -316,10 +382,12 @@ impl ConfigWatcher {
         self.revision
     }
 
-    fn apply(&mut self, grants: Vec<KeyGrant>) {
+    fn apply(&mut self, loaded: Loaded) {
         self.revision += 1;
-        self.current = grants.clone();
-        let stamped = grants
+        self.applied = loaded.fingerprint;
+        self.secret_files = loaded.secret_files;
+        let stamped = loaded
+            .grants
             .into_iter()
             .map(|mut g| {
                 g.policy_revision = self.revision as i64;
@@ -331,16 +399,20 @@ impl ConfigWatcher {
         self.store.mark_fresh(self.revision);
     }
 
-    /// One poll: re-read the file and apply it if what it resolves to changed.
+    /// One poll: if the file (or a secret file it names) changed, parse and apply it.
     pub fn poll(&mut self) {
-        match load(&self.path, self.env.as_ref()) {
-            Ok(grants) => {
+        let now = current_fingerprint(&self.path, &self.secret_files);
+        if now.is_some() && (now == Some(self.applied) || now == self.failed) {
+            return;
+        }
+        match load_tracked(&self.path, self.env.as_ref()) {
+            Ok(loaded) => {
                 self.last_error = None;
-                if grants != self.current {
-                    self.apply(grants);
-                }
+                self.failed = None;
+                self.apply(loaded);
             }
             Err(e) => {
+                self.failed = now;
                 let text = e.to_string();
                 if self.last_error.as_deref() != Some(text.as_str()) {
                     tracing::error!(error = %text, revision = self.revision, "policy file is broken; keeping the last good policy");
@@ -511,10 +583,16 @@ keys:
 
         w.poll();
         assert_eq!(store.revision(), 1, "an unchanged file is not re-applied");
+        // Same policy, different bytes: re-applied (cheap), still one key.
+        std::fs::write(&path, config("# a comment\n")).unwrap();
+        w.poll();
+        assert_eq!(store.revision(), 2);
+        assert_eq!(store.len(), 1);
 
         std::fs::write(&path, "upstreams: [broken").unwrap();
         w.poll();
-        assert_eq!(store.revision(), 1);
+        w.poll();
+        assert_eq!(store.revision(), 2);
         assert!(
             store.lookup(&TokenHash::of("vault_key_x")).is_some(),
             "last good policy kept"
@@ -529,7 +607,7 @@ keys:
         )
         .unwrap();
         w.poll();
-        assert_eq!(store.revision(), 2);
+        assert_eq!(store.revision(), 3);
         assert_eq!(
             store
                 .lookup(&TokenHash::of("vault_key_x"))
