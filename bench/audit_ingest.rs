@@ -148,8 +148,26 @@ async fn main() -> anyhow::Result<()> {
     for run in 0..runs {
         times.push(write_all(&sink, &rows(&format!("p{run}"), n), batch).await?);
     }
+    report("PostgreSQL (binary COPY, 5 indexes)", n, batch, &mut times);
+
+    // Baseline in the same run: the same sink and table with only the primary key, to show
+    // what the playbook's four secondary indexes cost.
+    let bare_db = fresh_database(&pg_url, "kb_audit_bench_bare").await?;
+    let bare = PostgresSink::connect(&bare_db).await?;
+    let (client, connection) = tokio_postgres::connect(&bare_db, tokio_postgres::NoTls).await?;
+    tokio::spawn(connection);
+    client
+        .batch_execute(
+            "DROP INDEX agent_call_audit_key_time, agent_call_audit_run_time, \
+             agent_call_audit_customer, agent_call_audit_denials",
+        )
+        .await?;
+    let mut times = Vec::new();
+    for run in 0..runs {
+        times.push(write_all(&bare, &rows(&format!("b{run}"), n), batch).await?);
+    }
     report(
-        "PostgreSQL (binary COPY + ON CONFLICT)",
+        "baseline: PostgreSQL COPY, primary key only",
         n,
         batch,
         &mut times,
