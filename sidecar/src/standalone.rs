@@ -75,11 +75,8 @@ pub enum ConfigError {
         path: String,
         source: std::io::Error,
     },
-    #[error("parsing {path}: {source}")]
-    Parse {
-        path: String,
-        source: serde_yaml::Error,
-    },
+    #[error("parsing {path}: {reason}")]
+    Parse { path: String, reason: String },
     #[error("key {key}: upstream {upstream:?} is not declared under upstreams")]
     UnknownUpstream { key: String, upstream: String },
     #[error("key name {0:?} appears twice")]
@@ -160,17 +157,27 @@ pub fn current_fingerprint(path: &Path, secret_files: &[PathBuf]) -> Option<u64>
     Some(fingerprint(&config, &secrets))
 }
 
+/// YAML, or JSON (a subset of YAML) when the file starts with `{`: serde_json deserializes as it
+/// reads, while serde_yaml first buffers every event of the document, which for a policy with
+/// thousands of keys costs several times the policy's own memory at load time.
+fn parse(bytes: &[u8]) -> Result<StandaloneConfig, String> {
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{') {
+        serde_json::from_slice(bytes).map_err(|e| e.to_string())
+    } else {
+        serde_yaml::from_slice(bytes).map_err(|e| e.to_string())
+    }
+}
+
 pub fn load_tracked(path: &Path, env: &dyn SecretSourceEnv) -> Result<Loaded, ConfigError> {
     let shown = path.display().to_string();
     let bytes = std::fs::read(path).map_err(|source| ConfigError::Read {
         path: shown.clone(),
         source,
     })?;
-    let config: StandaloneConfig =
-        serde_yaml::from_slice(&bytes).map_err(|source| ConfigError::Parse {
-            path: shown,
-            source,
-        })?;
+    let config = parse(&bytes).map_err(|reason| ConfigError::Parse {
+        path: shown,
+        reason,
+    })?;
     let mut secret_files = Vec::new();
     let grants = resolve_tracked(
         config,
@@ -537,6 +544,27 @@ keys:
                 "an error message echoed a secret: {err}"
             );
         }
+    }
+
+    #[test]
+    fn json_policies_load_like_yaml() {
+        let dir = tempfile::tempdir().unwrap();
+        let yaml_path = dir.path().join("c.yaml");
+        std::fs::write(&yaml_path, config("")).unwrap();
+        let value: serde_json::Value = serde_yaml::from_str(&config("")).unwrap();
+        let json_path = dir.path().join("c.json");
+        std::fs::write(&json_path, format!("  {value}")).unwrap();
+        assert_eq!(
+            load(&json_path, env().as_ref()).unwrap(),
+            load(&yaml_path, env().as_ref()).unwrap()
+        );
+        std::fs::write(&json_path, r#"{"upstreams": {}, "secret": "x"}"#).unwrap();
+        assert!(
+            load(&json_path, env().as_ref())
+                .unwrap_err()
+                .to_string()
+                .contains("unknown field")
+        );
     }
 
     #[test]
