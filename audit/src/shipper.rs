@@ -183,6 +183,7 @@ impl<T: Transport> Shipper<T> {
         match self.with_spool(move |s| s.append(&rows)).await {
             Ok(outcome) => self.report.spooled_rows += outcome.spooled as u64,
             Err(e) => {
+                self.metrics.dropped_rows.inc_by(count);
                 tracing::error!(error = %e, rows = count, "audit rows lost: spool write failed");
             }
         }
