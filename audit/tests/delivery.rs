@@ -459,3 +459,43 @@ async fn sink_writes_are_idempotent_for_replays() {
         (10, 5, 5)
     );
 }
+
+#[tokio::test]
+async fn token_file_is_reread_and_401_is_retryable() {
+    use keybrake_audit::transport::{TokenFile, Transport};
+    let dir = tempfile::tempdir().unwrap();
+    let sink = SqliteSink::open(dir.path().join("c.db")).await.unwrap();
+    let pki = pki();
+    let (addr, collector) =
+        start_collector("127.0.0.1:0".parse().unwrap(), pki.server, sink.clone()).await;
+    let token_path = dir.path().join("token");
+    std::fs::write(&token_path, "stale-token\n").unwrap();
+    let transport = HttpTransport::new(
+        &format!("https://{addr}"),
+        pki.ca_pem.as_bytes(),
+        Arc::new(TokenFile(token_path.clone())),
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    let err = transport.send(&numbered_rows(0..3)).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            keybrake_audit::transport::TransportError::Status { status: 401, .. }
+        ),
+        "{err}"
+    );
+    assert!(
+        !err.is_permanent(),
+        "an auth failure is retried, not dropped"
+    );
+    assert!(
+        !err.to_string().contains("stale-token"),
+        "tokens never reach errors"
+    );
+    // The projected token rotates: the next request reads the new one.
+    std::fs::write(&token_path, format!("{TOKEN}\n")).unwrap();
+    transport.send(&numbered_rows(0..3)).await.unwrap();
+    assert_eq!(stored_ids(&sink).await.len(), 3);
+    collector.abort();
+}
