@@ -77,6 +77,10 @@ pub struct Config {
     /// Without it the endpoint answers 501.
     #[arg(long, env = "KEYBRAKE_AUDIT_SINK")]
     pub audit_sink: Option<String>,
+    /// Longest life of one sidecar stream before it must reconnect and re-authenticate (also
+    /// capped by the token's own expiry).
+    #[arg(long, default_value_t = 3600)]
+    pub max_stream_secs: u64,
     /// How long an accepted TokenReview is reused.
     #[arg(long, default_value_t = 10)]
     pub token_cache_secs: u64,
@@ -204,6 +208,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         ),
         metrics: metrics.clone(),
         heartbeat: Duration::from_millis(config.heartbeat_ms.max(100)),
+        max_stream: Duration::from_secs(config.max_stream_secs.max(1)),
         synced: synced_rx.clone(),
         audit,
         shutdown: shutdown.clone(),

@@ -37,6 +37,19 @@ pub fn scope_of_username(username: &str) -> Option<Scope> {
     (!ns.is_empty() && !sa.is_empty() && !sa.contains(':')).then(|| Scope::new(ns, sa))
 }
 
+/// The `exp` claim of a JWT (seconds since the epoch), read without verifying anything: only
+/// call it on a token TokenReview accepted. Streams end at this instant so a sidecar reconnects
+/// with its rotated token and is reviewed again.
+pub fn jwt_expiry(token: &str) -> Option<u64> {
+    use base64::Engine as _;
+    let payload = token.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .ok()?;
+    let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    claims.get("exp")?.as_u64()
+}
+
 /// TokenReview against the apiserver, requiring audience `keybrake`.
 pub struct KubeTokenReviewer {
     client: Client,
@@ -185,6 +198,20 @@ mod tests {
                 }
             })
         }
+    }
+
+    #[test]
+    fn reads_the_expiry_claim() {
+        use base64::Engine as _;
+        let enc = |v: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v);
+        let token = format!(
+            "{}.{}.sig",
+            enc("{\"alg\":\"ES256\"}"),
+            enc("{\"exp\":1764547200,\"aud\":[\"keybrake\"]}")
+        );
+        assert_eq!(jwt_expiry(&token), Some(1_764_547_200));
+        assert_eq!(jwt_expiry("opaque-token"), None);
+        assert_eq!(jwt_expiry(&format!("a.{}.c", enc("{}"))), None);
     }
 
     #[test]

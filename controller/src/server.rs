@@ -28,7 +28,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    auth::{AuthError, Authenticator},
+    auth::{AuthError, Authenticator, jwt_expiry},
     enforcement::{AckError, EnforcementTracker, StreamId},
     index::{PolicyIndex, Scope, ScopeState, diff},
     metrics::Metrics,
@@ -54,6 +54,9 @@ pub struct StreamServer {
     pub auth: Arc<Authenticator>,
     pub metrics: Metrics,
     pub heartbeat: Duration,
+    /// Longest life of one watch stream (also capped by the token's `exp`): the sidecar then
+    /// reconnects and is authenticated again.
+    pub max_stream: Duration,
     /// True once the initial watch sync completed; streams wait for it before their snapshot.
     pub synced: tokio::sync::watch::Receiver<bool>,
     pub audit: Option<Arc<dyn IngestHandler>>,
@@ -180,7 +183,20 @@ impl StreamServer {
         };
         match (method, path.as_str()) {
             (Method::GET, WATCH_PATH) => match since_revision(req.uri().query()) {
-                Ok(since) => self.watch(scope, since).await,
+                Ok(since) => {
+                    let expiry = authorization
+                        .and_then(|h| h.strip_prefix("Bearer "))
+                        .and_then(|t| jwt_expiry(t.trim()));
+                    let token_left = expiry.map(|exp| {
+                        let now = std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .unwrap_or_default()
+                            .as_secs();
+                        Duration::from_secs(exp.saturating_sub(now))
+                    });
+                    let lifetime = token_left.map_or(self.max_stream, |t| t.min(self.max_stream));
+                    self.clone().watch(scope, since, lifetime).await
+                }
                 Err(()) => full(
                     StatusCode::BAD_REQUEST,
                     "sinceRevision must be an integer\n",
@@ -195,7 +211,12 @@ impl StreamServer {
         }
     }
 
-    async fn watch(self: Arc<Self>, scope: Scope, since: u64) -> Response<Body> {
+    async fn watch(
+        self: Arc<Self>,
+        scope: Scope,
+        since: u64,
+        lifetime: Duration,
+    ) -> Response<Body> {
         let mut synced = self.synced.clone();
         let ready = tokio::time::timeout(Duration::from_secs(30), synced.wait_for(|s| *s)).await;
         if !matches!(ready, Ok(Ok(_))) {
@@ -226,7 +247,14 @@ impl StreamServer {
         let server = self.clone();
         tokio::spawn(async move {
             server
-                .pump(scope.clone(), stream_id, sent, &mut subscription, tx)
+                .pump(
+                    scope.clone(),
+                    stream_id,
+                    sent,
+                    &mut subscription,
+                    tx,
+                    lifetime,
+                )
                 .await;
             server.tracker.unregister(stream_id);
             server.metrics.streams_connected.dec();
@@ -259,7 +287,10 @@ impl StreamServer {
         mut sent: Arc<ScopeState>,
         subscription: &mut tokio::sync::watch::Receiver<Arc<ScopeState>>,
         tx: mpsc::Sender<Bytes>,
+        lifetime: Duration,
     ) {
+        let end_of_life = tokio::time::sleep(lifetime);
+        tokio::pin!(end_of_life);
         let mut heartbeat =
             tokio::time::interval_at(tokio::time::Instant::now() + self.heartbeat, self.heartbeat);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -268,6 +299,10 @@ impl StreamServer {
                 biased;
                 () = self.shutdown.cancelled() => return,
                 () = tx.closed() => return,
+                () = &mut end_of_life => {
+                    tracing::debug!(%scope, "stream reached its lifetime; the sidecar reconnects");
+                    return;
+                }
                 changed = subscription.changed() => {
                     if changed.is_err() {
                         return;

@@ -136,6 +136,10 @@ struct Harness {
 
 impl Harness {
     async fn start() -> Harness {
+        Self::start_with(Duration::from_secs(3600)).await
+    }
+
+    async fn start_with(max_stream: Duration) -> Harness {
         let index = Arc::new(PolicyIndex::new(1_000));
         let bytes = |s: &str| BTreeMap::from([("api-key".to_owned(), s.as_bytes().to_vec())]);
         index.upsert_secret("agents", "stripe-live", bytes("sk_live_SECRET_ONE"));
@@ -165,6 +169,7 @@ impl Harness {
             auth: Arc::new(Authenticator::new(Arc::new(FakeReviewer))),
             metrics: Metrics::new(),
             heartbeat: Duration::from_millis(200),
+            max_stream,
             synced: tokio::sync::watch::channel(true).1,
             audit: None,
             shutdown: shutdown.clone(),
@@ -303,5 +308,43 @@ async fn other_scopes_never_receive_the_key_and_bad_tokens_are_refused() {
         (false, StreamClientError::Status { status, .. }) => assert_eq!(status.as_u16(), 401),
         (applied, e) => panic!("expected 401, got {e} (applied={applied})"),
     }
+    h.shutdown.cancel();
+}
+
+#[tokio::test]
+async fn streams_end_at_their_lifetime_and_the_client_resumes_monotonically() {
+    let h = Harness::start_with(Duration::from_millis(300)).await;
+    let id = KeyId::new("agents", "k1");
+    let recorder = Arc::new(Recorder::default());
+    let client = h.client("tok-refund", recorder.clone());
+    let stop = h.shutdown.clone();
+    tokio::spawn(client.run(async move { stop.cancelled().await }));
+    let snapshots = || {
+        recorder
+            .wire
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.starts_with("{\"type\":\"snapshot\""))
+            .count()
+    };
+    poll("three stream lifetimes", || {
+        (snapshots() >= 3).then_some(())
+    })
+    .await;
+    h.index
+        .upsert_vault_key(id.clone(), source("refund", KeyState::Revoked));
+    poll("the revocation after reconnects", || {
+        (recorder.key(&id).map(|g| g.state) == Some(KeyState::Revoked)).then_some(())
+    })
+    .await;
+    let revisions: Vec<u64> = recorder
+        .wire
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|l| serde_json::from_str::<WatchEvent>(l).unwrap().revision())
+        .collect();
+    assert!(revisions.windows(2).all(|w| w[0] <= w[1]), "{revisions:?}");
     h.shutdown.cancel();
 }
