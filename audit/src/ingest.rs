@@ -29,7 +29,7 @@ impl Default for IngestLimits {
 /// Longest accepted row id (a UUID is 36 characters).
 pub const MAX_ID_LEN: usize = 128;
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct IngestReport {
     pub rows: u64,
     pub inserted: u64,
