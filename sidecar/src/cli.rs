@@ -13,6 +13,7 @@ use crate::{
     server::{Deps, Settings, Sidecar},
     standalone::{ConfigWatcher, ProcessEnv},
     store::{Freshness, PolicyStore},
+    stream_client::{StreamClient, StreamClientConfig},
 };
 
 #[derive(Debug, Parser)]
@@ -50,9 +51,27 @@ pub enum AuditMode {
 
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
-    /// Standalone mode: the policy file (YAML). Reloaded when it changes.
-    #[arg(long, env = "KEYBRAKE_CONFIG")]
+    /// Standalone mode: the policy file (YAML or JSON). Reloaded when it changes.
+    #[arg(long, env = "KEYBRAKE_CONFIG", conflicts_with = "controller_url")]
     pub config: Option<PathBuf>,
+    /// Controller mode: the controller's stream endpoint, e.g.
+    /// https://keybrake-controller.keybrake-system.svc:8443.
+    #[arg(long, env = "KEYBRAKE_CONTROLLER_URL")]
+    pub controller_url: Option<String>,
+    /// Controller mode: the projected ServiceAccount token (audience keybrake), re-read per connect.
+    #[arg(long, default_value = "/var/run/secrets/keybrake/token/token")]
+    pub token_file: PathBuf,
+    /// Controller mode: PEM CA bundle of the controller's certificate (platform roots if unset).
+    #[arg(long)]
+    pub ca_file: Option<PathBuf>,
+    /// Controller mode: with no event (heartbeats included) for this long the policy is stale,
+    /// and keys with onStale: Deny fail closed.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub staleness_bound: Duration,
+    /// Audit spool directory, for the audit shipper (accepted now so injected pods start; the
+    /// shipper that uses it is wired by the audit work).
+    #[arg(long)]
+    pub spool_dir: Option<PathBuf>,
     /// How often the policy file is checked for changes.
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     pub reload_interval: Duration,
@@ -70,6 +89,10 @@ pub struct RunArgs {
     pub resend_port: u16,
     #[arg(long, default_value_t = 15020)]
     pub admin_port: u16,
+    /// The admin port's address (0.0.0.0 in a pod so the kubelet can probe it; it serves no
+    /// secrets). The proxy ports always use --listen-addr.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub admin_listen_addr: IpAddr,
     /// Write the bound addresses as JSON to this file once listening (useful with port 0).
     #[arg(long)]
     pub addr_file: Option<PathBuf>,
@@ -126,6 +149,7 @@ impl RunArgs {
                 (Vendor::Resend, self.resend_port),
             ],
             admin_port: self.admin_port,
+            admin_bind: self.admin_listen_addr,
             limits: ProxyLimits {
                 max_body_bytes: self.max_body_bytes,
                 body_read_timeout: self.body_read_timeout,
@@ -166,22 +190,46 @@ pub fn init_logging(format: LogFormat) {
     }
 }
 
-/// Runs the sidecar until SIGINT/SIGTERM, then drains. Standalone mode today (`--config`); the
-/// controller stream client plugs in as another policy source feeding the same store and then
-/// calls [`serve`].
+/// Runs the sidecar until SIGINT/SIGTERM, then drains. The policy comes from a file
+/// (`--config`, standalone mode) or from the controller's watch stream (`--controller-url`);
+/// either way it lands in the same store.
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
-    let config = args.config.clone().context(
-        "no policy source: pass --config FILE (standalone mode); the controller stream is configured separately",
-    )?;
     let metrics = Arc::new(Metrics::new());
-    let store = Arc::new(PolicyStore::new(Freshness::AlwaysFresh));
-    let watcher = ConfigWatcher::start(config.clone(), store.clone(), Box::new(ProcessEnv))
-        .with_context(|| format!("loading {}", config.display()))?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let reload = tokio::spawn(watcher.run(args.reload_interval, stop_rx));
+    let (store, source) = if let Some(config) = args.config.clone() {
+        let store = Arc::new(PolicyStore::new(Freshness::AlwaysFresh));
+        let watcher = ConfigWatcher::start(config.clone(), store.clone(), Box::new(ProcessEnv))
+            .with_context(|| format!("loading {}", config.display()))?;
+        (
+            store,
+            tokio::spawn(watcher.run(args.reload_interval, stop_rx)),
+        )
+    } else if let Some(url) = args.controller_url.clone() {
+        let store = Arc::new(PolicyStore::new(Freshness::StaleAfter(
+            args.staleness_bound,
+        )));
+        let mut config = StreamClientConfig::new(url, args.token_file.clone());
+        config.ca_file = args.ca_file.clone();
+        let client = StreamClient::new(config, store.clone())
+            .context("setting up the policy stream client")?;
+        let mut stop = stop_rx;
+        (
+            store,
+            tokio::spawn(client.run(async move {
+                let _ = stop.wait_for(|stopped| *stopped).await;
+            })),
+        )
+    } else {
+        anyhow::bail!(
+            "no policy source: pass --config FILE (standalone mode) or --controller-url URL"
+        );
+    };
+    if args.spool_dir.is_some() {
+        tracing::info!("--spool-dir is reserved for the audit shipper; audit rows follow --audit");
+    }
     let served = serve(&args, store, metrics).await;
     let _ = stop_tx.send(true);
-    let _ = reload.await;
+    let _ = source.await;
     served
 }
 
@@ -242,6 +290,41 @@ mod tests {
             TokenHash::of("vault_key_abc").to_hex()
         );
         assert!(hash_key("  \n".as_bytes()).is_err());
+    }
+
+    #[test]
+    fn the_injected_controller_mode_flags_parse() {
+        // The flags inject/src/sidecar.rs puts on the sidecar container.
+        let cli = Cli::try_parse_from([
+            "keybrake-sidecar",
+            "--controller-url=https://keybrake-controller.keybrake-system.svc:8443",
+            "--token-file=/var/run/secrets/keybrake/token/token",
+            "--ca-file=/var/run/secrets/keybrake/ca/ca.crt",
+            "--staleness-bound=30s",
+            "--spool-dir=/var/lib/keybrake/spool",
+            "--listen-addr=127.0.0.1",
+            "--proxy-port=15001",
+            "--stripe-port=15002",
+            "--openai-port=15003",
+            "--twilio-port=15004",
+            "--resend-port=15005",
+            "--admin-listen-addr=0.0.0.0",
+            "--admin-port=15020",
+        ])
+        .unwrap();
+        assert_eq!(cli.run.staleness_bound, Duration::from_secs(30));
+        let settings = cli.run.settings();
+        assert_eq!(settings.admin_bind.to_string(), "0.0.0.0");
+        assert_eq!(settings.bind.to_string(), "127.0.0.1");
+        assert!(
+            Cli::try_parse_from([
+                "keybrake-sidecar",
+                "--config=a.yaml",
+                "--controller-url=https://x"
+            ])
+            .is_err(),
+            "one policy source at a time"
+        );
     }
 
     #[test]

@@ -34,6 +34,8 @@ pub struct Settings {
     /// Per-vendor listeners (0 = any free port). Vendors not listed get none.
     pub vendor_ports: Vec<(Vendor, u16)>,
     pub admin_port: u16,
+    /// Address of the admin listener (may be wider than `bind`: it serves no secrets).
+    pub admin_bind: IpAddr,
     pub limits: ProxyLimits,
     /// Slow clients: the request head must arrive within this.
     pub header_read_timeout: Duration,
@@ -57,6 +59,7 @@ impl Default for Settings {
                 (Vendor::Resend, 15005),
             ],
             admin_port: 15020,
+            admin_bind: IpAddr::V4(Ipv4Addr::LOCALHOST),
             limits: ProxyLimits::default(),
             header_read_timeout: Duration::from_secs(10),
             upstream_connect_timeout: Duration::from_secs(10),
