@@ -56,7 +56,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             anyhow::ensure!(db.exists(), "no audit store at {}", db.display());
             let sink = playbook::open(&db).await?;
             for answer in playbook::morning_after(&sink, &key, Timestamp::now()).await? {
-                println!("-- {} ({} rows)", answer.query.title, answer.rows.len());
+                let n = answer.rows.len();
+                println!(
+                    "-- {} ({n} row{})",
+                    answer.query.title,
+                    if n == 1 { "" } else { "s" }
+                );
                 println!("{}\n", answer.render(Some(max_rows)));
             }
         }
