@@ -25,6 +25,8 @@ declare -A TITLE=(
 )
 
 DOC="docs/BENCHMARKS.md"
+# Ctrl-C stops everything: the section's own trap stops what it started.
+trap 'exit 130' INT TERM
 export BENCH_ROOT="$ROOT"
 export BENCH_BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release"
 

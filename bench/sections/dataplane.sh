@@ -195,7 +195,7 @@ for ((round = 0; round < ROUNDS; round++)); do
   for connections in "${CONNECTIONS[@]}"; do
     for via in $(rotate "$round" "${TARGETS[@]}"); do
       out="$LOG/wrk-$via-c$connections-r$round.txt"
-      timeout $((TP_SECONDS + 30)) taskset -c "$LOAD_CORE" wrk -t1 -c"$connections" -d"${TP_SECONDS}s" \
+      timeout --foreground $((TP_SECONDS + 30)) taskset -c "$LOAD_CORE" wrk -t1 -c"$connections" -d"${TP_SECONDS}s" \
         -H "Authorization: ${AUTH[$via]}" "${URL[$via]}" > "$out" 2>&1 || die "wrk failed: $(cat "$out")"
       "$BENCH_BIN/bench-report" wrk --via "$via" --connections "$connections" --round "$round" \
         < "$out" >> "$RESULTS"
@@ -208,7 +208,7 @@ done
 say "latency: ${LAT_RATE} req/s, $LAT_CONNECTIONS connections, $ROUNDS rounds x (${LAT_WARMUP}+${LAT_SECONDS})s"
 for ((round = 0; round < ROUNDS; round++)); do
   for via in $(rotate "$round" "${TARGETS[@]}"); do
-    timeout $((LAT_WARMUP + LAT_SECONDS + 60)) taskset -c "$LOAD_CORE" "$BENCH_BIN/bench-loadgen" \
+    timeout --foreground $((LAT_WARMUP + LAT_SECONDS + 60)) taskset -c "$LOAD_CORE" "$BENCH_BIN/bench-loadgen" \
       --url "${URL[$via]}" -H "Authorization: ${AUTH[$via]}" --expect-body 1024 \
       --rate "$LAT_RATE" --connections "$LAT_CONNECTIONS" --warmup "$LAT_WARMUP" \
       --duration "$LAT_SECONDS" --via "$via" --round "$round" >> "$RESULTS" 2> "$LOG/loadgen-$via-r$round.err" \
@@ -226,7 +226,7 @@ if [[ $SIDECAR == 1 ]]; then
   "$BENCH_BIN/bench-report" rss --via sidecar --keys "$KEYS" --time-output "$BENCH_OUT/sidecar.time" >> "$RESULTS"
   # ---- policy lookup micro-benchmark --------------------------------------------------------
   say "lookup micro-benchmark"
-  timeout 120 taskset -c "$PROXY_CORE" "$BENCH_BIN/bench-lookup" --config "$BENCH_OUT/sidecar-policy.yaml" >> "$RESULTS"
+  timeout --foreground 120 taskset -c "$PROXY_CORE" "$BENCH_BIN/bench-lookup" --config "$BENCH_OUT/sidecar-policy.yaml" >> "$RESULTS"
 fi
 
 {
