@@ -12,12 +12,21 @@ use crate::metrics::Metrics;
 pub trait AuditSink: Send + Sync {
     /// Queues one row. Never blocks; a full queue drops (and counts) the row.
     fn submit(&self, row: AuditRow);
+
+    /// `false` lets the proxy skip building rows nobody keeps.
+    fn wants_rows(&self) -> bool {
+        true
+    }
 }
 
 pub struct NoopAudit;
 
 impl AuditSink for NoopAudit {
     fn submit(&self, _row: AuditRow) {}
+
+    fn wants_rows(&self) -> bool {
+        false
+    }
 }
 
 /// JSON lines on stdout, written by a background task from a bounded queue.

@@ -144,10 +144,16 @@ impl Proxy {
             .lookup(&TokenHash::of(&credential.token))
             // A key is only valid on its own vendor's route, so it can never reach another upstream.
             .filter(|e| e.grant.vendor == vendor)
-            .ok_or(Refusal::policy(Denied::new(
-                Verdict::KeyUnknown,
-                "unknown_token",
-            )))?;
+            .ok_or_else(|| {
+                // Before the first policy arrives no key is known yet: say "try again", not
+                // "your key is bad" (which SDKs treat as final).
+                let denied = if self.store.is_loaded() {
+                    Denied::new(Verdict::KeyUnknown, "unknown_token")
+                } else {
+                    Denied::new(Verdict::PolicyStale, "no_policy_loaded")
+                };
+                Refusal::policy(denied)
+            })?;
         call.entry = Some(entry.clone());
         let grant = &entry.grant;
 
@@ -266,20 +272,23 @@ impl Proxy {
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
         let observer = Box::new(Completion {
-            row: self.row(
-                call,
-                Verdict::Allow,
-                None,
-                i32::from(head.status.as_u16()),
-                request_id,
-            ),
+            row: self.audit.wants_rows().then(|| {
+                self.row(
+                    call,
+                    Verdict::Allow,
+                    None,
+                    i32::from(head.status.as_u16()),
+                    request_id,
+                )
+            }),
+            entry: entry.clone(),
+            estimate: call.estimate,
             status: head.status,
             reservation,
             estimate_is_cost: module.preflight_is_cost_estimate(),
             ledger: self.ledger.clone(),
             audit: self.audit.clone(),
             metrics: self.metrics.clone(),
-            agent: grant.agent.name.clone(),
             clock: call.clock,
         });
         self.count(call, Verdict::Allow);
@@ -327,7 +336,7 @@ impl Proxy {
             "call refused"
         );
         self.count(call, refusal.denied.verdict);
-        if call.vendor.is_some() {
+        if call.vendor.is_some() && self.audit.wants_rows() {
             self.audit.submit(self.row(
                 call,
                 refusal.denied.verdict,
@@ -456,57 +465,62 @@ fn upstream_uri(base_url: &str, path: &str, query: Option<&str>) -> Option<Uri> 
 /// Runs when an allowed call's response body ends: settles the reservation, counts cost, writes
 /// the audit row.
 struct Completion {
-    row: AuditRow,
+    /// `None` when the audit sink takes no rows (then none is built).
+    row: Option<AuditRow>,
+    entry: Arc<KeyEntry>,
+    /// The pre-flight estimate (the reservation holds it too when a daily cap is set).
+    estimate: Option<Usd>,
     status: StatusCode,
     reservation: Option<Reservation>,
     estimate_is_cost: bool,
     ledger: Arc<dyn SpendLedger>,
     audit: Arc<dyn AuditSink>,
     metrics: Arc<Metrics>,
-    agent: String,
     clock: tokio::time::Instant,
 }
 
 impl StreamObserver for Completion {
     fn finish(self: Box<Self>, end: StreamEnd, _bytes: u64) {
         let Completion {
-            mut row,
+            row,
+            entry,
+            estimate,
             status,
             reservation,
             estimate_is_cost,
             ledger,
             audit,
             metrics,
-            agent,
             clock,
         } = *self;
         // The vendor refused the call: no money moved. Otherwise, until response cost parsing
         // lands, the pre-flight estimate is the cost (Twilio segments, Resend recipients, Stripe
         // USD amount).
         let charged = status.is_success();
-        let cost = match reservation.as_ref().map(|r| r.amount) {
+        let cost = match estimate {
             _ if !charged => Some(Usd::ZERO),
             Some(amount) if estimate_is_cost => Some(amount),
             _ => None,
         };
-        if let Some(reservation) = reservation {
-            row.cap_usage_after_usd = Some(ledger.settle(reservation, cost));
-        }
-        if charged
-            && estimate_is_cost
-            && let Some(cost) = cost.filter(|c| *c > Usd::ZERO)
-        {
-            row.cost_usd_parsed = Some(cost);
-            row.cost_source = CostSource::Estimated;
-            let (ns, key) = row
-                .vault_key_id
-                .as_deref()
-                .and_then(|id| id.split_once('/'))
-                .unwrap_or(("", ""));
+        let usage_after = reservation.map(|r| ledger.settle(r, cost));
+        let charged_cost = cost.filter(|c| charged && estimate_is_cost && *c > Usd::ZERO);
+        if let Some(cost) = charged_cost {
+            let grant = &entry.grant;
             metrics
                 .cost_usd
-                .with_label_values(&[ns, agent.as_str(), key, row.vendor.as_str()])
+                .with_label_values(&[
+                    grant.id.namespace(),
+                    grant.agent.name.as_str(),
+                    grant.id.name(),
+                    grant.vendor.as_str(),
+                ])
                 .inc_by(cost.micros() as f64 / 1e6);
+        }
+        let Some(mut row) = row else { return };
+        row.cap_usage_after_usd = usage_after;
+        if let Some(cost) = charged_cost {
+            row.cost_usd_parsed = Some(cost);
+            row.cost_source = CostSource::Estimated;
         }
         if end != StreamEnd::Complete {
             row.verdict_reason = Some(format!("response_{end:?}").to_ascii_lowercase());

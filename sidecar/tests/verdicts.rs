@@ -308,6 +308,22 @@ async fn every_verdict_for_every_vendor() {
                 assert_eq!(seen.target, s.path);
                 assert_eq!(row.vendor_status, i32::from(response.status));
                 assert_eq!(row.operation.as_deref(), Some(case.allowed_op));
+                // Until response parsing lands, Twilio segments and Resend recipients are the
+                // (estimated) cost; OpenAI's max-tokens bound is not a cost.
+                match vendor {
+                    Vendor::Twilio | Vendor::Resend => {
+                        assert_eq!(
+                            row.cost_source,
+                            keybrake_api::audit::CostSource::Estimated,
+                            "{what}"
+                        );
+                        assert!(row.cost_usd_parsed.unwrap() > keybrake_api::Usd::ZERO);
+                    }
+                    Vendor::Openai => {
+                        assert_eq!(row.cost_source, keybrake_api::audit::CostSource::None)
+                    }
+                    _ => {}
+                }
             } else {
                 assert_eq!(
                     response.status,
@@ -330,6 +346,17 @@ async fn every_verdict_for_every_vendor() {
                 }
             }
         }
+    }
+    let metrics = raw(h.admin, &request("GET", "/metrics", &[], b""))
+        .await
+        .unwrap();
+    let text = String::from_utf8(metrics.body).unwrap();
+    for line in [
+        r#"keybrake_cost_usd_total{agent="test-agent",namespace="agents",vault_key="twilio-allow",vendor="twilio"} 0.0083"#,
+        r#"keybrake_cost_usd_total{agent="test-agent",namespace="agents",vault_key="resend-allow",vendor="resend"} 0.0009"#,
+        r#"keybrake_cost_usd_total{agent="test-agent",namespace="agents",vault_key="stripe-allow",vendor="stripe"} 5"#,
+    ] {
+        assert!(text.contains(line), "missing {line} in\n{text}");
     }
     h.sidecar.take().unwrap().shutdown().await;
 }
