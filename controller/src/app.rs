@@ -186,6 +186,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         ),
         metrics: metrics.clone(),
         leader: leader_rx,
+        synced: synced_rx.clone(),
         gc_grace: (config.gc_grace_secs > 0).then(|| Duration::from_secs(config.gc_grace_secs)),
     });
     let (controller_keys, controller_secrets) = scoped(&client);

@@ -62,13 +62,16 @@ pub struct Context {
     pub recorder: Recorder,
     pub metrics: Metrics,
     pub leader: watch::Receiver<bool>,
+    /// True once the index holds the initial lists of VaultKeys and Secrets.
+    pub synced: watch::Receiver<bool>,
     /// Expired keys are deleted this long after expiry; `None` keeps them.
     pub gc_grace: Option<Duration>,
 }
 
 async fn reconcile(vk: Arc<VaultKey>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
-    if !*ctx.leader.borrow() {
-        // Followers keep their hands off; gaining the lease re-runs every key.
+    if !*ctx.leader.borrow() || !*ctx.synced.borrow() {
+        // Followers keep their hands off, and so does a leader whose index is not synced yet;
+        // becoming leader and synced re-runs every key.
         return Ok(Action::await_change());
     }
     if vk.metadata.deletion_timestamp.is_some() {
@@ -258,16 +261,25 @@ pub async fn run_controller(
     secrets: Api<Secret>,
     shutdown: CancellationToken,
 ) {
-    let mut leader = ctx.leader.clone();
-    let gained = futures::stream::unfold(leader.clone(), |mut rx| async move {
-        loop {
-            rx.changed().await.ok()?;
-            if *rx.borrow_and_update() {
-                return Some(((), rx));
+    // Every key is looked at again whenever this replica becomes able to act: leader and
+    // synced (before the initial lists, a missing Secret may only be not-yet-seen).
+    let gained = futures::stream::unfold(
+        (ctx.leader.clone(), ctx.synced.clone(), false),
+        |(mut leader, mut synced, mut was_able)| async move {
+            loop {
+                tokio::select! {
+                    changed = leader.changed() => changed.ok()?,
+                    changed = synced.changed() => changed.ok()?,
+                }
+                let able = *leader.borrow_and_update() && *synced.borrow_and_update();
+                let became_able = able && !was_able;
+                was_able = able;
+                if became_able {
+                    return Some(((), (leader, synced, was_able)));
+                }
             }
-        }
-    });
-    let _ = leader.borrow_and_update();
+        },
+    );
     let index = ctx.index.clone();
     let from_index = futures::stream::unfold(index, |index| async move {
         let batch = index.changed_keys().await;
