@@ -52,12 +52,18 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-need() { command -v "$1" >/dev/null || die "$1 is missing: $2"; }
-need taskset "apt-get install util-linux"
-need wrk "apt-get update && apt-get install -y wrk"
-need nginx "apt-get update && apt-get install -y nginx-light"
-need curl "apt-get install -y curl"
-[[ -x /usr/bin/time ]] || die "/usr/bin/time is missing: apt-get install -y time"
+# Debian packages this section needs; installed when missing (the machines run as root).
+declare -A PACKAGE=([wrk]=wrk [nginx]=nginx-light [curl]=curl [taskset]=util-linux [/usr/bin/time]=time)
+missing=()
+for tool in "${!PACKAGE[@]}"; do
+  command -v "$tool" >/dev/null || PATH="$PATH:/usr/sbin" command -v "$tool" >/dev/null || missing+=("${PACKAGE[$tool]}")
+done
+if [[ ${#missing[@]} -gt 0 ]]; then
+  say "installing ${missing[*]} (apt-get)"
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"; } > "$LOG/apt.log" 2>&1 \
+    || die "could not install ${missing[*]}: run apt-get update && apt-get install -y ${missing[*]} (log: $LOG/apt.log)"
+fi
+export PATH="$PATH:/usr/sbin"
 [[ $(nproc) -ge 2 ]] || die "needs 2 cores (load on core $LOAD_CORE, proxy on core $PROXY_CORE)"
 
 port_free() { [[ -z "$(ss -ltnH "sport = :$1" 2>/dev/null)" ]]; }
