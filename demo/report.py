@@ -227,11 +227,24 @@ def wait_denied(a):
     return 1
 
 
+def count_rows(a):
+    if a.db:
+        import sqlite3
+        if not Path(a.db).exists():
+            return 0
+        try:
+            with sqlite3.connect(f"file:{a.db}?mode=ro", uri=True, timeout=1) as conn:
+                return conn.execute("SELECT COUNT(*) FROM agent_call_audit").fetchone()[0]
+        except sqlite3.Error:
+            return 0  # not created or migrated yet
+    return len(load_json_lines(a.rows))
+
+
 def wait_rows(a):
     deadline = time.monotonic() + a.deadline
     n = 0
     while time.monotonic() < deadline:
-        n = len(load_json_lines(a.rows))
+        n = count_rows(a)
         if n >= a.count:
             return 0
         time.sleep(0.05)  # polling interval of a bounded wait
@@ -274,6 +287,9 @@ def timeline(a):
     summary = {
         "patch_returned_ms": t,
         "first_denied_answered_after_ms": x,
+        # What the operator lives through: from running `kubectl patch` to the first denied call.
+        # (Measured from the patch's start because the sidecar can deny before kubectl returns.)
+        "revoke_ms": (first_denied["answered_ms"] - a.patch_sent_ms) if first_denied else None,
         "first_denied_sent_after_ms": (first_denied["sent_ms"] - t) if first_denied else None,
         "last_allowed_sent_after_ms": (last_allowed["sent_ms"] - t) if last_allowed else None,
         "leaked": len(leaked),
@@ -290,6 +306,7 @@ def timeline(a):
         "status_ok": bool(a.status_ok),
     }
     lines = [
+        ["kubectl patch started", rel(a.patch_sent_ms), ""],
         ["patch returned", "t", ""],
         ["first denied call answered", rel(first_denied["answered_ms"]) if first_denied else "never",
          f"verdict {first_denied['verdict']}, sent at {rel(first_denied['sent_ms'])}" if first_denied else ""],
@@ -301,6 +318,8 @@ def timeline(a):
          "status.enforcement.lastPropagationMs: API write → sidecar ack"],
     ]
     print(table(["", "when", ""], lines, right={1}))
+    if x is not None and x <= 0:
+        print("  (the sidecar denied before kubectl even returned: the controller's watch saw the write first)")
     Path(a.out).write_text(json.dumps(summary))
     return 0
 
@@ -311,11 +330,11 @@ def compare(a):
     s = json.loads(Path(a.summary).read_text())
     spike_result = json.loads(Path(a.spike_result).read_text()) if a.spike_result and Path(a.spike_result).exists() else None
     interval = s["interval_ms"] / 1000
-    x = s["first_denied_answered_after_ms"]
+    x = s["revoke_ms"]
     avg = s["avg_refund_usd"]
     rows = []
     if x is not None:
-        rows.append(["Keybrake revoke (this run)", ms(x), "-", str(s["leaked"]), "-",
+        rows.append(["Keybrake: kubectl patch → first denied call", ms(x), "-", str(s["leaked"]), "-",
                      f"${s['leaked'] * avg:,.2f}", "-"])
     for name, median, p95 in VENDORS:
         lm, lp = math.floor(median / interval), math.floor(p95 / interval)
@@ -344,7 +363,7 @@ def compare(a):
         return 1
     stripe_leak = math.floor(VENDORS[0][1] / interval)
     prop = f", controller → sidecar {s['propagation_ms']} ms" if s.get("propagation_ms") is not None else ""
-    print(f"VERDICT: PASS — revoked in {x:,.0f} ms (patch → first denied call{prop}), {s['leaked']} calls leaked, "
+    print(f"VERDICT: PASS — revoked in {x:,.0f} ms (kubectl patch → first denied call{prop}), {s['leaked']} calls leaked, "
           f"{s['phase']} and enforced by {s['enforced']} sidecars; rotating at Stripe would have leaked ~{stripe_leak} at its median.")
     return 0
 
@@ -371,7 +390,8 @@ def main():
     d.add_argument("--count", type=int, default=1)
     d.add_argument("--deadline", type=float, default=10)
     r = sub.add_parser("wait-rows")
-    r.add_argument("--rows", required=True)
+    r.add_argument("--rows", help="an NDJSON file of rows")
+    r.add_argument("--db", help="a SQLite audit store")
     r.add_argument("--count", type=int, required=True)
     r.add_argument("--deadline", type=float, default=10)
     t = sub.add_parser("timeline")

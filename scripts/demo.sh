@@ -146,7 +146,7 @@ missing=0
 for b in "${k8s_bins[@]}"; do [[ -x $b ]] || missing=1; done
 if ((missing)); then
   say "Kubernetes test binaries: not cached yet, building etcd $ETCD_VERSION, kube-apiserver + kubectl $K8S_VERSION"
-  say "and helm $HELM_VERSION from Go modules (ONE TIME: about 5 min on 2 cores; cached in $CACHE/bin)"
+  say "and helm $HELM_VERSION from Go modules (ONE TIME: about 5 min on 2 cores; cached in ${CACHE/#"$HOME"/\~}/bin)"
   t=$(date +%s%3N)
   e2e/scripts/build-k8s.sh all 2>&1 | indent
   say "one-time Kubernetes build took $(took "$t")"
@@ -157,7 +157,7 @@ fi
 t=$(date +%s%3N)
 if STRIPE_MOCK=$(scripts/build-stripe-mock.sh 2> >(indent >&2)); then
   STRIPE_KIND=stripe-mock
-  say "Stripe upstream: stripe-mock, Stripe's own mock API server ($(took "$t"))"
+  say "Stripe upstream: stripe-mock, Stripe's own mock API server, built from its Go module ($(took "$t"))"
 else
   STRIPE_KIND=fake
   say "Stripe upstream: stripe-mock did not build; using the testkit's faithful fake Stripe"
@@ -165,7 +165,7 @@ fi
 
 t=$(date +%s%3N)
 PROMTOOL=$(scripts/install-promtool.sh)
-say "promtool: ${PROMTOOL} ($(took "$t"))"
+say "promtool: ${PROMTOOL/#"$HOME"/\~} ($(took "$t"))"
 
 t=$(date +%s%3N)
 say "cargo build: keybrake-controller, keybrake-sidecar, keybrake-cluster, keybrake-demo-audit"
@@ -221,7 +221,8 @@ kubectl apply -f "$RUN/incident.yaml" | indent
 
 t=$(date +%s%3N)
 spawn controller "$RUN/bin/keybrake-controller" --stream-addr 127.0.0.1:0 --admin-addr 127.0.0.1:0 \
-  --tls-ca-out "$RUN/controller-ca.pem" --lease-namespace "$NS" --watch-namespace "$NS"
+  --tls-ca-out "$RUN/controller-ca.pem" --lease-namespace "$NS" --watch-namespace "$NS" \
+  --audit-sink "sqlite://$RUN/audit.db"
 started controller "the controller" 30 grep -q 'listening stream=' "$RUN/controller.out" || die "the controller did not start"
 CONTROLLER_STREAM=$(sed -n 's/.*listening stream=\([^ ]*\).*/\1/p' "$RUN/controller.out")
 CONTROLLER_ADMIN=$(sed -n 's/.*admin=\([^ ]*\).*/\1/p' "$RUN/controller.out")
@@ -236,11 +237,21 @@ say "vault key minted into Secret $VK-token: vault_key_… ($(wc -c <"$RUN/vault
 (umask 077 && kubectl create token "$SA" -n "$NS" --audience keybrake --duration 1h >"$RUN/sa-token")
 say "sidecar identity: kubectl create token $SA --audience keybrake (TokenReview'd by the controller)"
 
+# Audit rows: shipped by the sidecar to the controller's POST /v1/audit, written by the controller
+# into SQLite. A sidecar without that pipeline prints them as JSON lines instead, and the demo
+# loads those into the same SQLite store with the controller's ingest code.
+if "$RUN/bin/keybrake-sidecar" --help 2>/dev/null | grep -q -- '--audit-flush-timeout'; then
+  AUDIT_VIA=controller
+  audit_args=(--audit controller --spool-dir "$RUN/audit-spool")
+else
+  AUDIT_VIA=stdout
+  audit_args=(--audit stdout)
+fi
 t=$(date +%s%3N)
 spawn sidecar "$RUN/bin/keybrake-sidecar" \
   --controller-url "https://$CONTROLLER_STREAM" --token-file "$RUN/sa-token" --ca-file "$RUN/controller-ca.pem" \
   --proxy-port 0 --stripe-port 0 --openai-port 0 --twilio-port 0 --resend-port 0 --admin-port 0 \
-  --addr-file "$RUN/sidecar-addrs.json" --audit stdout --pod-name refund-agent-7d9f-demo
+  --addr-file "$RUN/sidecar-addrs.json" "${audit_args[@]}" --pod-name refund-agent-7d9f-demo
 started sidecar "the sidecar" 30 test -s "$RUN/sidecar-addrs.json" || die "the sidecar did not start"
 read -r SIDECAR_STRIPE SIDECAR_ADMIN < <("$PY" -c '
 import json, sys
@@ -289,29 +300,43 @@ revoked_and_enforced() {
 import json, sys
 s = json.load(open(sys.argv[1])).get("status") or {}
 e = s.get("enforcement") or {}
-sys.exit(0 if s.get("phase") == "Revoked" and e.get("sidecars") == 1 and e.get("acknowledged") == 1 else 1)' "$RUN/vk.json"
+propagated = any(c.get("type") == "Propagated" and c.get("status") == "True" for c in s.get("conditions") or [])
+sys.exit(0 if s.get("phase") == "Revoked" and e.get("sidecars") == 1 and e.get("acknowledged") == 1 and propagated else 1)' "$RUN/vk.json"
 }
-if poll "kubectl get vk to show Revoked, enforced by 1/1" 30 revoked_and_enforced; then STATUS_OK=1; fi
+if poll "kubectl get vk to show Revoked, enforced by 1/1 (Propagated)" 30 revoked_and_enforced; then STATUS_OK=1; fi
 kubectl get vaultkey "$VK" -n "$NS" -o json >"$RUN/vk.json"
-say "\$ kubectl get vk -n $NS"
-kubectl get vk -n "$NS" | indent
-echo
 "$PY" demo/report.py timeline --log "$RUN/agent-calls.jsonl" --patch-sent-ms "$PATCH_SENT_MS" \
   --patch-returned-ms "$PATCH_RETURNED_MS" --patch-sent-iso "$PATCH_SENT_ISO" --patch-returned-iso "$PATCH_RETURNED_ISO" \
   --interval-ms "$INTERVAL_MS" --tolerance-ms "$TOLERANCE_MS" --vk-json "$RUN/vk.json" --status-ok "$STATUS_OK" \
   --out "$RUN/summary.json"
+echo
+say "\$ kubectl get vk -n $NS"
+kubectl get vk -n "$NS" | indent
+if ((STATUS_OK)); then
+  say "condition Propagated: $(kubectl get vaultkey "$VK" -n "$NS" -o jsonpath='{.status.conditions[?(@.type=="Propagated")].message}')"
+fi
 
 # ------------------------------------------------------------------ 5. morning after
 
 step "the morning after: the audit trail (agent_call_audit in SQLite)"
 CALLS=$(grep -c . "$RUN/agent-calls.jsonl" || true)
-if "$PY" demo/report.py wait-rows --rows "$RUN/sidecar.out" --count "$CALLS" --deadline 10; then
-  say "every call has its audit row: $CALLS calls, $CALLS rows (sidecar → JSON lines → ingest → SQLite)"
+REL_RUN=${RUN#"$ROOT"/}
+if [[ $AUDIT_VIA == controller ]]; then
+  if "$PY" demo/report.py wait-rows --db "$RUN/audit.db" --count "$CALLS" --deadline 20; then
+    say "every call has its audit row: $CALLS calls, $CALLS rows (sidecar → HTTP/2 POST /v1/audit → controller → SQLite)"
+  else
+    fail "audit rows missing: the agent made $CALLS calls (see $REL_RUN/sidecar.log, controller.log)"
+  fi
 else
-  fail "audit rows missing: the agent made $CALLS calls"
+  say "(this sidecar build has no audit shipper: rows come from its --audit stdout JSON lines)"
+  if "$PY" demo/report.py wait-rows --rows "$RUN/sidecar.out" --count "$CALLS" --deadline 10; then
+    say "every call has its audit row: $CALLS calls, $CALLS rows (sidecar → JSON lines → ingest → SQLite)"
+  else
+    fail "audit rows missing: the agent made $CALLS calls"
+  fi
+  (cd "$ROOT" && "$RUN/bin/keybrake-demo-audit" load --db "$REL_RUN/audit.db" "$REL_RUN/sidecar.out") | indent
 fi
-"$RUN/bin/keybrake-demo-audit" load --db "$RUN/audit.db" "$RUN/sidecar.out" | indent
-say "queries from docs/audit.md, run unchanged (sqlite3 $RUN/audit.db):"
+say "queries from docs/audit.md (audit/src/queries.rs), run unchanged; by hand: sqlite3 $REL_RUN/audit.db"
 echo
 "$RUN/bin/keybrake-demo-audit" playbook --db "$RUN/audit.db" --key "$NS/$VK" --max-rows 8 | indent
 

@@ -1,13 +1,34 @@
-//! The audit seam: after each call the proxy hands one [`AuditRow`] to an [`AuditSink`]. The
-//! sink must not block the request path. Built in: [`NoopAudit`] and [`JsonLinesAudit`] (a
-//! bounded queue drained to stdout by a task). The audit work plugs the SQLite/PostgreSQL sinks
-//! and the controller shipper in behind the same trait.
-use std::{io::Write, sync::Arc};
+//! The audit seam: after each call the proxy hands one [`AuditRow`] to an [`AuditSink`], which
+//! must never block the request path.
+//!
+//! [`AuditPipeline`] is the real one: rows go into keybrake-audit's bounded queue (a full queue
+//! drops the row and counts it in `keybrake_audit_dropped_rows_total`); a background task drains
+//! the queue in batches to the [`AuditTarget`]:
+//! - standalone mode: a sink (`sqlite:///path`, `postgres://…`, `stdout`) written directly;
+//! - controller mode: the controller's `POST /v1/audit` over HTTP/2 + TLS, bearer = the projected
+//!   ServiceAccount token. With a spool directory, batches the controller cannot take go to disk
+//!   (bounded) and are replayed in order once it answers again.
+//!
+//! Shutdown ([`AuditPipeline::shutdown`]) closes the queue and waits, bounded, for it to drain.
+use std::{
+    path::PathBuf,
+    sync::{
+        Arc, RwLock,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use keybrake_api::audit::AuditRow;
-use tokio::sync::mpsc;
-
-use crate::metrics::Metrics;
+use keybrake_audit::{
+    AnySink, SinkConfig, SinkError,
+    metrics::AuditMetrics,
+    queue::{self, AuditQueue, QueueReceiver},
+    shipper::{Shipper, ShipperConfig},
+    spool::{Spool, SpoolConfig, SpoolError},
+    transport::{HttpTransport, SinkTransport, TokenFile, Transport, TransportError},
+};
+use tokio::{sync::mpsc, task::JoinHandle};
 
 pub trait AuditSink: Send + Sync {
     /// Queues one row. Never blocks; a full queue drops (and counts) the row.
@@ -29,45 +50,268 @@ impl AuditSink for NoopAudit {
     }
 }
 
-/// JSON lines on stdout, written by a background task from a bounded queue.
-pub struct JsonLinesAudit {
-    tx: mpsc::Sender<AuditRow>,
-    metrics: Arc<Metrics>,
-}
-
-impl JsonLinesAudit {
-    /// Must be called inside a Tokio runtime (spawns the writer task).
-    pub fn spawn(capacity: usize, metrics: Arc<Metrics>) -> Self {
-        let (tx, mut rx) = mpsc::channel::<AuditRow>(capacity.max(1));
-        let depth = metrics.audit_queue_depth.clone();
-        tokio::spawn(async move {
-            while let Some(row) = rx.recv().await {
-                depth.dec();
-                let mut line = serde_json::to_vec(&row).unwrap_or_default();
-                line.push(b'\n');
-                // stdout is a pipe to the log collector; a write error there has nowhere to go.
-                let _ = std::io::stdout().lock().write_all(&line);
-            }
-        });
-        JsonLinesAudit { tx, metrics }
-    }
-}
-
-impl AuditSink for JsonLinesAudit {
-    fn submit(&self, row: AuditRow) {
-        match self.tx.try_send(row) {
-            Ok(()) => self.metrics.audit_queue_depth.inc(),
-            Err(_) => self.metrics.audit_dropped.inc(),
-        }
-    }
-}
-
 /// A sink that hands rows to a channel: tests and in-process consumers read them.
 pub struct ChannelAudit(pub mpsc::UnboundedSender<AuditRow>);
 
 impl AuditSink for ChannelAudit {
     fn submit(&self, row: AuditRow) {
         let _ = self.0.send(row);
+    }
+}
+
+/// Where audit rows go.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AuditTarget {
+    /// Discard rows (metrics still count every call).
+    None,
+    /// Standalone mode: write to this sink directly.
+    Sink(SinkConfig),
+    /// Controller mode: ship to `<base_url>/v1/audit`.
+    Controller {
+        base_url: String,
+        ca_file: PathBuf,
+        token_file: PathBuf,
+    },
+}
+
+#[derive(Clone, Debug)]
+pub struct AuditConfig {
+    pub target: AuditTarget,
+    /// Rows the in-memory queue holds before new rows are dropped.
+    pub queue_capacity: usize,
+    /// Disk spool for rows the destination could not take (`None`: retry from memory only).
+    pub spool: Option<SpoolConfig>,
+    pub shipper: ShipperConfig,
+    /// One send to the controller gives up after this long (then retried or spooled).
+    pub send_timeout: Duration,
+    /// How long shutdown waits for queued rows to be delivered (or spooled).
+    pub flush_timeout: Duration,
+}
+
+impl AuditConfig {
+    pub fn new(target: AuditTarget) -> AuditConfig {
+        AuditConfig {
+            target,
+            queue_capacity: 10_000,
+            spool: None,
+            shipper: ShipperConfig::default(),
+            send_timeout: Duration::from_secs(10),
+            flush_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuditSetupError {
+    #[error("opening the audit sink: {0}")]
+    Sink(#[from] SinkError),
+    #[error("opening the audit spool: {0}")]
+    Spool(#[from] SpoolError),
+    #[error("reading the controller CA {path}: {source}")]
+    Ca {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("audit transport: {0}")]
+    Transport(#[from] TransportError),
+}
+
+/// The request path's end of the pipeline. Closing it (at shutdown) drops the queue's sender so
+/// the delivery task sees the end of the rows even if a straggling connection still holds this.
+struct QueuedAudit {
+    queue: RwLock<Option<AuditQueue>>,
+    metrics: AuditMetrics,
+}
+
+impl AuditSink for QueuedAudit {
+    fn submit(&self, row: AuditRow) {
+        let queue = self.queue.read().unwrap_or_else(|p| p.into_inner());
+        match queue.as_ref() {
+            // A full queue is counted and logged by the queue itself.
+            Some(q) => {
+                let _ = q.record(row);
+            }
+            None => self.metrics.dropped_rows.inc(),
+        }
+    }
+}
+
+impl QueuedAudit {
+    fn close(&self) {
+        self.queue.write().unwrap_or_else(|p| p.into_inner()).take();
+    }
+}
+
+/// The running audit pipeline: hand [`AuditPipeline::sink`] to the proxy, call
+/// [`AuditPipeline::shutdown`] after the proxy has drained.
+pub struct AuditPipeline {
+    sink: Arc<dyn AuditSink>,
+    queued: Option<Arc<QueuedAudit>>,
+    delivery: Option<JoinHandle<()>>,
+    flush_timeout: Duration,
+    metrics: AuditMetrics,
+    /// Rows taken off the queue but not yet delivered, when there is no spool to hold them.
+    in_hand: Arc<AtomicU64>,
+}
+
+impl AuditPipeline {
+    /// Opens the destination (and the spool) and starts the delivery task. Must run inside a
+    /// Tokio runtime.
+    pub async fn start(
+        config: AuditConfig,
+        metrics: AuditMetrics,
+    ) -> Result<AuditPipeline, AuditSetupError> {
+        let in_hand = Arc::new(AtomicU64::new(0));
+        let transport: Option<SpawnDelivery> = match &config.target {
+            AuditTarget::None => None,
+            AuditTarget::Sink(sink) => {
+                let sink = AnySink::open(sink).await?;
+                Some(delivery(SinkTransport(sink), &config, &metrics, &in_hand)?)
+            }
+            AuditTarget::Controller {
+                base_url,
+                ca_file,
+                token_file,
+            } => {
+                let ca_pem = std::fs::read(ca_file).map_err(|source| AuditSetupError::Ca {
+                    path: ca_file.clone(),
+                    source,
+                })?;
+                let transport = HttpTransport::new(
+                    base_url,
+                    &ca_pem,
+                    Arc::new(TokenFile(token_file.clone())),
+                    config.send_timeout,
+                )?;
+                Some(delivery(transport, &config, &metrics, &in_hand)?)
+            }
+        };
+        let Some(spawn_delivery) = transport else {
+            return Ok(AuditPipeline {
+                sink: Arc::new(NoopAudit),
+                queued: None,
+                delivery: None,
+                flush_timeout: config.flush_timeout,
+                metrics,
+                in_hand,
+            });
+        };
+        let (queue, receiver) = queue::channel(config.queue_capacity, metrics.clone());
+        let queued = Arc::new(QueuedAudit {
+            queue: RwLock::new(Some(queue)),
+            metrics: metrics.clone(),
+        });
+        Ok(AuditPipeline {
+            sink: queued.clone(),
+            queued: Some(queued),
+            delivery: Some(spawn_delivery(receiver)),
+            flush_timeout: config.flush_timeout,
+            metrics,
+            in_hand,
+        })
+    }
+
+    /// The proxy's sink.
+    pub fn sink(&self) -> Arc<dyn AuditSink> {
+        self.sink.clone()
+    }
+
+    /// Stops taking rows and waits up to the flush timeout for the queued ones to be delivered
+    /// (or spooled, in controller mode with a spool). Rows still queued after that are lost and
+    /// counted as dropped.
+    pub async fn shutdown(mut self) {
+        let Some(queued) = self.queued.take() else {
+            return;
+        };
+        queued.close();
+        let Some(mut delivery) = self.delivery.take() else {
+            return;
+        };
+        match tokio::time::timeout(self.flush_timeout, &mut delivery).await {
+            Ok(_) => tracing::info!("audit queue flushed"),
+            Err(_) => {
+                delivery.abort();
+                let left = self.metrics.queue_depth.get().max(0) as u64
+                    + self.in_hand.load(Ordering::Relaxed);
+                self.metrics.dropped_rows.inc_by(left);
+                tracing::error!(
+                    dropped_rows = left,
+                    timeout = ?self.flush_timeout,
+                    "audit queue not flushed in time; rows still queued are lost"
+                );
+            }
+        }
+    }
+}
+
+type SpawnDelivery = Box<dyn FnOnce(QueueReceiver) -> JoinHandle<()>>;
+
+/// Prepares the delivery task for `transport`: the keybrake-audit shipper when a spool is
+/// configured, else a retry-from-memory loop.
+fn delivery<T: Transport>(
+    transport: T,
+    config: &AuditConfig,
+    metrics: &AuditMetrics,
+    in_hand: &Arc<AtomicU64>,
+) -> Result<SpawnDelivery, AuditSetupError> {
+    let shipper_config = config.shipper.clone();
+    match &config.spool {
+        Some(spool_config) => {
+            let spool = Spool::open(spool_config.clone(), metrics.clone())?;
+            Ok(Box::new(move |receiver| {
+                tokio::spawn(async move {
+                    let report = Shipper::new(transport, receiver, spool, shipper_config)
+                        .run()
+                        .await;
+                    tracing::info!(?report, "audit shipper stopped");
+                })
+            }))
+        }
+        None => {
+            let metrics = metrics.clone();
+            let in_hand = in_hand.clone();
+            Ok(Box::new(move |receiver| {
+                tokio::spawn(deliver_from_memory(
+                    transport,
+                    receiver,
+                    shipper_config,
+                    metrics,
+                    in_hand,
+                ))
+            }))
+        }
+    }
+}
+
+/// No spool: each batch is retried (with backoff) until the destination takes it, while new
+/// rows wait in the bounded queue (and are dropped, counted, once it is full). A batch the
+/// destination refuses as malformed is dropped and counted.
+async fn deliver_from_memory<T: Transport>(
+    transport: T,
+    mut receiver: QueueReceiver,
+    config: ShipperConfig,
+    metrics: AuditMetrics,
+    in_hand: Arc<AtomicU64>,
+) {
+    while let Some(batch) = receiver.recv_batch(config.batch_rows).await {
+        in_hand.store(batch.len() as u64, Ordering::Relaxed);
+        let mut backoff = config.retry_min;
+        loop {
+            match transport.send(&batch).await {
+                Ok(()) => break,
+                Err(e) if e.is_permanent() => {
+                    metrics.dropped_rows.inc_by(batch.len() as u64);
+                    tracing::error!(error = %e, rows = batch.len(), "audit batch refused; dropped");
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, rows = batch.len(), retry_in = ?backoff, "audit write failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(config.retry_max);
+                }
+            }
+        }
+        in_hand.store(0, Ordering::Relaxed);
     }
 }
 
@@ -89,7 +333,126 @@ pub fn new_row_id() -> String {
 
 #[cfg(test)]
 mod tests {
+    use keybrake_api::{Vendor, audit::CostSource, verdict::Verdict};
+    use keybrake_audit::sink::SqliteSink;
+
     use super::*;
+
+    fn row(n: usize) -> AuditRow {
+        AuditRow {
+            id: new_row_id(),
+            started_at: jiff::Timestamp::now(),
+            duration_ms: 1,
+            vault_key_id: Some("standalone/k".into()),
+            agent_name: Some("agent".into()),
+            agent_run_id: None,
+            namespace: Some("standalone".into()),
+            pod: None,
+            vendor: Vendor::Stripe,
+            operation: Some(format!("op-{n}")),
+            method: "GET".into(),
+            path_template: None,
+            policy_verdict: Verdict::Allow,
+            verdict_reason: None,
+            customer_scope_id: None,
+            vendor_status: 200,
+            vendor_request_id: None,
+            cost_usd_parsed: None,
+            cost_source: CostSource::None,
+            cap_usage_after_usd: None,
+            policy_revision: 1,
+        }
+    }
+
+    #[tokio::test]
+    async fn standalone_sqlite_rows_are_written_and_flushed_at_shutdown() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("audit.db");
+        let metrics = AuditMetrics::unregistered();
+        let pipeline = AuditPipeline::start(
+            AuditConfig::new(AuditTarget::Sink(SinkConfig::Sqlite(db.clone()))),
+            metrics.clone(),
+        )
+        .await
+        .unwrap();
+        let sink = pipeline.sink();
+        assert!(sink.wants_rows());
+        for n in 0..25 {
+            sink.submit(row(n));
+        }
+        pipeline.shutdown().await;
+        sink.submit(row(99)); // after shutdown: counted, not written
+        let stored = SqliteSink::open(db)
+            .await
+            .unwrap()
+            .query("SELECT count(DISTINCT id) FROM agent_call_audit", &[])
+            .await
+            .unwrap();
+        assert_eq!(stored[0][0].as_i64(), Some(25));
+        assert_eq!(metrics.dropped_rows.get(), 1);
+        assert_eq!(metrics.queue_depth.get(), 0);
+    }
+
+    #[tokio::test]
+    async fn none_takes_no_rows() {
+        let pipeline = AuditPipeline::start(
+            AuditConfig::new(AuditTarget::None),
+            AuditMetrics::unregistered(),
+        )
+        .await
+        .unwrap();
+        assert!(!pipeline.sink().wants_rows());
+        pipeline.shutdown().await;
+    }
+
+    /// A controller that is down: the request path never waits, a full queue drops and counts,
+    /// and shutdown gives up after the flush timeout, counting what it leaves behind.
+    #[tokio::test]
+    async fn an_unreachable_controller_never_blocks_and_shutdown_is_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).unwrap();
+        let ca_file = dir.path().join("ca.pem");
+        std::fs::write(&ca_file, ca.cert.pem()).unwrap();
+        let token_file = dir.path().join("token");
+        std::fs::write(&token_file, "sa-token").unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port(); // closed again: connections are refused
+        let mut config = AuditConfig::new(AuditTarget::Controller {
+            base_url: format!("https://127.0.0.1:{port}"),
+            ca_file,
+            token_file,
+        });
+        config.queue_capacity = 4;
+        config.flush_timeout = Duration::from_millis(300);
+        let metrics = AuditMetrics::unregistered();
+        let pipeline = AuditPipeline::start(config, metrics.clone()).await.unwrap();
+        let sink = pipeline.sink();
+        let started = std::time::Instant::now();
+        for n in 0..100 {
+            sink.submit(row(n));
+        }
+        assert!(
+            started.elapsed() < Duration::from_millis(100),
+            "submit never waits"
+        );
+        // At most the queue plus one batch in the shipper's hands survive.
+        let dropped = metrics.dropped_rows.get();
+        assert!((100 - 4 - 4..=100).contains(&dropped), "dropped {dropped}");
+        let started = std::time::Instant::now();
+        pipeline.shutdown().await;
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "shutdown is bounded"
+        );
+        assert_eq!(
+            metrics.dropped_rows.get(),
+            100,
+            "rows left in memory at the timeout count as dropped"
+        );
+    }
 
     #[test]
     fn row_ids_are_uuid_v4() {

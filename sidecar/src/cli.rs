@@ -4,9 +4,10 @@ use std::{io::Read, net::IpAddr, path::PathBuf, sync::Arc, time::Duration};
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use keybrake_api::{TokenHash, Vendor};
+use keybrake_audit::{SinkConfig, spool::SpoolConfig};
 
 use crate::{
-    audit::{AuditSink, JsonLinesAudit, NoopAudit},
+    audit::{AuditConfig, AuditPipeline, AuditTarget},
     ledger::InMemoryLedger,
     metrics::Metrics,
     proxy::ProxyLimits,
@@ -41,12 +42,27 @@ pub enum LogFormat {
     Json,
 }
 
-#[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum AuditMode {
+/// `--audit`: where audit rows go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuditFlag {
     /// Discard rows (metrics still count every call).
     None,
-    /// One JSON object per line on stdout.
-    Stdout,
+    /// Ship rows to the controller (`--controller-url`).
+    Controller,
+    /// Write rows to this sink directly.
+    Sink(SinkConfig),
+}
+
+fn parse_audit(text: &str) -> Result<AuditFlag, String> {
+    match text {
+        "none" => Ok(AuditFlag::None),
+        "controller" => Ok(AuditFlag::Controller),
+        // SinkError's text never repeats a PostgreSQL URL with a password.
+        sink => sink
+            .parse()
+            .map(AuditFlag::Sink)
+            .map_err(|e: keybrake_audit::SinkError| format!("{e}, controller or none")),
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -68,10 +84,15 @@ pub struct RunArgs {
     /// and keys with onStale: Deny fail closed.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub staleness_bound: Duration,
-    /// Audit spool directory, for the audit shipper (accepted now so injected pods start; the
-    /// shipper that uses it is wired by the audit work).
+    /// Audit spool directory: rows the audit destination cannot take are kept here (bounded by
+    /// --spool-max-bytes) and replayed in order once it answers. Without it, undeliverable rows
+    /// wait in the memory queue only.
     #[arg(long)]
     pub spool_dir: Option<PathBuf>,
+    /// Upper bound on the audit spool's files together; past it new rows are dropped (counted
+    /// in keybrake_audit_dropped_rows_total, logged).
+    #[arg(long, default_value_t = 256 << 20)]
+    pub spool_max_bytes: u64,
     /// How often the policy file is checked for changes.
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     pub reload_interval: Duration,
@@ -101,8 +122,20 @@ pub struct RunArgs {
     pub worker_threads: Option<usize>,
     #[arg(long, value_enum, default_value = "text")]
     pub log_format: LogFormat,
-    #[arg(long, value_enum, default_value = "none")]
-    pub audit: AuditMode,
+    /// Where audit rows go: `none`, `stdout` (JSON lines), `sqlite:///path/audit.db`,
+    /// `postgres://…` (written directly, for standalone mode) or `controller` (shipped to
+    /// --controller-url's /v1/audit). Default: `controller` in controller mode, else `none`.
+    #[arg(long, env = "KEYBRAKE_AUDIT", value_parser = parse_audit)]
+    pub audit: Option<AuditFlag>,
+    /// Audit rows held in memory; when full, new rows are dropped (and counted), never waited on.
+    #[arg(long, default_value_t = 10_000)]
+    pub audit_queue_capacity: usize,
+    /// Longest pause between retries of an unreachable audit destination.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub audit_retry_max: Duration,
+    /// At shutdown, how long queued audit rows get to be delivered (or spooled).
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub audit_flush_timeout: Duration,
     #[arg(long, default_value_t = 1 << 20)]
     pub max_body_bytes: usize,
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
@@ -167,6 +200,47 @@ impl RunArgs {
     }
 }
 
+impl RunArgs {
+    /// The audit pipeline's configuration from `--audit` and the mode.
+    pub fn audit_config(&self) -> anyhow::Result<AuditConfig> {
+        let flag = self
+            .audit
+            .clone()
+            .unwrap_or(if self.controller_url.is_some() {
+                AuditFlag::Controller
+            } else {
+                AuditFlag::None
+            });
+        let target = match flag {
+            AuditFlag::None => AuditTarget::None,
+            AuditFlag::Sink(sink) => AuditTarget::Sink(sink),
+            AuditFlag::Controller => {
+                let base_url = self
+                    .controller_url
+                    .clone()
+                    .context("--audit controller needs --controller-url")?;
+                let ca_file = self.ca_file.clone().context(
+                    "shipping audit rows to the controller needs --ca-file (or pass --audit none)",
+                )?;
+                AuditTarget::Controller {
+                    base_url,
+                    ca_file,
+                    token_file: self.token_file.clone(),
+                }
+            }
+        };
+        let mut config = AuditConfig::new(target);
+        config.queue_capacity = self.audit_queue_capacity;
+        config.spool = self
+            .spool_dir
+            .as_ref()
+            .map(|dir| SpoolConfig::new(dir, self.spool_max_bytes));
+        config.shipper.retry_max = self.audit_retry_max.max(config.shipper.retry_min);
+        config.flush_timeout = self.audit_flush_timeout;
+        Ok(config)
+    }
+}
+
 /// `hash-key`: the SHA-256 hex of the key on stdin (surrounding whitespace ignored).
 pub fn hash_key(mut input: impl Read) -> anyhow::Result<String> {
     let mut key = String::new();
@@ -224,9 +298,6 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             "no policy source: pass --config FILE (standalone mode) or --controller-url URL"
         );
     };
-    if args.spool_dir.is_some() {
-        tracing::info!("--spool-dir is reserved for the audit shipper; audit rows follow --audit");
-    }
     let served = serve(&args, store, metrics).await;
     let _ = stop_tx.send(true);
     let _ = source.await;
@@ -240,14 +311,13 @@ pub async fn serve(
     store: Arc<PolicyStore>,
     metrics: Arc<Metrics>,
 ) -> anyhow::Result<()> {
-    let audit: Arc<dyn AuditSink> = match args.audit {
-        AuditMode::None => Arc::new(NoopAudit),
-        AuditMode::Stdout => Arc::new(JsonLinesAudit::spawn(10_000, metrics.clone())),
-    };
+    let audit = AuditPipeline::start(args.audit_config()?, metrics.audit.clone())
+        .await
+        .context("starting the audit pipeline")?;
     let deps = Deps {
         store,
         metrics,
-        audit,
+        audit: audit.sink(),
         ledger: Arc::new(InMemoryLedger::new()),
     };
     let sidecar = Sidecar::start(&args.settings(), deps).await?;
@@ -261,6 +331,7 @@ pub async fn serve(
     wait_for_signal().await;
     tracing::info!("shutting down: draining in-flight calls");
     sidecar.shutdown().await;
+    audit.shutdown().await;
     Ok(())
 }
 
@@ -325,6 +396,75 @@ mod tests {
             .is_err(),
             "one policy source at a time"
         );
+    }
+
+    #[test]
+    fn audit_follows_the_mode_and_the_flag() {
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["keybrake-sidecar"];
+            argv.extend_from_slice(extra);
+            Cli::try_parse_from(argv).map(|c| c.run)
+        };
+        let standalone = parse(&["--config=a.yaml"]).unwrap();
+        assert_eq!(standalone.audit_config().unwrap().target, AuditTarget::None);
+        let sqlite = parse(&["--config=a.yaml", "--audit=sqlite:///tmp/a.db"]).unwrap();
+        assert_eq!(
+            sqlite.audit_config().unwrap().target,
+            AuditTarget::Sink(SinkConfig::Sqlite("/tmp/a.db".into()))
+        );
+        let stdout = parse(&["--config=a.yaml", "--audit=stdout"]).unwrap();
+        assert_eq!(
+            stdout.audit_config().unwrap().target,
+            AuditTarget::Sink(SinkConfig::Stdout)
+        );
+        assert!(parse(&["--config=a.yaml", "--audit=syslog"]).is_err());
+        assert!(
+            parse(&["--config=a.yaml", "--audit=controller"])
+                .unwrap()
+                .audit_config()
+                .is_err(),
+            "controller needs --controller-url"
+        );
+        let controller = parse(&[
+            "--controller-url=https://c:8443",
+            "--ca-file=/ca.pem",
+            "--token-file=/t",
+            "--spool-dir=/spool",
+            "--spool-max-bytes=1000000",
+        ])
+        .unwrap()
+        .audit_config()
+        .unwrap();
+        assert_eq!(
+            controller.target,
+            AuditTarget::Controller {
+                base_url: "https://c:8443".into(),
+                ca_file: "/ca.pem".into(),
+                token_file: "/t".into()
+            }
+        );
+        let spool = controller.spool.expect("spool configured");
+        assert_eq!((spool.dir, spool.max_bytes), ("/spool".into(), 1_000_000));
+        assert!(
+            parse(&["--controller-url=https://c:8443"])
+                .unwrap()
+                .audit_config()
+                .is_err(),
+            "shipping needs the controller's CA"
+        );
+        let off = parse(&["--controller-url=https://c:8443", "--audit=none"]).unwrap();
+        assert_eq!(off.audit_config().unwrap().target, AuditTarget::None);
+    }
+
+    #[test]
+    fn a_postgres_url_is_never_debug_printed() {
+        let cli = Cli::try_parse_from([
+            "keybrake-sidecar",
+            "--config=a.yaml",
+            "--audit=postgres://u:hunter2@db/audit",
+        ])
+        .unwrap();
+        assert!(!format!("{cli:?}").contains("hunter2"));
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! Prometheus metrics, names as agreed across the project (see the preamble).
+use keybrake_audit::metrics::AuditMetrics;
 use prometheus::{
-    CounterVec, Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
-    IntGauge, Opts, Registry, TextEncoder,
+    CounterVec, Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge,
+    Opts, Registry, TextEncoder,
 };
 
 use crate::store::PolicyStore;
@@ -14,9 +15,9 @@ pub struct Metrics {
     pub policy_revision: IntGauge,
     pub policy_staleness: Gauge,
     pub stale_allowed: IntCounterVec,
-    pub audit_queue_depth: IntGauge,
-    pub audit_spool_bytes: IntGauge,
-    pub audit_dropped: IntCounter,
+    /// `keybrake_audit_*`: defined and registered by keybrake-audit (the one owner), on this
+    /// registry.
+    pub audit: AuditMetrics,
 }
 
 impl Metrics {
@@ -67,21 +68,6 @@ impl Metrics {
             &["namespace", "vault_key"],
         )
         .expect("valid metric");
-        let audit_queue_depth = IntGauge::new(
-            "keybrake_audit_queue_depth",
-            "Audit rows waiting to be written or shipped.",
-        )
-        .expect("valid metric");
-        let audit_spool_bytes = IntGauge::new(
-            "keybrake_audit_spool_bytes",
-            "Bytes of audit rows spooled to local disk.",
-        )
-        .expect("valid metric");
-        let audit_dropped = IntCounter::new(
-            "keybrake_audit_dropped_rows_total",
-            "Audit rows dropped because the queue and spool were full.",
-        )
-        .expect("valid metric");
         for c in [
             Box::new(calls.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(cost_usd.clone()),
@@ -89,12 +75,10 @@ impl Metrics {
             Box::new(policy_revision.clone()),
             Box::new(policy_staleness.clone()),
             Box::new(stale_allowed.clone()),
-            Box::new(audit_queue_depth.clone()),
-            Box::new(audit_spool_bytes.clone()),
-            Box::new(audit_dropped.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
+        let audit = AuditMetrics::register(&registry).expect("audit metric names are unique");
         Metrics {
             registry,
             calls,
@@ -103,9 +87,7 @@ impl Metrics {
             policy_revision,
             policy_staleness,
             stale_allowed,
-            audit_queue_depth,
-            audit_spool_bytes,
-            audit_dropped,
+            audit,
         }
     }
 
@@ -133,5 +115,32 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn audit_series_are_exported_once() {
+        let metrics = Metrics::new();
+        metrics.audit.dropped_rows.inc();
+        let text = metrics.render(&PolicyStore::new(crate::store::Freshness::AlwaysFresh));
+        for name in [
+            "keybrake_audit_queue_depth",
+            "keybrake_audit_spool_bytes",
+            "keybrake_audit_dropped_rows_total",
+        ] {
+            assert_eq!(
+                text.matches(&format!("# TYPE {name} ")).count(),
+                1,
+                "{name} in:\n{text}"
+            );
+        }
+        assert!(
+            text.contains("keybrake_audit_dropped_rows_total 1"),
+            "{text}"
+        );
     }
 }
