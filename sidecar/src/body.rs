@@ -11,6 +11,8 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Full, Limited, combinators::UnsyncBoxBody};
 use tokio::time::{Instant, Sleep};
 
+use crate::vendors::Capture;
+
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
 
@@ -63,8 +65,193 @@ pub enum StreamEnd {
 /// Told about every response chunk and, once, about the end. The proxy's implementation writes
 /// the audit row and settles the spend reservation; response cost parsing hooks in here.
 pub trait StreamObserver: Send {
-    fn on_chunk(&mut self, _chunk: &Bytes) {}
+    /// Sees one chunk from the upstream and returns what goes on to the agent: the same bytes
+    /// unless the observer filters (see [`ObservedBody::rewriting`]).
+    fn on_chunk(&mut self, chunk: Bytes) -> Bytes {
+        chunk
+    }
+    /// Bytes a filtering observer still holds when the upstream body ends.
+    fn flush(&mut self) -> Bytes {
+        Bytes::new()
+    }
     fn finish(self: Box<Self>, end: StreamEnd, bytes: u64);
+}
+
+/// Largest single server-sent event kept while looking for usage; a longer one ends the
+/// scanning (and filtering) for that response.
+const MAX_SSE_EVENT_BYTES: usize = 1 << 20;
+
+/// A bounded look at a response on its way to the agent (never a second copy of the whole
+/// body): the first `limit` bytes of a JSON body, or the last SSE event carrying `usage`.
+#[derive(Debug)]
+pub enum ResponseCapture {
+    None,
+    Json {
+        buf: Vec<u8>,
+        limit: usize,
+        overflowed: bool,
+    },
+    Sse(SseUsage),
+}
+
+impl ResponseCapture {
+    pub fn new(capture: Capture) -> Self {
+        match capture {
+            Capture::None => ResponseCapture::None,
+            Capture::Json { limit } => ResponseCapture::Json {
+                buf: Vec::new(),
+                limit,
+                overflowed: false,
+            },
+            Capture::SseUsage { strip_usage_chunk } => ResponseCapture::Sse(SseUsage {
+                strip: strip_usage_chunk,
+                ..SseUsage::default()
+            }),
+        }
+    }
+
+    /// Whether the bytes to the agent may differ from the upstream's.
+    pub fn rewrites(&self) -> bool {
+        matches!(self, ResponseCapture::Sse(s) if s.strip)
+    }
+
+    pub fn push(&mut self, chunk: Bytes) -> Bytes {
+        match self {
+            ResponseCapture::None => chunk,
+            ResponseCapture::Json {
+                buf,
+                limit,
+                overflowed,
+            } => {
+                if !*overflowed {
+                    if buf.len() + chunk.len() > *limit {
+                        *overflowed = true;
+                        *buf = Vec::new();
+                    } else {
+                        buf.extend_from_slice(&chunk);
+                    }
+                }
+                chunk
+            }
+            ResponseCapture::Sse(sse) => sse.push(chunk),
+        }
+    }
+
+    pub fn flush(&mut self) -> Bytes {
+        match self {
+            ResponseCapture::Sse(sse) => Bytes::from(std::mem::take(&mut sse.pending)),
+            _ => Bytes::new(),
+        }
+    }
+
+    /// The captured JSON (body or usage event), if any.
+    pub fn into_json(self) -> Option<serde_json::Value> {
+        match self {
+            ResponseCapture::None => None,
+            ResponseCapture::Json {
+                buf, overflowed, ..
+            } => (!overflowed)
+                .then(|| serde_json::from_slice(&buf).ok())
+                .flatten(),
+            ResponseCapture::Sse(sse) => sse.last_usage,
+        }
+    }
+}
+
+/// Scans server-sent events for the one carrying `usage` (OpenAI's final chunk with
+/// `stream_options.include_usage`, or the Responses API's `response.completed`). With `strip`,
+/// that usage-only chunk (empty `choices`) is not passed on: the agent did not ask for it.
+#[derive(Debug, Default)]
+pub struct SseUsage {
+    strip: bool,
+    pending: Vec<u8>,
+    last_usage: Option<serde_json::Value>,
+    given_up: bool,
+}
+
+impl SseUsage {
+    fn push(&mut self, chunk: Bytes) -> Bytes {
+        if self.given_up {
+            return chunk;
+        }
+        self.pending.extend_from_slice(&chunk);
+        let mut out = self.strip.then(|| Vec::with_capacity(self.pending.len()));
+        let mut start = 0;
+        while let Some((end, sep)) = event_end(&self.pending[start..]) {
+            let event = &self.pending[start..start + end];
+            let (usage, usage_only) = inspect_event(event);
+            if usage.is_some() {
+                self.last_usage = usage;
+            }
+            if let Some(out) = out.as_mut()
+                && !usage_only
+            {
+                out.extend_from_slice(&self.pending[start..start + end + sep]);
+            }
+            start += end + sep;
+        }
+        self.pending.drain(..start);
+        if self.pending.len() > MAX_SSE_EVENT_BYTES {
+            self.given_up = true;
+            let rest = std::mem::take(&mut self.pending);
+            if let Some(out) = out.as_mut() {
+                out.extend_from_slice(&rest);
+            }
+        }
+        match out {
+            Some(out) => Bytes::from(out),
+            None => chunk,
+        }
+    }
+}
+
+/// Length of the first complete event in `data` and of its blank-line separator.
+fn event_end(data: &[u8]) -> Option<(usize, usize)> {
+    let lf = data.windows(2).position(|w| w == b"\n\n").map(|p| (p, 2));
+    let crlf = data
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|p| (p, 4));
+    match (lf, crlf) {
+        (Some(a), Some(b)) => Some(if a.0 <= b.0 { a } else { b }),
+        (a, b) => a.or(b),
+    }
+}
+
+/// The event's JSON when it carries a `usage` object (top level or under `response`), and
+/// whether it is a usage-only chat chunk (`choices: []`).
+fn inspect_event(event: &[u8]) -> (Option<serde_json::Value>, bool) {
+    let mut data = Vec::new();
+    for line in event.split(|b| *b == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if let Some(rest) = line.strip_prefix(b"data:") {
+            if !data.is_empty() {
+                data.push(b'\n');
+            }
+            data.extend_from_slice(rest.strip_prefix(b" ").unwrap_or(rest));
+        }
+    }
+    // Cheap test before parsing: most chunks carry no usage.
+    if !data.windows(7).any(|w| w == b"\"usage\"") {
+        return (None, false);
+    }
+    let Ok(json) = serde_json::from_slice::<serde_json::Value>(&data) else {
+        return (None, false);
+    };
+    let top = json.get("usage").is_some_and(serde_json::Value::is_object);
+    let nested = json
+        .get("response")
+        .and_then(|r| r.get("usage"))
+        .is_some_and(serde_json::Value::is_object);
+    if !top && !nested {
+        return (None, false);
+    }
+    let usage_only = top
+        && json
+            .get("choices")
+            .and_then(serde_json::Value::as_array)
+            .is_some_and(Vec::is_empty);
+    (Some(json), usage_only)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -79,6 +266,10 @@ pub struct ObservedBody<B> {
     total: Pin<Box<Sleep>>,
     observer: Option<Box<dyn StreamObserver>>,
     bytes: u64,
+    /// The observer may change the bytes: no exact size is promised to the agent.
+    rewrites: bool,
+    /// The upstream body ended; the next poll finishes (after a flushed tail, if any).
+    inner_done: bool,
 }
 
 impl<B> ObservedBody<B> {
@@ -95,7 +286,16 @@ impl<B> ObservedBody<B> {
             total: Box::pin(tokio::time::sleep_until(total_deadline)),
             observer: Some(observer),
             bytes: 0,
+            rewrites: false,
+            inner_done: false,
         }
+    }
+
+    /// The observer filters chunks: drop the upstream's size hint (the caller removes any
+    /// `Content-Length`).
+    pub fn rewriting(mut self, rewrites: bool) -> Self {
+        self.rewrites = rewrites;
+        self
     }
 
     fn end(&mut self, how: StreamEnd) {
@@ -127,42 +327,72 @@ where
                 "exceeded the total timeout",
             )))));
         }
-        match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref() {
+        if this.inner_done {
+            this.end(StreamEnd::Complete);
+            return Poll::Ready(None);
+        }
+        loop {
+            match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    let deadline = Instant::now() + this.idle_for;
+                    this.idle.as_mut().reset(deadline);
+                    let data = match frame.into_data() {
+                        Ok(data) => data,
+                        // Trailers pass untouched.
+                        Err(frame) => return Poll::Ready(Some(Ok(frame))),
+                    };
                     this.bytes += data.len() as u64;
-                    if let Some(observer) = this.observer.as_mut() {
-                        observer.on_chunk(data);
+                    let was_empty = data.is_empty();
+                    let out = match this.observer.as_mut() {
+                        Some(observer) => observer.on_chunk(data),
+                        None => data,
+                    };
+                    if out.is_empty() && !was_empty {
+                        // Everything was held back (a partial or filtered event): read on.
+                        continue;
                     }
+                    return Poll::Ready(Some(Ok(Frame::data(out))));
                 }
-                let deadline = Instant::now() + this.idle_for;
-                this.idle.as_mut().reset(deadline);
-                Poll::Ready(Some(Ok(frame)))
-            }
-            Poll::Ready(Some(Err(e))) => {
-                this.end(StreamEnd::UpstreamError);
-                Poll::Ready(Some(Err(e.into())))
-            }
-            Poll::Ready(None) => {
-                this.end(StreamEnd::Complete);
-                Poll::Ready(None)
-            }
-            Poll::Pending => {
-                if this.idle.as_mut().poll(cx).is_ready() {
-                    this.end(StreamEnd::IdleTimeout);
-                    return Poll::Ready(Some(Err(Box::new(StreamTimeout("went idle too long")))));
+                Poll::Ready(Some(Err(e))) => {
+                    this.end(StreamEnd::UpstreamError);
+                    return Poll::Ready(Some(Err(e.into())));
                 }
-                Poll::Pending
+                Poll::Ready(None) => {
+                    let tail = this
+                        .observer
+                        .as_mut()
+                        .map(|o| o.flush())
+                        .unwrap_or_default();
+                    if !tail.is_empty() {
+                        this.inner_done = true;
+                        return Poll::Ready(Some(Ok(Frame::data(tail))));
+                    }
+                    this.end(StreamEnd::Complete);
+                    return Poll::Ready(None);
+                }
+                Poll::Pending => {
+                    if this.idle.as_mut().poll(cx).is_ready() {
+                        this.end(StreamEnd::IdleTimeout);
+                        return Poll::Ready(Some(Err(Box::new(StreamTimeout(
+                            "went idle too long",
+                        )))));
+                    }
+                    return Poll::Pending;
+                }
             }
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.observer.is_none() || self.inner.is_end_stream()
+        self.observer.is_none() || (!self.rewrites && self.inner.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        if self.rewrites {
+            SizeHint::default()
+        } else {
+            self.inner.size_hint()
+        }
     }
 }
 

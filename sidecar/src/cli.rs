@@ -158,6 +158,15 @@ pub struct RunArgs {
     /// Pod name for audit rows.
     #[arg(long, env = "POD_NAME")]
     pub pod_name: Option<String>,
+    /// Price and rate tables (YAML or JSON): OpenAI model prices, Stripe currency rates,
+    /// Twilio per-segment and Resend per-email rates. Omitted sections keep the built-in
+    /// defaults (docs/verdicts.md, "Cost and caps").
+    #[arg(long, value_parser = load_prices)]
+    pub prices: Option<crate::pricing::Prices>,
+}
+
+fn load_prices(path: &str) -> Result<crate::pricing::Prices, String> {
+    crate::pricing::Prices::load(std::path::Path::new(path)).map_err(|e| e.to_string())
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -196,6 +205,7 @@ impl RunArgs {
             extra_ca_file: self.extra_ca_file.clone(),
             pod_name: self.pod_name.clone(),
             drain_timeout: self.drain_timeout,
+            prices: Arc::new(self.prices.clone().unwrap_or_default()),
         }
     }
 }

@@ -7,7 +7,8 @@
 //!   standalone loader ([`standalone`]) and the controller stream client feed it.
 //! - audit: [`audit::AuditSink`] receives one `AuditRow` per call.
 //! - caps: [`ledger::SpendLedger`] holds and settles pre-flight reservations.
-//! - cost: [`vendors::VendorModule::preflight_cost`] and [`body::StreamObserver`].
+//! - cost: [`vendors::VendorModule::preflight`] / `response_cost`, prices in [`pricing`], and
+//!   [`body::StreamObserver`].
 #![forbid(unsafe_code)]
 
 pub mod audit;
@@ -18,6 +19,7 @@ pub mod forward;
 pub mod ledger;
 pub mod metrics;
 pub mod path;
+pub mod pricing;
 pub mod proxy;
 pub mod ratelimit;
 pub mod server;

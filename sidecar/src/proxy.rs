@@ -15,14 +15,21 @@ use keybrake_api::{
 
 use crate::{
     audit::{AuditSink, new_row_id},
-    body::{BodyError, ObservedBody, ProxyBody, StreamEnd, StreamObserver, full, read_bounded},
+    body::{
+        BodyError, ObservedBody, ProxyBody, ResponseCapture, StreamEnd, StreamObserver, full,
+        read_bounded,
+    },
     decide::{self, Denied},
     forward::{UpstreamClient, VERDICT_HEADER, clean_response_headers, upstream_request_headers},
     ledger::{Reservation, SpendLedger},
     metrics::Metrics,
     path::{PathError, check_path, split_vendor_prefix},
+    pricing::Prices,
     store::{KeyEntry, PolicyStore},
-    vendors::{RequestView, VendorModule, extract_credential, module_for, upstream_authorization},
+    vendors::{
+        Operation, Preflight, RequestView, ResponseView, VendorModule, extract_credential,
+        module_for, upstream_authorization,
+    },
 };
 
 /// Size and time bounds of the request path.
@@ -68,6 +75,8 @@ pub struct Proxy {
     pub ledger: Arc<dyn SpendLedger>,
     pub limits: ProxyLimits,
     pub pod: Option<String>,
+    /// Price and rate tables for cost parsing and pre-flight reservations.
+    pub prices: Arc<Prices>,
 }
 
 /// What is known about a call so far, for its audit row and metrics.
@@ -192,19 +201,24 @@ impl Proxy {
                 )));
             }
         }
-        let estimate = module.preflight_cost(matched.operation, &view);
-        call.estimate = estimate;
-        decide::check_per_call(grant, estimate).map_err(Refusal::policy)?;
+        let preflight = module.preflight(matched.operation, &view, &self.prices);
+        call.estimate = preflight.estimate;
+        decide::check_per_call(grant, Some(preflight.reserve)).map_err(Refusal::policy)?;
+        // Check and hold in one step (the ledger's lock): concurrent calls cannot both fit
+        // into the same remaining budget.
         let reservation = match grant.limits.daily_usd_cap {
             Some(cap) => Some(
                 self.ledger
-                    .reserve(&grant.id, estimate, cap, call.started_at)
+                    .reserve(&grant.id, Some(preflight.reserve), cap, call.started_at)
                     .map_err(|_| {
                         Refusal::policy(Denied::new(Verdict::DailyCap, "daily_usd_cap"))
                     })?,
             ),
             None => None,
         };
+        let upstream_body = module
+            .rewrite_request(&preflight, &view)
+            .unwrap_or_else(|| body.clone());
         if stale_allowed {
             self.metrics
                 .stale_allowed
@@ -230,7 +244,7 @@ impl Proxy {
         let mut upstream = Request::builder()
             .method(parts.method.clone())
             .uri(target)
-            .body(Full::new(body))
+            .body(Full::new(upstream_body))
             .expect("method and URI are already valid");
         *upstream.headers_mut() = upstream_request_headers(&parts.headers, authorization);
 
@@ -271,6 +285,16 @@ impl Proxy {
             .and_then(|h| head.headers.get(h))
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
+        let capture = if head.status.is_success() {
+            ResponseCapture::new(module.capture(&preflight))
+        } else {
+            ResponseCapture::None
+        };
+        let rewrites = capture.rewrites();
+        if rewrites {
+            // The body the agent gets differs from the upstream's: its length is not known.
+            head.headers.remove(header::CONTENT_LENGTH);
+        }
         let observer = Box::new(Completion {
             row: self.audit.wants_rows().then(|| {
                 self.row(
@@ -282,10 +306,13 @@ impl Proxy {
                 )
             }),
             entry: entry.clone(),
-            estimate: call.estimate,
+            module,
+            operation: matched.operation,
+            preflight,
+            capture,
+            prices: self.prices.clone(),
             status: head.status,
             reservation,
-            estimate_is_cost: module.preflight_is_cost_estimate(),
             ledger: self.ledger.clone(),
             audit: self.audit.clone(),
             metrics: self.metrics.clone(),
@@ -298,7 +325,8 @@ impl Proxy {
             self.limits.upstream_idle_timeout,
             deadline,
             observer,
-        );
+        )
+        .rewriting(rewrites);
         Ok(Response::from_parts(head, body.boxed_unsync()))
     }
 
@@ -462,17 +490,20 @@ fn upstream_uri(base_url: &str, path: &str, query: Option<&str>) -> Option<Uri> 
     target.parse().ok()
 }
 
-/// Runs when an allowed call's response body ends: settles the reservation, counts cost, writes
-/// the audit row.
+/// Runs when an allowed call's response body ends: prices the call from what the response
+/// said, settles the reservation, counts cost, writes the audit row.
 struct Completion {
     /// `None` when the audit sink takes no rows (then none is built).
     row: Option<AuditRow>,
     entry: Arc<KeyEntry>,
-    /// The pre-flight estimate (the reservation holds it too when a daily cap is set).
-    estimate: Option<Usd>,
+    module: &'static dyn VendorModule,
+    operation: Option<&'static Operation>,
+    preflight: Preflight,
+    /// A bounded look at the response (never the whole of a large one).
+    capture: ResponseCapture,
+    prices: Arc<Prices>,
     status: StatusCode,
     reservation: Option<Reservation>,
-    estimate_is_cost: bool,
     ledger: Arc<dyn SpendLedger>,
     audit: Arc<dyn AuditSink>,
     metrics: Arc<Metrics>,
@@ -480,31 +511,48 @@ struct Completion {
 }
 
 impl StreamObserver for Completion {
+    fn on_chunk(&mut self, chunk: Bytes) -> Bytes {
+        self.capture.push(chunk)
+    }
+
+    fn flush(&mut self) -> Bytes {
+        self.capture.flush()
+    }
+
     fn finish(self: Box<Self>, end: StreamEnd, _bytes: u64) {
         let Completion {
             row,
             entry,
-            estimate,
+            module,
+            operation,
+            preflight,
+            capture,
+            prices,
             status,
             reservation,
-            estimate_is_cost,
             ledger,
             audit,
             metrics,
             clock,
         } = *self;
-        // The vendor refused the call: no money moved. Otherwise, until response cost parsing
-        // lands, the pre-flight estimate is the cost (Twilio segments, Resend recipients, Stripe
-        // USD amount).
-        let charged = status.is_success();
-        let cost = match estimate {
-            _ if !charged => Some(Usd::ZERO),
-            Some(amount) if estimate_is_cost => Some(amount),
-            _ => None,
+        let priced = if status.is_success() {
+            let json = capture.into_json();
+            let view = ResponseView {
+                status,
+                json: json.as_ref(),
+            };
+            module.response_cost(operation, &preflight, &view, &prices)
+        } else {
+            // The vendor refused the call: no money moved.
+            crate::vendors::ResponseCost::estimated(Some(Usd::ZERO))
         };
-        let usage_after = reservation.map(|r| ledger.settle(r, cost));
-        let charged_cost = cost.filter(|c| charged && estimate_is_cost && *c > Usd::ZERO);
-        if let Some(cost) = charged_cost {
+        // An unpriceable call books its whole reservation (fail closed); a priced one releases
+        // the difference (or books more, when the response says it cost more).
+        let usage_after = reservation.map(|r| ledger.settle(r, priced.cost));
+        let counted = priced
+            .cost
+            .filter(|c| *c > Usd::ZERO && priced.source != CostSource::None);
+        if let Some(cost) = counted {
             let grant = &entry.grant;
             metrics
                 .cost_usd
@@ -518,9 +566,15 @@ impl StreamObserver for Completion {
         }
         let Some(mut row) = row else { return };
         row.cap_usage_after_usd = usage_after;
-        if let Some(cost) = charged_cost {
+        if let Some(cost) = counted {
             row.cost_usd_parsed = Some(cost);
-            row.cost_source = CostSource::Estimated;
+            row.cost_source = priced.source;
+        }
+        if row.customer_scope_id.is_none() {
+            row.customer_scope_id = priced.customer;
+        }
+        if row.vendor_request_id.is_none() {
+            row.vendor_request_id = priced.vendor_request_id;
         }
         if end != StreamEnd::Complete {
             row.verdict_reason = Some(format!("response_{end:?}").to_ascii_lowercase());

@@ -45,6 +45,8 @@ pub struct Settings {
     pub pod_name: Option<String>,
     /// How long shutdown waits for in-flight calls.
     pub drain_timeout: Duration,
+    /// Price and rate tables (`--prices`; built-in defaults otherwise).
+    pub prices: Arc<crate::pricing::Prices>,
 }
 
 impl Default for Settings {
@@ -67,6 +69,7 @@ impl Default for Settings {
             extra_ca_file: None,
             pod_name: None,
             drain_timeout: Duration::from_secs(30),
+            prices: Arc::default(),
         }
     }
 }
@@ -145,6 +148,7 @@ impl Sidecar {
             ledger: deps.ledger,
             limits: settings.limits.clone(),
             pod: settings.pod_name.clone(),
+            prices: settings.prices.clone(),
         });
         let (shutdown, _) = watch::channel(false);
         let mut http = http1::Builder::new();

@@ -2,9 +2,12 @@
 //! customer knowledge (a customer allowlist therefore denies every call), a plain JSON envelope.
 use bytes::Bytes;
 use http::StatusCode;
-use keybrake_api::{Usd, Vendor, Verdict};
+use keybrake_api::{Vendor, Verdict};
 
-use super::{AuthSlot, CustomerScope, Denial, Operation, RequestView, VendorModule, json_string};
+use super::{
+    AuthSlot, CustomerScope, Denial, Operation, Preflight, RequestView, VendorModule, json_string,
+};
+use crate::pricing::Prices;
 
 pub struct Custom;
 
@@ -25,8 +28,10 @@ impl VendorModule for Custom {
         CustomerScope::Missing
     }
 
-    fn preflight_cost(&self, _: Option<&Operation>, _: &RequestView<'_>) -> Option<Usd> {
-        None
+    /// Unpriced: the sidecar knows nothing of a custom API's prices. A daily cap still stops
+    /// these calls once priced calls have used it up.
+    fn preflight(&self, _: Option<&Operation>, _: &RequestView<'_>, _: &Prices) -> Preflight {
+        Preflight::default()
     }
 
     fn denial(&self, status: StatusCode, verdict: Verdict, message: &str) -> Denial {

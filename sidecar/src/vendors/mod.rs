@@ -9,7 +9,8 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, StatusCode, header::AUTHORIZATION};
 use keybrake_api::{SecretString, Usd, Vendor, Verdict};
 
-use crate::path::template_matches;
+use crate::{path::template_matches, pricing::Prices};
+use keybrake_api::audit::CostSource;
 
 pub mod custom;
 pub mod openai;
@@ -234,6 +235,114 @@ impl RequestView<'_> {
     }
 }
 
+/// What the request alone says about a call's cost.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Preflight {
+    /// Held against `dailyUsdCap` and compared with `perCallUsdMax`: an upper bound where the
+    /// request allows one, a documented pessimistic default where it does not (docs/verdicts.md,
+    /// "Caps"), zero for calls that move no money.
+    pub reserve: Usd,
+    /// The expected cost when the response carries no price (Twilio segments, Resend
+    /// recipients, a Stripe amount); `None` when only the response can tell.
+    pub estimate: Option<Usd>,
+    /// The model a generation request names (OpenAI).
+    pub model: Option<String>,
+    /// The agent asked for a streamed (SSE) response.
+    pub stream: bool,
+    /// The sidecar added `stream_options.include_usage`; the usage-only chunk it causes is not
+    /// forwarded to the agent.
+    pub strip_usage_chunk: bool,
+}
+
+impl Preflight {
+    /// A call that moves no money.
+    pub fn free() -> Self {
+        Preflight {
+            estimate: Some(Usd::ZERO),
+            ..Preflight::default()
+        }
+    }
+
+    /// A call whose cost the request tells: reserve and expect `amount`.
+    pub fn priced(amount: Usd) -> Self {
+        Preflight {
+            reserve: amount,
+            estimate: Some(amount),
+            ..Preflight::default()
+        }
+    }
+}
+
+/// Which part of a response the sidecar observes (never the whole of it, never holding up
+/// the bytes on their way to the agent).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Capture {
+    None,
+    /// The body's first `limit` bytes, parsed as JSON at the end (nothing if it was longer).
+    Json {
+        limit: usize,
+    },
+    /// Server-sent events: the last event carrying a `usage` object is kept.
+    SseUsage {
+        strip_usage_chunk: bool,
+    },
+}
+
+/// A finished upstream response as the cost parsers see it.
+#[derive(Debug, Clone, Copy)]
+pub struct ResponseView<'a> {
+    pub status: StatusCode,
+    /// The captured JSON body, or for SSE the last event that carried usage. `None` when the
+    /// body was not captured, too long, not JSON, or the stream ended early.
+    pub json: Option<&'a serde_json::Value>,
+}
+
+/// What a response says about the call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResponseCost {
+    /// `None`: the call could not be priced; the ledger books the reservation (fail closed).
+    pub cost: Option<Usd>,
+    pub source: CostSource,
+    /// The customer named by the response when the request named none (Stripe).
+    pub customer: Option<String>,
+    /// Vendor request id from the body when no header carries one (Resend's email id).
+    pub vendor_request_id: Option<String>,
+}
+
+impl ResponseCost {
+    pub fn parsed(cost: Usd) -> Self {
+        ResponseCost {
+            cost: Some(cost),
+            source: CostSource::Parsed,
+            customer: None,
+            vendor_request_id: None,
+        }
+    }
+
+    /// The pre-flight estimate (`none` when there is none).
+    pub fn estimated(estimate: Option<Usd>) -> Self {
+        ResponseCost {
+            cost: estimate,
+            source: match estimate {
+                Some(c) if c > Usd::ZERO => CostSource::Estimated,
+                _ => CostSource::None,
+            },
+            customer: None,
+            vendor_request_id: None,
+        }
+    }
+
+    /// Money may have moved but cannot be priced (unknown currency, no usage).
+    pub fn unpriced() -> Self {
+        ResponseCost {
+            cost: None,
+            source: CostSource::None,
+            customer: None,
+            vendor_request_id: None,
+        }
+    }
+}
+
 /// A denial rendered in the vendor's own error format.
 #[derive(Debug, Clone)]
 pub struct Denial {
@@ -256,17 +365,32 @@ pub trait VendorModule: Send + Sync + 'static {
         operation: Option<&Operation>,
         request: &RequestView<'_>,
     ) -> CustomerScope;
-    /// Pre-flight cost estimate from the request alone, for the per-call and daily caps.
-    /// `None` means the request carries no price the sidecar can compute.
-    fn preflight_cost(
+    /// What the request says about the call's cost before it is sent: the amount held against
+    /// the caps, and the expected cost for when the response does not tell.
+    fn preflight(
         &self,
         operation: Option<&Operation>,
         request: &RequestView<'_>,
-    ) -> Option<Usd>;
-    /// Whether the pre-flight estimate is what the call costs (Twilio segments, Resend
-    /// recipients, a Stripe USD amount) rather than only an upper bound (OpenAI max tokens).
-    fn preflight_is_cost_estimate(&self) -> bool {
-        true
+        prices: &Prices,
+    ) -> Preflight;
+    /// The request body to send upstream instead of the agent's, if the vendor module needs to
+    /// change it (OpenAI: ask for usage on streamed responses).
+    fn rewrite_request(&self, _preflight: &Preflight, _request: &RequestView<'_>) -> Option<Bytes> {
+        None
+    }
+    /// How much of the response to observe for [`Self::response_cost`].
+    fn capture(&self, _preflight: &Preflight) -> Capture {
+        Capture::None
+    }
+    /// Cost, customer and request id from a successful (2xx) response.
+    fn response_cost(
+        &self,
+        _operation: Option<&Operation>,
+        preflight: &Preflight,
+        _response: &ResponseView<'_>,
+        _prices: &Prices,
+    ) -> ResponseCost {
+        ResponseCost::estimated(preflight.estimate)
     }
     /// The response header carrying the vendor's request id (audit `vendor_request_id`).
     fn request_id_header(&self) -> Option<&'static str> {

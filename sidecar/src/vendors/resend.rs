@@ -3,9 +3,13 @@ use std::collections::BTreeSet;
 
 use bytes::Bytes;
 use http::{Method, StatusCode};
-use keybrake_api::{Usd, Vendor, Verdict};
+use keybrake_api::{Vendor, Verdict};
 
-use super::{AuthSlot, CustomerScope, Denial, Operation, RequestView, VendorModule, json_string};
+use super::{
+    AuthSlot, Capture, CustomerScope, Denial, Operation, Preflight, RequestView, ResponseCost,
+    ResponseView, VendorModule, json_string,
+};
+use crate::pricing::Prices;
 
 pub struct Resend;
 
@@ -15,9 +19,6 @@ const OPERATIONS: &[Operation] = &[
     Operation::new("emails.retrieve", Method::GET, "/emails/{id}"),
     Operation::new("domains.list", Method::GET, "/domains"),
 ];
-
-/// Per-email price until the cost work makes it configurable ($0.90 per thousand).
-const MICROS_PER_EMAIL: i64 = 900;
 
 /// Every recipient address (`to`, `cc`, `bcc`; string or list) of one email object.
 fn recipients(email: &serde_json::Value, out: &mut Vec<String>) {
@@ -83,18 +84,43 @@ impl VendorModule for Resend {
         CustomerScope::Ids(domains.into_iter().collect())
     }
 
-    fn preflight_cost(
+    fn preflight(
         &self,
         operation: Option<&Operation>,
         request: &RequestView<'_>,
-    ) -> Option<Usd> {
+        prices: &Prices,
+    ) -> Preflight {
         match operation.map(|op| op.name) {
             Some("emails.send" | "emails.batch") => {
                 let n = all_recipients(request).len() as u64;
-                Some(Usd::from_micros(MICROS_PER_EMAIL).mul_div_ceil(n, 1))
+                Preflight::priced(prices.resend.usd_per_email.mul_div_ceil(n, 1))
             }
-            _ => None,
+            Some(_) => Preflight::free(),
+            None => Preflight::default(),
         }
+    }
+
+    fn capture(&self, _preflight: &Preflight) -> Capture {
+        Capture::Json { limit: 64 * 1024 }
+    }
+
+    fn response_cost(
+        &self,
+        _operation: Option<&Operation>,
+        preflight: &Preflight,
+        response: &ResponseView<'_>,
+        _prices: &Prices,
+    ) -> ResponseCost {
+        // Resend returns no price: the cost is recipients × the configured rate.
+        let mut cost = ResponseCost::estimated(preflight.estimate);
+        // `{"id": …}` for one email, `{"data": [{"id": …}, …]}` for a batch (first id).
+        cost.vendor_request_id = response.json.and_then(|v| {
+            v.get("id")
+                .or_else(|| v.get("data")?.get(0)?.get("id"))
+                .and_then(serde_json::Value::as_str)
+                .map(str::to_owned)
+        });
+        cost
     }
 
     fn request_id_header(&self) -> Option<&'static str> {
@@ -131,6 +157,7 @@ impl VendorModule for Resend {
 #[cfg(test)]
 mod tests {
     use http::HeaderMap;
+    use keybrake_api::Usd;
 
     use super::*;
 
@@ -151,7 +178,10 @@ mod tests {
             Resend.customer_scope(op, &r),
             CustomerScope::Ids(vec!["acme.com".into(), "other.io".into()])
         );
-        assert_eq!(Resend.preflight_cost(op, &r), Some(Usd::from_micros(2_700)));
+        assert_eq!(
+            Resend.preflight(op, &r, &Prices::default()),
+            Preflight::priced(Usd::from_micros(2_700))
+        );
         let batch = br#"[{"to":"a@one.com"},{"to":["b@two.com"]}]"#;
         let r = RequestView {
             path: "/emails/batch",

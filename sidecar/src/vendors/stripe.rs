@@ -4,9 +4,11 @@ use http::{Method, StatusCode};
 use keybrake_api::{Usd, Vendor, Verdict};
 
 use super::{
-    AuthSlot, CustomerScope, Denial, Operation, RequestView, VendorModule, json_string, retry_hint,
+    AuthSlot, Capture, CustomerScope, Denial, Operation, Preflight, RequestView, ResponseCost,
+    ResponseView, VendorModule, json_string, retry_hint,
 };
 use crate::path::template_capture;
+use crate::pricing::Prices;
 
 pub struct Stripe;
 
@@ -70,15 +72,24 @@ const CUSTOMER_BOUND: &[&str] = &[
     "payment_intents.list",
 ];
 
-/// Stripe amounts are in the currency's minor unit; only USD is priced here (two decimals).
-/// Other currencies need the rate table of the audit/cost work and yield no estimate.
-fn usd_amount(request: &RequestView<'_>) -> Option<Usd> {
+/// Operations that fix an amount of money: counted once, where the amount is set. Confirming
+/// or capturing a payment intent created through the sidecar does not count it again.
+const MONEY_MOVING: &[&str] = &["charges.create", "payment_intents.create", "refunds.create"];
+
+/// Dollars for the request's `amount` (in the currency's minor unit) in `currency`.
+fn request_usd(request: &RequestView<'_>, prices: &Prices) -> Option<Usd> {
     let currency = request.form_field("currency")?;
-    if !currency.eq_ignore_ascii_case("usd") {
-        return None;
+    let amount: i64 = request.form_field("amount")?.parse().ok()?;
+    prices.stripe_usd(amount, &currency)
+}
+
+/// The `customer` of a Stripe object: an id, or an expanded object with one.
+fn customer_of(object: &serde_json::Value) -> Option<String> {
+    match object.get("customer")? {
+        serde_json::Value::String(id) => Some(id.clone()),
+        serde_json::Value::Object(o) => o.get("id")?.as_str().map(str::to_owned),
+        _ => None,
     }
-    let cents: i64 = request.form_field("amount")?.parse().ok()?;
-    (cents >= 0).then(|| Usd::from_cents(cents))
 }
 
 impl VendorModule for Stripe {
@@ -113,17 +124,60 @@ impl VendorModule for Stripe {
         }
     }
 
-    fn preflight_cost(
+    fn preflight(
         &self,
         operation: Option<&Operation>,
         request: &RequestView<'_>,
-    ) -> Option<Usd> {
+        prices: &Prices,
+    ) -> Preflight {
         match operation.map(|op| op.name) {
-            Some("charges.create" | "payment_intents.create" | "refunds.create") => {
-                usd_amount(request)
-            }
-            _ => None,
+            Some(name) if MONEY_MOVING.contains(&name) => match request_usd(request, prices) {
+                Some(amount) => Preflight::priced(amount),
+                // No amount (a full refund) or a currency without a rate: hold the default.
+                None => Preflight {
+                    reserve: prices.stripe.unbounded_reserve,
+                    ..Preflight::default()
+                },
+            },
+            // Reads, customers, confirm/capture (counted at create).
+            Some(_) => Preflight::free(),
+            // Outside the catalogue (allowed by method + path): unpriced.
+            None => Preflight::default(),
         }
+    }
+
+    fn capture(&self, _preflight: &Preflight) -> Capture {
+        // Stripe objects are small; the customer can come from any of them.
+        Capture::Json { limit: 64 * 1024 }
+    }
+
+    fn response_cost(
+        &self,
+        operation: Option<&Operation>,
+        preflight: &Preflight,
+        response: &ResponseView<'_>,
+        prices: &Prices,
+    ) -> ResponseCost {
+        let money = operation.is_some_and(|op| MONEY_MOVING.contains(&op.name));
+        let Some(object) = response.json else {
+            return ResponseCost::estimated(preflight.estimate);
+        };
+        let mut cost = if money {
+            let amount = object.get("amount").and_then(serde_json::Value::as_i64);
+            let currency = object.get("currency").and_then(serde_json::Value::as_str);
+            match (amount, currency) {
+                (Some(amount), Some(currency)) => match prices.stripe_usd(amount, currency) {
+                    Some(usd) => ResponseCost::parsed(usd),
+                    // Never counted as dollars without a rate.
+                    None => ResponseCost::unpriced(),
+                },
+                _ => ResponseCost::estimated(preflight.estimate),
+            }
+        } else {
+            ResponseCost::estimated(preflight.estimate)
+        };
+        cost.customer = customer_of(object);
+        cost
     }
 
     fn request_id_header(&self) -> Option<&'static str> {
@@ -236,17 +290,33 @@ mod tests {
     }
 
     #[test]
-    fn preflight_prices_usd_amounts_only() {
+    fn preflight_prices_amounts_in_their_currency() {
         let h = HeaderMap::new();
         let post = Method::POST;
+        let mut prices = Prices::default();
         let op = Stripe.match_operation(&post, "/v1/charges");
         let r = view(&post, "/v1/charges", b"amount=5000&currency=usd", &h);
         assert_eq!(
-            Stripe.preflight_cost(op, &r),
-            Some("50.00".parse().unwrap())
+            Stripe.preflight(op, &r, &prices),
+            Preflight::priced("50.00".parse().unwrap())
         );
+        // No JPY rate: hold the pessimistic default, expect nothing.
         let r = view(&post, "/v1/charges", b"amount=5000&currency=jpy", &h);
-        assert_eq!(Stripe.preflight_cost(op, &r), None);
+        let p = Stripe.preflight(op, &r, &prices);
+        assert_eq!(p.reserve, prices.stripe.unbounded_reserve);
+        assert_eq!(p.estimate, None);
+        prices
+            .stripe
+            .usd_per_unit
+            .insert("jpy".into(), "0.0067".parse().unwrap());
+        assert_eq!(
+            Stripe.preflight(op, &r, &prices).estimate,
+            Some("33.5".parse().unwrap())
+        );
+        let get = Method::GET;
+        let op = Stripe.match_operation(&get, "/v1/balance");
+        let r = view(&get, "/v1/balance", b"", &h);
+        assert_eq!(Stripe.preflight(op, &r, &prices), Preflight::free());
     }
 
     #[test]

@@ -4,7 +4,11 @@ use bytes::Bytes;
 use http::{Method, StatusCode};
 use keybrake_api::{Usd, Vendor, Verdict};
 
-use super::{AuthSlot, CustomerScope, Denial, Operation, RequestView, VendorModule, json_string};
+use super::{
+    AuthSlot, Capture, CustomerScope, Denial, Operation, Preflight, RequestView, ResponseCost,
+    ResponseView, VendorModule, json_string,
+};
+use crate::pricing::Prices;
 
 pub struct Twilio;
 
@@ -31,8 +35,19 @@ const OPERATIONS: &[Operation] = &[
     ),
 ];
 
-/// US outbound SMS list price per segment, until the cost work makes it configurable.
-const MICROS_PER_SEGMENT: i64 = 8_300;
+/// Twilio's `price` field: a negative decimal string (`"-0.00750"`, money leaving the account),
+/// recorded as its absolute value. `None` when absent or null (not yet rated).
+pub fn parse_price(value: &serde_json::Value) -> Option<Usd> {
+    let text = match value {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Number(n) => n.to_string(),
+        _ => return None,
+    };
+    let text = text.trim();
+    let magnitude = text.strip_prefix('-').unwrap_or(text);
+    // Usd keeps six decimals; Twilio prices carry at most five.
+    magnitude.parse().ok()
+}
 
 /// SMS segments for `body`: GSM-7 fits 160 characters (153 per part when split), anything else
 /// is UCS-2 at 70 (67 per part).
@@ -74,16 +89,47 @@ impl VendorModule for Twilio {
         }
     }
 
-    fn preflight_cost(
+    fn preflight(
         &self,
         operation: Option<&Operation>,
         request: &RequestView<'_>,
-    ) -> Option<Usd> {
-        if operation.map(|op| op.name) != Some("messages.create") {
-            return None;
+        prices: &Prices,
+    ) -> Preflight {
+        match operation.map(|op| op.name) {
+            Some("messages.create") => {
+                let segments = sms_segments(&request.form_field("Body").unwrap_or_default());
+                Preflight::priced(prices.twilio.usd_per_segment.mul_div_ceil(segments, 1))
+            }
+            // Voice calls are billed per minute after they end: not priced here (documented).
+            Some(_) => Preflight::free(),
+            None => Preflight::default(),
         }
-        let segments = sms_segments(&request.form_field("Body").unwrap_or_default());
-        Some(Usd::from_micros(MICROS_PER_SEGMENT).mul_div_ceil(segments, 1))
+    }
+
+    fn capture(&self, _preflight: &Preflight) -> Capture {
+        Capture::Json { limit: 64 * 1024 }
+    }
+
+    fn response_cost(
+        &self,
+        operation: Option<&Operation>,
+        preflight: &Preflight,
+        response: &ResponseView<'_>,
+        _prices: &Prices,
+    ) -> ResponseCost {
+        if operation.map(|op| op.name) != Some("messages.create") {
+            return ResponseCost::estimated(preflight.estimate);
+        }
+        let message = response.json;
+        let usd_unit = message
+            .and_then(|m| m.get("price_unit"))
+            .and_then(serde_json::Value::as_str)
+            .is_none_or(|unit| unit.eq_ignore_ascii_case("usd"));
+        match message.and_then(|m| m.get("price")).and_then(parse_price) {
+            Some(price) if usd_unit => ResponseCost::parsed(price),
+            // Not rated yet (the usual answer at send time), or rated in another currency.
+            _ => ResponseCost::estimated(preflight.estimate),
+        }
     }
 
     fn request_id_header(&self) -> Option<&'static str> {
@@ -149,12 +195,24 @@ mod tests {
             Twilio.customer_scope(op, &r),
             CustomerScope::Ids(vec!["+15551234567".into()])
         );
-        assert_eq!(Twilio.preflight_cost(op, &r), Some(Usd::from_micros(8_300)));
+        assert_eq!(
+            Twilio.preflight(op, &r, &Prices::default()),
+            Preflight::priced(Usd::from_micros(8_300))
+        );
         let r = RequestView {
             body: b"Body=hi",
             ..r
         };
         assert_eq!(Twilio.customer_scope(op, &r), CustomerScope::Missing);
+    }
+
+    #[test]
+    fn prices_are_negative_strings() {
+        let v = |s: &str| serde_json::Value::String(s.into());
+        assert_eq!(parse_price(&v("-0.00750")), Some(Usd::from_micros(7_500)));
+        assert_eq!(parse_price(&v("0.0079")), Some(Usd::from_micros(7_900)));
+        assert_eq!(parse_price(&serde_json::Value::Null), None);
+        assert_eq!(parse_price(&v("n/a")), None);
     }
 
     #[test]
