@@ -173,7 +173,15 @@ async fn standalone_sqlite_audit_has_one_row_per_call_and_no_secrets() {
     assert_eq!(written.len(), 5, "one row per call: {written:?}");
     let ids: HashSet<&str> = written.iter().filter_map(|r| text(&r[0])).collect();
     assert_eq!(ids.len(), 5, "distinct row ids");
-    let summary: Vec<(String, Option<&str>, Option<&str>, Option<&str>, i64)> = written
+    // (verdict, vault_key_id, agent, namespace, vendor_status)
+    type Summary<'a> = (
+        String,
+        Option<&'a str>,
+        Option<&'a str>,
+        Option<&'a str>,
+        i64,
+    );
+    let summary: Vec<Summary> = written
         .iter()
         .map(|r| {
             (
@@ -243,6 +251,8 @@ async fn standalone_sqlite_audit_has_one_row_per_call_and_no_secrets() {
             );
         }
     }
-    let metrics_dropped = logs.contains("audit rows dropped");
-    assert!(!metrics_dropped, "no row was dropped: {logs}");
+    assert!(
+        !logs.contains("audit rows dropped"),
+        "no row was dropped: {logs}"
+    );
 }
