@@ -66,6 +66,7 @@ mod namespace;
 pub mod pki;
 mod plane;
 mod process;
+pub mod processes;
 mod shared;
 
 pub use binaries::{ETCD_VERSION, HELM_VERSION, K8S_VERSION, K8sBinaries, cache_dir};

@@ -6,15 +6,13 @@
 //! Each test gets its own namespace and its own controller(s) restricted to that namespace
 //! (`--watch-namespace`), so tests running in parallel never reconcile each other's keys.
 use std::{
-    io::{BufRead, BufReader},
     net::SocketAddr,
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    sync::{Arc, Mutex, OnceLock},
+    path::Path,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
-use http_body_util::{BodyExt, Empty, Full};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
@@ -22,7 +20,10 @@ use hyper_util::{
 };
 use k8s_openapi::api::{coordination::v1::Lease, core::v1::Secret, events::v1::Event};
 use keybrake_api::{Phase, VaultKey};
-use keybrake_e2e::{TestCa, TestNamespace, install_crds};
+use keybrake_e2e::{
+    TestNamespace, install_crds,
+    processes::{ControllerProcess, ControllerTls as Tls, free_port, poll},
+};
 use keybrake_sidecar::{
     PolicyStore, Sidecar,
     audit::NoopAudit,
@@ -40,211 +41,6 @@ use kube::{
 use serde_json::json;
 
 const DEADLINE: Duration = Duration::from_secs(30);
-
-/// Polls `f` every 10 ms until it returns `Some`, failing after `limit`.
-async fn poll<T, F, Fut>(what: &str, limit: Duration, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {limit:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// The controller process
-
-fn controller_binary() -> &'static Path {
-    static BUILT: OnceLock<PathBuf> = OnceLock::new();
-    BUILT.get_or_init(|| {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .args([
-                "build",
-                "-q",
-                "-p",
-                "keybrake-controller",
-                "--bin",
-                "keybrake-controller",
-            ])
-            .status()
-            .expect("running cargo build -p keybrake-controller");
-        assert!(
-            status.success(),
-            "cargo build -p keybrake-controller failed"
-        );
-        // This test binary lives in target/<profile>/deps/.
-        let exe = std::env::current_exe().expect("test binary path");
-        let bin = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("target/<profile>")
-            .join("keybrake-controller");
-        assert!(bin.exists(), "{} missing after cargo build", bin.display());
-        bin
-    })
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
-}
-
-/// TLS material for controllers: one CA, one serving certificate for 127.0.0.1, so sidecars
-/// keep trusting a controller across restarts and replicas.
-struct Tls {
-    dir: tempfile::TempDir,
-}
-
-impl Tls {
-    fn new() -> Tls {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let ca = TestCa::new("keybrake-e2e-controller-ca").expect("CA");
-        let serving = ca.issue_server(&["127.0.0.1", "localhost"]).expect("cert");
-        std::fs::write(dir.path().join("ca.pem"), ca.cert_pem()).unwrap();
-        std::fs::write(dir.path().join("tls.crt"), &serving.cert_pem).unwrap();
-        std::fs::write(dir.path().join("tls.key"), &serving.key_pem).unwrap();
-        Tls { dir }
-    }
-
-    fn ca(&self) -> PathBuf {
-        self.dir.path().join("ca.pem")
-    }
-}
-
-struct ControllerProcess {
-    child: Child,
-    identity: String,
-    stream_url: String,
-    admin: SocketAddr,
-    log: PathBuf,
-}
-
-impl ControllerProcess {
-    fn spawn(ns: &TestNamespace<'_>, tls: &Tls, identity: &str, stream_port: u16) -> Self {
-        Self::spawn_with(ns, tls, identity, stream_port, &[])
-    }
-
-    fn spawn_with(
-        ns: &TestNamespace<'_>,
-        tls: &Tls,
-        identity: &str,
-        stream_port: u16,
-        extra: &[&str],
-    ) -> Self {
-        let log = tls.dir.path().join(format!("{identity}.log"));
-        let stderr = std::fs::File::create(&log).expect("log file");
-        let mut child = Command::new(controller_binary())
-            .env("KUBECONFIG", ns.plane().kubeconfig())
-            .env("RUST_LOG", "info,kube=warn,keybrake_controller=debug")
-            .args([
-                "--stream-addr",
-                &format!("127.0.0.1:{stream_port}"),
-                "--admin-addr",
-                "127.0.0.1:0",
-                "--tls-cert",
-                tls.dir.path().join("tls.crt").to_str().unwrap(),
-                "--tls-key",
-                tls.dir.path().join("tls.key").to_str().unwrap(),
-                "--heartbeat-ms",
-                "500",
-                "--watch-namespace",
-                ns.name(),
-                "--lease-namespace",
-                ns.name(),
-                "--lease-duration-secs",
-                "3",
-                "--identity",
-                identity,
-                "--exit-on-stdin-close",
-            ])
-            .args(extra)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(stderr))
-            .spawn()
-            .expect("spawning keybrake-controller");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if line.starts_with("keybrake-controller listening") {
-                    let _ = tx.send(line);
-                }
-            }
-        });
-        let line = rx.recv_timeout(DEADLINE).unwrap_or_else(|_| {
-            panic!(
-                "controller did not start; log:\n{}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            )
-        });
-        let field = |name: &str| {
-            line.split_whitespace()
-                .find_map(|w| w.strip_prefix(&format!("{name}=")))
-                .unwrap_or_else(|| panic!("no {name} in {line:?}"))
-                .to_owned()
-        };
-        ControllerProcess {
-            child,
-            identity: identity.to_owned(),
-            stream_url: format!("https://{}", field("stream")),
-            admin: field("admin").parse().expect("admin address"),
-            log,
-        }
-    }
-
-    async fn wait_ready(&self) {
-        let http = plain_client();
-        let uri: hyper::Uri = format!("http://{}/ready", self.admin).parse().unwrap();
-        poll("controller /ready", DEADLINE, || {
-            let http = http.clone();
-            let uri = uri.clone();
-            async move {
-                let res = http.get(uri).await.ok()?;
-                (res.status() == 200).then_some(())
-            }
-        })
-        .await;
-    }
-
-    async fn metrics(&self) -> String {
-        let uri: hyper::Uri = format!("http://{}/metrics", self.admin).parse().unwrap();
-        let res = plain_client().get(uri).await.expect("GET /metrics");
-        let body = res.into_body().collect().await.expect("metrics body");
-        String::from_utf8_lossy(&body.to_bytes()).into_owned()
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for ControllerProcess {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-fn plain_client() -> Client<HttpConnector, Empty<Bytes>> {
-    Client::builder(TokioExecutor::new()).build_http()
-}
 
 // ---------------------------------------------------------------------------------------------
 // Sidecars and agents

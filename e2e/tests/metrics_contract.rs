@@ -1,0 +1,624 @@
+//! The metric contract, checked on real processes (issue 6, point 4): a keybrake-sidecar and a
+//! keybrake-controller are started from this workspace, driven until their labelled series exist,
+//! scraped on their admin `/metrics`, and each scrape is compared with docs/metrics.md by
+//! `keybrake_monitoring::exposition::check_scrape`. `make test-rules` already checks that the
+//! rules and the dashboard use only what docs/metrics.md lists; this closes the loop to the code,
+//! so a renamed metric or label fails here, naming both sides.
+//!
+//! A labelled counter is exported only once a label combination has been incremented, so every
+//! documented metric is driven. The ones a test cannot reach are listed explicitly
+//! ([`Unreachable`]) with the reason, and the test fails once they do appear, so the list
+//! cannot go stale.
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, ChildStdin, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper_util::{
+    client::legacy::{Client, connect::HttpConnector},
+    rt::TokioExecutor,
+};
+use k8s_openapi::api::core::v1::Secret;
+use keybrake_api::{TokenHash, VaultKey};
+use keybrake_e2e::{
+    TestNamespace, install_crds,
+    processes::{
+        ControllerProcess, ControllerTls, DEADLINE, free_port, plain_client, poll, workspace_binary,
+    },
+};
+use keybrake_monitoring::{
+    Component, MetricsDoc,
+    exposition::{self, ScrapeProblem, check_scrape},
+};
+use keybrake_testkit::{FakeKind, FakeVendor};
+use kube::{
+    Api,
+    api::{Patch, PatchParams, PostParams},
+};
+use serde_json::json;
+
+const UPSTREAM_SECRET: &str = "sk_test_metrics_contract";
+/// $12.50 in cents: a charge the sidecar prices before forwarding it.
+const CHARGE_CENTS: u32 = 1250;
+
+/// A documented metric the scenario cannot make the process export, and why.
+struct Unreachable {
+    name: &'static str,
+    why: &'static str,
+}
+
+fn contract() -> MetricsDoc {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/metrics.md");
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    MetricsDoc::parse(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// Fails, listing every difference, unless `scrape` is exactly what docs/metrics.md documents
+/// for `component` (names, types, label names), apart from the `unreachable` metrics.
+fn assert_matches_contract(
+    component: Component,
+    what: &str,
+    scrape: &str,
+    unreachable: &[Unreachable],
+) {
+    let problems = check_scrape(&contract(), component, scrape)
+        .unwrap_or_else(|e| panic!("{what}: /metrics is not Prometheus text format: {e}"));
+    let excused = |p: &ScrapeProblem| matches!(p, ScrapeProblem::Missing { name } if unreachable.iter().any(|u| u.name == name));
+    let mut failures: Vec<String> = problems
+        .iter()
+        .filter(|p| !excused(p))
+        .map(|p| format!("- {p}"))
+        .collect();
+    for u in unreachable {
+        let still_missing = problems
+            .iter()
+            .any(|p| matches!(p, ScrapeProblem::Missing { name } if name == u.name));
+        if !still_missing {
+            failures.push(format!(
+                "- `{}` is exported now: remove it from this test's unreachable list \
+                 (it was excused because: {})",
+                u.name, u.why
+            ));
+        }
+    }
+    let ours: Vec<&str> = scrape
+        .lines()
+        .filter(|l| l.starts_with(exposition::PREFIX) || l.starts_with("# TYPE keybrake_"))
+        .collect();
+    assert!(
+        failures.is_empty(),
+        "the {what}'s /metrics drifted from docs/metrics.md (the contract the rules and the \
+         dashboard are checked against). Fix the code or, for a deliberate change, the page and \
+         the rules together:\n{}\n\nits keybrake_ series:\n{}",
+        failures.join("\n"),
+        ours.join("\n")
+    );
+}
+
+/// The value of the one sample `name{labels…}` (labels given must match; others are ignored).
+fn sample(scrape: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let parsed = exposition::parse(scrape).expect("Prometheus text format");
+    parsed
+        .samples
+        .iter()
+        .find(|s| {
+            s.name == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
+        })
+        .map(|s| s.value)
+}
+
+async fn get_text(addr: SocketAddr, path: &str) -> String {
+    let uri: hyper::Uri = format!("http://{addr}{path}").parse().unwrap();
+    let res = plain_client().get(uri).await.expect("GET admin");
+    assert_eq!(res.status(), 200, "GET {path}");
+    let body = res.into_body().collect().await.expect("body").to_bytes();
+    String::from_utf8_lossy(&body).into_owned()
+}
+
+// ---------------------------------------------------------------------------------------------
+// The sidecar process
+
+/// keybrake-sidecar as a process on ephemeral loopback ports. It runs under `sh`, which stops it
+/// when this test process's end of the `sh`'s stdin closes (drop, panic, or the test binary
+/// being killed), so no sidecar outlives the test.
+struct SidecarProcess {
+    guard: Child,
+    lifeline: Option<ChildStdin>,
+    proxy: SocketAddr,
+    admin: SocketAddr,
+    log: PathBuf,
+}
+
+impl SidecarProcess {
+    async fn spawn(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> SidecarProcess {
+        let binary = tokio::task::spawn_blocking(|| {
+            workspace_binary("keybrake-sidecar", "keybrake-sidecar")
+        })
+        .await
+        .expect("building keybrake-sidecar");
+        let addr_file = dir.join("addrs.json");
+        let log = dir.join("sidecar.log");
+        let stderr = std::fs::File::create(&log).expect("log file");
+        let mut guard = Command::new("/bin/sh")
+            .args([
+                "-c",
+                r#""$@" </dev/null & child=$!; read -r _; kill -TERM "$child"; wait "$child""#,
+                "sidecar-guard",
+            ])
+            .arg(&binary)
+            .args(args)
+            .args([
+                "--listen-addr=127.0.0.1",
+                "--admin-listen-addr=127.0.0.1",
+                "--proxy-port=0",
+                "--stripe-port=0",
+                "--openai-port=0",
+                "--twilio-port=0",
+                "--resend-port=0",
+                "--admin-port=0",
+            ])
+            .arg(format!("--addr-file={}", addr_file.display()))
+            .envs(env.iter().copied())
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("spawning keybrake-sidecar");
+        let lifeline = guard.stdin.take();
+        let deadline = Instant::now() + DEADLINE;
+        let addrs: serde_json::Value = loop {
+            if let Ok(text) = std::fs::read_to_string(&addr_file) {
+                break serde_json::from_str(&text).expect("--addr-file JSON");
+            }
+            if let Ok(Some(status)) = guard.try_wait() {
+                panic!(
+                    "keybrake-sidecar exited ({status}) before listening; log:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "keybrake-sidecar did not write {} within {DEADLINE:?}",
+                addr_file.display()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        let addr = |key: &str| -> SocketAddr {
+            addrs[key]
+                .as_str()
+                .and_then(|a| a.parse().ok())
+                .unwrap_or_else(|| panic!("no `{key}` address in {addrs}"))
+        };
+        SidecarProcess {
+            proxy: addr("proxy"),
+            admin: addr("admin"),
+            guard,
+            lifeline,
+            log,
+        }
+    }
+
+    async fn metrics(&self) -> String {
+        get_text(self.admin, "/metrics").await
+    }
+
+    /// One agent call through the prefix-routed proxy; returns (status, keybrake-verdict).
+    async fn call(&self, vault_key: &str, method: &str, path: &str, form: &str) -> (u16, String) {
+        let http: Client<HttpConnector, Full<Bytes>> =
+            Client::builder(TokioExecutor::new()).build_http();
+        let request = hyper::Request::builder()
+            .method(method)
+            .uri(format!("http://{}/stripe{path}", self.proxy))
+            .header("authorization", format!("Bearer {vault_key}"))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(Full::new(Bytes::from(form.to_owned())))
+            .unwrap();
+        let res = http
+            .request(request)
+            .await
+            .expect("call through the sidecar");
+        let status = res.status().as_u16();
+        let verdict = res
+            .headers()
+            .get("keybrake-verdict")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
+        let _ = res.into_body().collect().await;
+        (status, verdict)
+    }
+
+    /// An allowed, priced call (`charges.create`, USD): counts calls, cost and upstream latency.
+    async fn charge(&self, vault_key: &str) -> (u16, String) {
+        let form = format!("amount={CHARGE_CENTS}&currency=usd&customer=cus_1");
+        self.call(vault_key, "POST", "/v1/charges", &form).await
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for SidecarProcess {
+    fn drop(&mut self) {
+        drop(self.lifeline.take());
+        let _ = self.guard.wait();
+    }
+}
+
+/// The three verdict paths every scenario drives: allowed (priced), denied by policy, unknown key.
+async fn drive_calls(sidecar: &SidecarProcess, vault_key: &str) {
+    let unknown = format!("vault_key_{}", "U".repeat(43));
+    let outcomes = [
+        (sidecar.charge(vault_key).await, (200, "allow")),
+        (
+            sidecar
+                .call(vault_key, "GET", "/v1/customers/cus_1", "")
+                .await,
+            (403, "operation_denied"),
+        ),
+        (sidecar.charge(&unknown).await, (401, "key_unknown")),
+    ];
+    for ((status, verdict), (want_status, want_verdict)) in outcomes {
+        assert_eq!(
+            (status, verdict.as_str()),
+            (want_status, want_verdict),
+            "sidecar log:\n{}",
+            sidecar.log_text()
+        );
+    }
+}
+
+/// Scrapes until the allowed charge's cost is counted (it is, when the response body ends).
+async fn scrape_after_cost(sidecar: &SidecarProcess, namespace: &str) -> String {
+    poll("the charge's cost in /metrics", DEADLINE, || async move {
+        let text = sidecar.metrics().await;
+        sample(
+            &text,
+            "keybrake_cost_usd_total",
+            &[("namespace", namespace), ("vault_key", "refunds")],
+        )
+        .is_some()
+        .then_some(text)
+    })
+    .await
+}
+
+/// The labelled series carry the values the rules group by, not only the right names.
+fn assert_key_series(scrape: &str, namespace: &str) {
+    let key = [
+        ("namespace", namespace),
+        ("agent", "refunder"),
+        ("vault_key", "refunds"),
+        ("vendor", "stripe"),
+    ];
+    let with = |extra: (&'static str, &'static str)| {
+        let mut labels = key.to_vec();
+        labels.push(extra);
+        labels
+    };
+    assert!(
+        sample(scrape, "keybrake_calls_total", &with(("verdict", "allow")))
+            .is_some_and(|v| v >= 1.0),
+        "no allowed call counted for {namespace}/refunds:\n{scrape}"
+    );
+    assert_eq!(
+        sample(
+            scrape,
+            "keybrake_calls_total",
+            &with(("verdict", "operation_denied"))
+        ),
+        Some(1.0),
+        "the denied call, counted once:\n{scrape}"
+    );
+    assert!(
+        sample(
+            scrape,
+            "keybrake_calls_total",
+            &[("verdict", "key_unknown")]
+        )
+        .is_some_and(|n| n >= 1.0),
+        "the unknown key's call:\n{scrape}"
+    );
+    // The amount is the pricing code's business; here only that the charge was priced.
+    let cost = sample(scrape, "keybrake_cost_usd_total", &key).expect("cost series");
+    assert!(cost > 0.0, "the charge was priced at {cost}:\n{scrape}");
+    assert!(
+        sample(
+            scrape,
+            "keybrake_upstream_duration_seconds_count",
+            &[("vendor", "stripe")]
+        )
+        .is_some_and(|n| n >= 1.0),
+        "upstream latency observed for stripe:\n{scrape}"
+    );
+}
+
+fn token_for(seed: char) -> String {
+    format!("vault_key_{}", seed.to_string().repeat(43))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests
+
+/// The failure this test exists for reads well: a renamed label and a renamed metric are named,
+/// and an excuse that no longer applies is called out.
+#[test]
+fn drift_fails_naming_both_sides() {
+    let message = |scrape: &'static str, unreachable: &'static [Unreachable]| {
+        let panic = std::panic::catch_unwind(|| {
+            assert_matches_contract(Component::Sidecar, "sidecar", scrape, unreachable)
+        })
+        .expect_err("a drifted scrape must fail");
+        panic.downcast_ref::<String>().cloned().unwrap_or_default()
+    };
+    let drifted = message(
+        "# TYPE keybrake_calls_total counter\n\
+         keybrake_calls_total{namespace=\"n\",agent=\"a\",key=\"k\",vendor=\"stripe\",verdict=\"allow\"} 1\n\
+         # TYPE keybrake_calls_count counter\nkeybrake_calls_count 1\n",
+        &[],
+    );
+    for expected in [
+        "drifted from docs/metrics.md",
+        "`keybrake_calls_total` has labels",
+        "`keybrake_calls_count` is exported but not in docs/metrics.md",
+        "`keybrake_cost_usd_total` is documented but not exported",
+    ] {
+        assert!(
+            drifted.contains(expected),
+            "{expected:?} not in:\n{drifted}"
+        );
+    }
+    static STALE: [Unreachable; 1] = [Unreachable {
+        name: "keybrake_audit_dropped_rows_total",
+        why: "example",
+    }];
+    let stale = message(
+        "# TYPE keybrake_audit_dropped_rows_total counter\nkeybrake_audit_dropped_rows_total 0\n",
+        &STALE,
+    );
+    assert!(
+        stale.contains("`keybrake_audit_dropped_rows_total` is exported now: remove it"),
+        "{stale}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standalone_sidecar_metrics_match_the_contract() {
+    let started = Instant::now();
+    let upstream = FakeVendor::start(FakeKind::Stripe, UPSTREAM_SECRET)
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let token = token_for('S');
+    let config = dir.path().join("keybrake.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "upstreams:\n  stripe: {{vendor: stripe, baseUrl: \"{}\", secretEnv: CONTRACT_STRIPE_SECRET}}\n\
+             keys:\n  - name: refunds\n    tokenSha256: {}\n    upstream: stripe\n    \
+             agent: {{name: refunder}}\n    allow: [{{operation: charges.create}}]\n",
+            upstream.url(),
+            TokenHash::of(&token).to_hex()
+        ),
+    )
+    .unwrap();
+    let config_arg = format!("--config={}", config.display());
+    let sidecar = SidecarProcess::spawn(
+        dir.path(),
+        &[&config_arg],
+        &[("CONTRACT_STRIPE_SECRET", UPSTREAM_SECRET)],
+    )
+    .await;
+
+    drive_calls(&sidecar, &token).await;
+    let scrape = scrape_after_cost(&sidecar, "standalone").await;
+    assert_key_series(&scrape, "standalone");
+    assert_matches_contract(
+        Component::Sidecar,
+        "standalone sidecar",
+        &scrape,
+        &[Unreachable {
+            name: "keybrake_stale_allowed_calls_total",
+            why: "a standalone policy is a local file and never stale, so onStale: Allow never \
+                  applies; the controller-mode test below exports it",
+        }],
+    );
+    assert_eq!(
+        upstream.request_count(),
+        1,
+        "only the allowed call reached Stripe"
+    );
+    eprintln!(
+        "METRICS_CONTRACT standalone sidecar: ok in {} ms",
+        started.elapsed().as_millis()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn controller_and_controller_mode_sidecar_metrics_match_the_contract() {
+    let started = Instant::now();
+    let ns = TestNamespace::new("metrics-contract").await;
+    install_crds(&ns.client()).await.expect("install CRDs");
+    let upstream = FakeVendor::start(FakeKind::Stripe, UPSTREAM_SECRET)
+        .await
+        .unwrap();
+    let secrets: Api<Secret> = ns.api();
+    let upstream_secret: Secret = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "stripe-upstream"},
+        "stringData": {"api-key": UPSTREAM_SECRET},
+    }))
+    .unwrap();
+    secrets
+        .patch(
+            "stripe-upstream",
+            &PatchParams::apply("e2e").force(),
+            &Patch::Apply(&upstream_secret),
+        )
+        .await
+        .expect("apply the upstream Secret");
+    let tls = ControllerTls::new();
+    let mut controller = ControllerProcess::spawn(&ns, &tls, "contract-a", free_port());
+    controller.wait_ready().await;
+
+    let key = |name: &str| -> VaultKey {
+        serde_json::from_value(json!({
+            "apiVersion": "keybrake.dev/v1alpha1", "kind": "VaultKey",
+            "metadata": {"name": name},
+            "spec": {
+                "vendor": "stripe",
+                "upstream": {
+                    "secretRef": {"name": "stripe-upstream", "key": "api-key"},
+                    "baseUrl": upstream.url(),
+                },
+                "agent": {"name": "refunder"},
+                "workload": {"serviceAccountName": "agent"},
+                "allow": [{"operation": "charges.create"}],
+                "onStale": "Allow",
+            },
+        }))
+        .expect("VaultKey")
+    };
+    let keys: Api<VaultKey> = ns.api();
+    keys.create(&PostParams::default(), &key("refunds"))
+        .await
+        .expect("create VaultKey refunds");
+    // A failed reconcile, so `keybrake_controller_reconcile_errors_total{kind}` exists: a valid
+    // 251-character VaultKey name whose token Secret name (`<name>-token`) the apiserver refuses.
+    let too_long = format!(
+        "{}.{}.{}.{}",
+        "a".repeat(63),
+        "b".repeat(63),
+        "c".repeat(63),
+        "d".repeat(59)
+    );
+    keys.create(&PostParams::default(), &key(&too_long))
+        .await
+        .expect("create the VaultKey whose token Secret cannot exist");
+
+    let minted = poll("the minted token of refunds", DEADLINE, || {
+        let secrets = secrets.clone();
+        async move {
+            let data = secrets.get_opt("refunds-token").await.ok()??.data?;
+            String::from_utf8(data.get("VAULT_KEY")?.0.clone()).ok()
+        }
+    })
+    .await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    let sa_token = ns
+        .service_account_token("agent", "keybrake")
+        .await
+        .expect("TokenRequest");
+    std::fs::write(&token_file, sa_token).unwrap();
+    let args = [
+        format!("--controller-url={}", controller.stream_url),
+        format!("--token-file={}", token_file.display()),
+        format!("--ca-file={}", tls.ca().display()),
+        "--staleness-bound=1s".to_owned(),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let sidecar = SidecarProcess::spawn(dir.path(), &args, &[]).await;
+    // Until the first snapshot arrives the sidecar refuses; then the key is enforced.
+    poll(
+        "the key allowed through the controller-mode sidecar",
+        DEADLINE,
+        || {
+            let sidecar = &sidecar;
+            let minted = &minted;
+            async move { (sidecar.charge(minted).await.1 == "allow").then_some(()) }
+        },
+    )
+    .await;
+    drive_calls(&sidecar, &minted).await;
+
+    let controller_scrape = poll(
+        "a failed reconcile and a connected stream in the controller's /metrics",
+        DEADLINE,
+        || {
+            let controller = &controller;
+            async move {
+                let text = controller.metrics().await;
+                let failed = sample(&text, "keybrake_controller_reconcile_errors_total", &[])
+                    .is_some_and(|n| n >= 1.0);
+                let streams = sample(&text, "keybrake_controller_streams_connected", &[]);
+                (failed && streams == Some(1.0)).then_some(text)
+            }
+        },
+    )
+    .await;
+    assert!(
+        sample(
+            &controller_scrape,
+            "keybrake_controller_reconciles_total",
+            &[("result", "ok")]
+        )
+        .is_some_and(|n| n >= 1.0),
+        "refunds reconciled ok:\n{controller_scrape}"
+    );
+    assert_eq!(
+        sample(&controller_scrape, "keybrake_controller_leader", &[]),
+        Some(1.0),
+        "the only replica leads"
+    );
+    assert_matches_contract(
+        Component::Controller,
+        "controller",
+        &controller_scrape,
+        &[Unreachable {
+            name: "keybrake_webhook_injections_total",
+            why: "keybrake-controller does not serve the injection webhook yet: \
+                  controller/src/app.rs starts no webhook listener, and nothing increments \
+                  Metrics::webhook_injections (controller/src/metrics.rs)",
+        }],
+    );
+
+    // The controller goes away: after --staleness-bound the policy is stale and the key's
+    // onStale: Allow lets calls through, metered by keybrake_stale_allowed_calls_total.
+    controller.kill();
+    let ns_name = ns.name();
+    poll("a call allowed on a stale policy", DEADLINE, || {
+        let sidecar = &sidecar;
+        let minted = &minted;
+        async move {
+            let (status, verdict) = sidecar.charge(minted).await;
+            assert_eq!((status, verdict.as_str()), (200, "allow"), "onStale: Allow");
+            let text = sidecar.metrics().await;
+            sample(
+                &text,
+                "keybrake_stale_allowed_calls_total",
+                &[("namespace", ns_name), ("vault_key", "refunds")],
+            )
+            .is_some_and(|n| n >= 1.0)
+            .then_some(())
+        }
+    })
+    .await;
+    let sidecar_scrape = scrape_after_cost(&sidecar, ns_name).await;
+    assert_key_series(&sidecar_scrape, ns_name);
+    assert!(
+        sample(&sidecar_scrape, "keybrake_policy_staleness_seconds", &[]).is_some_and(|s| s >= 1.0),
+        "staleness shows the lost stream:\n{sidecar_scrape}"
+    );
+    assert_matches_contract(
+        Component::Sidecar,
+        "controller-mode sidecar",
+        &sidecar_scrape,
+        &[],
+    );
+    eprintln!(
+        "METRICS_CONTRACT controller + controller-mode sidecar: ok in {} ms",
+        started.elapsed().as_millis()
+    );
+}
