@@ -189,6 +189,10 @@ if [[ ! -x $VENV/bin/python ]] || ! "$VENV/bin/python" -c 'import stripe, yaml' 
 fi
 PY=$VENV/bin/python
 say "agent runtime: official Stripe Python SDK $("$PY" -c 'import stripe; print(stripe.VERSION)') ($(took "$t"))"
+# The demo's own judgement is tested first: a demo that cannot fail proves nothing.
+"$PY" -m unittest -q demo/test_report.py 2>"$RUN/report-selftest.log" ||
+  { indent <"$RUN/report-selftest.log"; die "demo/test_report.py failed"; }
+say "verdict logic self-test (demo/test_report.py): passed"
 
 # ------------------------------------------------------------------ 1. control plane + keys
 
