@@ -111,8 +111,9 @@ def watch_spike(a):
             first = samples[0]
             span = (now * 1000 - first["t_ms"]) / 60000
             rate = (allowed - first["allowed"]) / span if span > 0 else 0
-            bar = "#" * min(60, int(rate / 5))
-            print(f"  {'+%.1fs' % elapsed:>6}  allowed calls {allowed:4.0f}  {rate:5.0f} calls/min  {bar}".rstrip(), flush=True)
+            bar = "#" * min(40, int(rate / 5))
+            vs = f"{rate / a.baseline:5.1f}x baseline" if a.baseline else ""
+            print(f"  {'+%.1fs' % elapsed:>6}  allowed calls {allowed:4.0f}  {rate:5.0f} calls/min  {vs}  {bar}".rstrip(), flush=True)
             next_print += a.print_every
         if elapsed >= a.seconds:
             break
@@ -377,6 +378,7 @@ def main():
     w.add_argument("--seconds", type=float, required=True)
     w.add_argument("--every", type=float, default=0.5)
     w.add_argument("--print-every", type=float, default=2.0)
+    w.add_argument("--baseline", type=float, default=0, help="calls/min to compare with (simulated)")
     w.add_argument("--out", required=True)
     s = sub.add_parser("spike")
     s.add_argument("--samples", required=True)

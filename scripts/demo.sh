@@ -273,10 +273,12 @@ kubectl get vk -n "$NS" | indent
 step "the agent goes into a loop: a refund every ${INTERVAL_MS} ms through the sidecar"
 say "official Stripe SDK: stripe.StripeClient(vault_key, base_addresses={\"api\": \"http://$SIDECAR_STRIPE\"})"
 say "key policy: refunds.create only, dailyUsdCap \$5000, perCallUsdMax \$50, callsPerMinute 600"
+say "calls/min since the agent started (baseline: $BASELINE calls/min, simulated; the spike alert is at 5x):"
 spawn agent "$PY" demo/agent.py --base-url "http://$SIDECAR_STRIPE" --key-file "$RUN/vault-key" \
   --interval-ms "$INTERVAL_MS" --log "$RUN/agent-calls.jsonl" --stop-file "$RUN/agent.stop" --max-seconds 600
 "$PY" demo/report.py watch-spike --metrics "http://$SIDECAR_ADMIN/metrics" --key "$VK" \
-  --seconds "$SPIKE_SECONDS" --print-every "$([[ $FAST == 1 ]] && echo 1 || echo 2)" --out "$RUN/spike-samples.json"
+  --seconds "$SPIKE_SECONDS" --print-every "$([[ $FAST == 1 ]] && echo 1 || echo 2)" --baseline "$BASELINE" \
+  --out "$RUN/spike-samples.json"
 alive agent || { tail -n 20 "$RUN/agent.log" | indent; die "the agent died"; }
 
 step "the page: calls per minute for $NS/$VK against its baseline (KeybrakeCallRateSpike)"
