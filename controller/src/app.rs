@@ -20,11 +20,14 @@ use crate::{
     enforcement::EnforcementTracker,
     feed::{SyncGate, feed_secrets, feed_vault_keys},
     index::PolicyIndex,
+    injection_flags::{InjectionFlags, parse_duration},
     leader::{LeaderElector, LeaseConfig},
     metrics::Metrics,
     reconcile::{Context, run_controller},
     server::{IngestHandler, StreamServer},
-    tls::ServingIdentity,
+    tls::{ServingIdentity, SwappableCert},
+    tls_secret::{CaDistributor, IdentitySource, SecretBacked, load_or_create},
+    webhook::WebhookServer,
 };
 
 #[derive(clap::Parser, Debug, Clone)]
@@ -32,6 +35,7 @@ use crate::{
     name = "keybrake-controller",
     about = "Keybrake controller: VaultKeys → sidecar policy streams"
 )]
+#[command(group(clap::ArgGroup::new("shared_ca").args(["tls_secret", "tls_ca"]).multiple(false)))]
 pub struct Config {
     /// Sidecar streams, acks and audit ingest (HTTP/2 over TLS).
     #[arg(long, env = "KEYBRAKE_STREAM_ADDR", default_value = "0.0.0.0:8443")]
@@ -39,11 +43,44 @@ pub struct Config {
     /// `/live`, `/ready`, `/metrics` (plain HTTP).
     #[arg(long, env = "KEYBRAKE_ADMIN_ADDR", default_value = "0.0.0.0:8080")]
     pub admin_addr: SocketAddr,
-    /// Serving certificate (PEM). Without it a CA and certificate are generated at start.
-    #[arg(long, env = "KEYBRAKE_TLS_CERT", requires = "tls_key")]
+    /// Serving certificate (PEM), e.g. from cert-manager. Without it or `--tls-secret` a CA and
+    /// certificate are generated at start (one per process: tests and quick starts).
+    #[arg(
+        long,
+        env = "KEYBRAKE_TLS_CERT",
+        requires = "tls_key",
+        conflicts_with = "tls_secret"
+    )]
     pub tls_cert: Option<PathBuf>,
     #[arg(long, env = "KEYBRAKE_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+    /// CA (PEM) that signed `--tls-cert`, to publish to sidecars (and the webhook's caBundle).
+    #[arg(long, env = "KEYBRAKE_TLS_CA", requires = "tls_cert")]
+    pub tls_ca: Option<PathBuf>,
+    /// Secret in this controller's namespace holding a generated CA and serving certificate that
+    /// every replica shares; created if absent, renewed by the leader.
+    #[arg(long, env = "KEYBRAKE_TLS_SECRET")]
+    pub tls_secret: Option<String>,
+    /// Validity of serving certificates issued into `--tls-secret` (renewed with a third left).
+    #[arg(long, default_value = "2160h", value_parser = parse_duration, requires = "tls_secret")]
+    pub tls_secret_validity: Duration,
+    /// How often replicas re-read `--tls-secret` and the leader re-checks the caBundle and the
+    /// CA ConfigMaps, in seconds.
+    #[arg(long, default_value_t = 10)]
+    pub ca_refresh_secs: u64,
+    /// MutatingWebhookConfiguration whose caBundle the leader writes (needs a shared CA:
+    /// `--tls-secret` or `--tls-ca`).
+    #[arg(long, requires = "shared_ca")]
+    pub webhook_configuration: Option<String>,
+    /// ConfigMap (key `ca.crt`) the leader publishes into every namespace with VaultKeys, and
+    /// that injected sidecars mount. Published when the CA is shared (`--tls-secret`/`--tls-ca`).
+    #[arg(long, default_value = "keybrake-ca")]
+    pub ca_configmap: String,
+    #[command(flatten)]
+    pub injection: InjectionFlags,
+    /// Log filter: a level (`info`, `debug`) or a tracing directive list.
+    #[arg(long, env = "RUST_LOG", default_value = "info")]
+    pub log_level: String,
     /// Names for the generated certificate (repeatable).
     #[arg(long = "tls-san", default_values = ["127.0.0.1", "localhost"])]
     pub tls_sans: Vec<String>,
@@ -87,6 +124,16 @@ pub struct Config {
 }
 
 impl Config {
+    /// The tracing filter: a bare level keeps kube's own chatter at warn.
+    pub fn log_filter(&self) -> String {
+        let level = self.log_level.trim();
+        if level.contains('=') || level.contains(',') {
+            level.to_owned()
+        } else {
+            format!("{level},kube=warn")
+        }
+    }
+
     fn identity(&self) -> String {
         self.identity.clone().unwrap_or_else(|| {
             let host = std::fs::read_to_string("/etc/hostname")
@@ -123,15 +170,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let (synced_tx, synced_rx) = watch::channel(false);
     let (leader_tx, leader_rx) = watch::channel(false);
 
-    let tls_identity = match (&config.tls_cert, &config.tls_key) {
-        (Some(cert), Some(key)) => ServingIdentity::from_pem_files(cert, key)?,
-        _ => ServingIdentity::generate(&config.tls_sans)?,
-    };
-    if let (Some(path), Some(ca)) = (&config.tls_ca_out, &tls_identity.generated_ca_pem) {
-        std::fs::write(path, ca)
-            .with_context(|| format!("writing the CA to {}", path.display()))?;
-    }
-    let tls = tls_identity.server_config()?;
+    let injection = config
+        .injection
+        .injection_config(&config.lease_namespace, &config.ca_configmap)?;
+    let (cert, identity_source) = serving_identity(&config, &client).await?;
+    let tls = cert.server_config()?;
 
     let stream_listener = TcpListener::bind(config.stream_addr)
         .await
@@ -139,9 +182,24 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let admin_listener = TcpListener::bind(config.admin_addr)
         .await
         .with_context(|| format!("binding {}", config.admin_addr))?;
+    let webhook_listener = match &injection {
+        Some(_) => {
+            let addr = config.injection.webhook_addr;
+            Some(
+                TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("binding {addr}"))?,
+            )
+        }
+        None => None,
+    };
+    let webhook_shown = match &webhook_listener {
+        Some(l) => format!(" webhook={}", l.local_addr()?),
+        None => String::new(),
+    };
     // Tests and scripts read this line to find ports chosen with :0.
     println!(
-        "keybrake-controller listening stream={} admin={} identity={identity}",
+        "keybrake-controller listening stream={} admin={}{webhook_shown} identity={identity}",
         stream_listener.local_addr()?,
         admin_listener.local_addr()?
     );
@@ -173,6 +231,19 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     );
     let leader_task = tokio::spawn(elector.run(leader_tx, metrics.clone(), shutdown.clone()));
 
+    if let Some(source) = identity_source {
+        let distributor = CaDistributor {
+            client: client.clone(),
+            source,
+            cert: cert.clone(),
+            webhook_configuration: config.webhook_configuration.clone(),
+            ca_configmap: config.ca_configmap.clone(),
+            index: index.clone(),
+            refresh: Duration::from_secs(config.ca_refresh_secs.max(1)),
+        };
+        tasks.spawn(distributor.run(leader_rx.clone(), shutdown.clone()));
+    }
+
     let ctx = Arc::new(Context {
         client: client.clone(),
         index: index.clone(),
@@ -201,7 +272,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         index,
         tracker,
         auth: Arc::new(
-            Authenticator::new(Arc::new(KubeTokenReviewer::new(client))).with_limits(
+            Authenticator::new(Arc::new(KubeTokenReviewer::new(client.clone()))).with_limits(
                 Duration::from_secs(config.token_cache_secs),
                 Duration::from_secs(2),
                 10_000,
@@ -215,6 +286,21 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         shutdown: shutdown.clone(),
     });
     let mut servers = tokio::task::JoinSet::new();
+    if let (Some(listener), Some(injection)) = (webhook_listener, injection) {
+        let webhook = Arc::new(WebhookServer {
+            config: injection,
+            metrics: metrics.clone(),
+            recorder: Recorder::new(
+                client.clone(),
+                Reporter {
+                    controller: "keybrake-controller".into(),
+                    instance: Some(identity.clone()),
+                },
+            ),
+            shutdown: shutdown.clone(),
+        });
+        servers.spawn(webhook.serve(listener, tls.clone()));
+    }
     servers.spawn(server.serve(stream_listener, tls));
     servers.spawn(serve_admin(
         admin_listener,
@@ -236,4 +322,47 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let _ = tokio::time::timeout(Duration::from_secs(5), leader_task).await;
     tasks.abort_all();
     result
+}
+
+/// The serving certificate every TLS listener presents, and where a shared CA comes from (for
+/// the caBundle and the CA ConfigMaps): `--tls-secret`, PEM files (+ `--tls-ca`), or generated.
+async fn serving_identity(
+    config: &Config,
+    client: &Client,
+) -> anyhow::Result<(Arc<SwappableCert>, Option<IdentitySource>)> {
+    if let Some(name) = &config.tls_secret {
+        let api = Api::<Secret>::namespaced(client.clone(), &config.lease_namespace);
+        let sans: std::collections::BTreeSet<String> = config.tls_sans.iter().cloned().collect();
+        let current = load_or_create(&api, name, &sans, config.tls_secret_validity)
+            .await
+            .with_context(|| format!("loading the serving identity from Secret {name}"))?;
+        let cert = SwappableCert::new(current.certified_key()?);
+        return Ok((
+            cert,
+            Some(IdentitySource::Secret(Box::new(SecretBacked {
+                api,
+                name: name.clone(),
+                sans,
+                validity: config.tls_secret_validity,
+                current,
+            }))),
+        ));
+    }
+    let identity = match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => ServingIdentity::from_pem_files(cert, key)?,
+        _ => ServingIdentity::generate(&config.tls_sans)?,
+    };
+    if let (Some(path), Some(ca)) = (&config.tls_ca_out, &identity.generated_ca_pem) {
+        std::fs::write(path, ca)
+            .with_context(|| format!("writing the CA to {}", path.display()))?;
+    }
+    let cert = SwappableCert::new(identity.certified_key()?);
+    let source = match &config.tls_ca {
+        Some(path) => Some(IdentitySource::Fixed {
+            ca_pem: std::fs::read_to_string(path)
+                .with_context(|| format!("reading the CA {}", path.display()))?,
+        }),
+        None => None,
+    };
+    Ok((cert, source))
 }

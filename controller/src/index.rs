@@ -276,6 +276,15 @@ impl PolicyIndex {
         }
     }
 
+    /// Namespaces that hold at least one VaultKey (where the CA ConfigMap is published).
+    pub fn namespaces(&self) -> std::collections::BTreeSet<String> {
+        self.lock()
+            .keys
+            .keys()
+            .map(|id| id.namespace().to_owned())
+            .collect()
+    }
+
     /// Why `id` has no grant, if it has none.
     pub fn problem(&self, id: &KeyId) -> Option<GrantProblem> {
         self.lock().problems.get(id).cloned()

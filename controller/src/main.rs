@@ -5,14 +5,11 @@ use tokio_util::sync::CancellationToken;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    let config = Config::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,kube=warn".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(config.log_filter())?)
         .with_writer(std::io::stderr)
         .init();
-    let config = Config::parse();
     let shutdown = CancellationToken::new();
     if config.exit_on_stdin_close {
         let stop = shutdown.clone();

@@ -1,6 +1,9 @@
 //! The stream server's TLS identity: PEM files (production, cert-manager) or a CA and serving
 //! certificate generated at start (tests, quick starts), the CA written out for clients.
-use std::{path::Path, sync::Arc};
+use std::{
+    path::Path,
+    sync::{Arc, RwLock},
+};
 
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -86,6 +89,14 @@ impl ServingIdentity {
         })
     }
 
+    pub fn certified_key(&self) -> Result<Arc<rustls::sign::CertifiedKey>, TlsError> {
+        let signing = rustls::crypto::ring::sign::any_supported_type(&self.key)?;
+        Ok(Arc::new(rustls::sign::CertifiedKey::new(
+            self.chain.clone(),
+            signing,
+        )))
+    }
+
     /// Server config offering HTTP/2 (and HTTP/1.1 for curl-style debugging).
     pub fn server_config(&self) -> Result<Arc<rustls::ServerConfig>, TlsError> {
         let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
@@ -96,6 +107,47 @@ impl ServingIdentity {
         .with_single_cert(self.chain.clone(), self.key.clone_key())?;
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Ok(Arc::new(config))
+    }
+}
+
+/// The serving certificate of every TLS listener, replaced in place when it is rotated:
+/// handshakes after [`SwappableCert::set`] present the new certificate, open connections keep
+/// theirs.
+#[derive(Debug)]
+pub struct SwappableCert(RwLock<Arc<rustls::sign::CertifiedKey>>);
+
+impl SwappableCert {
+    pub fn new(key: Arc<rustls::sign::CertifiedKey>) -> Arc<Self> {
+        Arc::new(SwappableCert(RwLock::new(key)))
+    }
+
+    pub fn set(&self, key: Arc<rustls::sign::CertifiedKey>) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = key;
+    }
+
+    fn current(&self) -> Arc<rustls::sign::CertifiedKey> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Server config offering HTTP/2 and HTTP/1.1, presenting whatever certificate is current.
+    pub fn server_config(self: &Arc<Self>) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_cert_resolver(self.clone());
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(Arc::new(config))
+    }
+}
+
+impl rustls::server::ResolvesServerCert for SwappableCert {
+    fn resolve(
+        &self,
+        _hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.current())
     }
 }
 
@@ -113,6 +165,9 @@ mod tests {
                 .contains("BEGIN CERTIFICATE")
         );
         id.server_config().unwrap();
+        SwappableCert::new(id.certified_key().unwrap())
+            .server_config()
+            .unwrap();
         let dir = tempfile::tempdir().unwrap();
         assert!(matches!(
             ServingIdentity::from_pem_files(&dir.path().join("nope"), &dir.path().join("nope")),
