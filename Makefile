@@ -7,7 +7,7 @@ export KEYBRAKE_CACHE ?= $(HOME)/.cache/keybrake
 CARGO ?= cargo
 
 .PHONY: all build release test lint fmt crds crd-check test-unit test-e2e test-rules test-sdk \
-        test-chart e2e-deps cluster cluster-down demo bench manifests chart clean
+        test-chart test-demo e2e-deps cluster cluster-down demo bench manifests chart clean
 
 all: build
 
@@ -18,7 +18,7 @@ release:
 	$(CARGO) build --release --workspace --bins
 
 ## test: everything CI checks. Benchmarks are not part of it.
-test: lint crd-check test-unit test-rules test-sdk test-e2e test-chart
+test: lint crd-check test-unit test-rules test-sdk test-e2e test-chart test-demo
 	@echo "make test: all checks passed"
 
 lint:
@@ -70,6 +70,10 @@ manifests:
 
 demo:
 	scripts/demo.sh
+
+## test-demo: `make demo` as a smoke test (shorter agent loop), so the demo cannot rot.
+test-demo:
+	DEMO_FAST=1 scripts/demo.sh
 
 bench:
 	bench/run.sh
