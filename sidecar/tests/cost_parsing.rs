@@ -17,11 +17,14 @@ use tokio::{
     task::JoinHandle,
 };
 
+/// Requests a replay upstream received: (head, body).
+type Recorded = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
+
 /// A one-response upstream: every request gets `status`, `headers` and `body` (chunked, in
 /// `chunk`-byte pieces). Requests are recorded (head, body).
 struct Replay {
     addr: SocketAddr,
-    seen: Arc<Mutex<Vec<(String, Vec<u8>)>>>,
+    seen: Recorded,
     task: JoinHandle<()>,
 }
 
@@ -35,7 +38,7 @@ impl Replay {
     async fn start(status: u16, headers: &[(&str, &str)], body: Vec<u8>, chunk: usize) -> Replay {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let seen = Arc::new(Mutex::new(Vec::new()));
+        let seen: Recorded = Arc::default();
         let mut head = format!("HTTP/1.1 {status} X\r\n");
         for (k, v) in headers {
             head.push_str(&format!("{k}: {v}\r\n"));
