@@ -55,6 +55,7 @@ pub fn workspace_binary(package: &str, bin: &str) -> PathBuf {
         return path.clone();
     }
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let started = Instant::now();
     let status = Command::new(cargo)
         .args(["build", "-q", "-p", package, "--bin", bin])
         .status()
@@ -74,6 +75,11 @@ pub fn workspace_binary(package: &str, bin: &str) -> PathBuf {
         path.exists(),
         "{} missing after cargo build",
         path.display()
+    );
+    // Reported because it dominates a test's wall time when the package changed.
+    eprintln!(
+        "keybrake-e2e: cargo build {bin}: {} ms",
+        started.elapsed().as_millis()
     );
     built.insert(bin.to_owned(), path.clone());
     path

@@ -578,9 +578,9 @@ async fn controller_and_controller_mode_sidecar_metrics_match_the_contract() {
         &controller_scrape,
         &[Unreachable {
             name: "keybrake_webhook_injections_total",
-            why: "keybrake-controller does not serve the injection webhook yet: \
-                  controller/src/app.rs starts no webhook listener, and nothing increments \
-                  Metrics::webhook_injections (controller/src/metrics.rs)",
+            why: "the committed controller serves no injection webhook (controller/src/app.rs \
+                  starts no webhook listener; nothing increments Metrics::webhook_injections). \
+                  When it does, drive one AdmissionReview through it here and drop this entry",
         }],
     );
 
