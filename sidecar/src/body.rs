@@ -446,6 +446,77 @@ mod tests {
         futures::stream::iter(chunks.into_iter().map(|c| Ok(Frame::data(c))))
     }
 
+    fn sse(strip: bool) -> ResponseCapture {
+        ResponseCapture::new(Capture::SseUsage {
+            strip_usage_chunk: strip,
+        })
+    }
+
+    const STREAM: &[u8] =
+        b"data: {\"choices\":[{\"delta\":{\"content\":\"Hi\"}}],\"usage\":null}\n\n\
+data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":1}}\n\n\
+data: [DONE]\n\n";
+
+    /// Feeds `data` in `size`-byte chunks; returns what the agent would get.
+    fn feed(capture: &mut ResponseCapture, data: &[u8], size: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        for piece in data.chunks(size) {
+            out.extend_from_slice(&capture.push(Bytes::copy_from_slice(piece)));
+        }
+        out.extend_from_slice(&capture.flush());
+        out
+    }
+
+    #[test]
+    fn sse_usage_is_found_across_any_chunking_and_stripped_when_asked() {
+        for size in [1, 7, 64, STREAM.len()] {
+            let mut keep = sse(false);
+            assert_eq!(feed(&mut keep, STREAM, size), STREAM, "size {size}");
+            let usage = keep.into_json().unwrap();
+            assert_eq!(usage["usage"]["prompt_tokens"], 3);
+
+            let mut strip = sse(true);
+            assert!(strip.rewrites());
+            let out = feed(&mut strip, STREAM, size);
+            let text = String::from_utf8(out).unwrap();
+            assert!(!text.contains("prompt_tokens"), "{text}");
+            assert!(text.starts_with("data: {\"choices\":[{"), "{text}");
+            assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+            assert_eq!(strip.into_json().unwrap()["usage"]["completion_tokens"], 1);
+        }
+    }
+
+    #[test]
+    fn sse_with_crlf_and_responses_api_events() {
+        let stream = b"event: response.completed\r\ndata: {\"type\":\"response.completed\",\"response\":{\"model\":\"gpt-4o\",\"usage\":{\"input_tokens\":5,\"output_tokens\":2}}}\r\n\r\n";
+        let mut c = sse(false);
+        assert_eq!(feed(&mut c, stream, 5), stream);
+        let json = c.into_json().unwrap();
+        assert_eq!(json["response"]["usage"]["output_tokens"], 2);
+    }
+
+    #[test]
+    fn sse_gives_up_on_an_endless_event_and_passes_everything_on() {
+        let mut c = sse(true);
+        let big = vec![b'x'; MAX_SSE_EVENT_BYTES + 10];
+        let out = feed(&mut c, &big, 64 * 1024);
+        assert_eq!(out.len(), big.len());
+        assert!(c.into_json().is_none());
+    }
+
+    #[test]
+    fn json_capture_is_bounded() {
+        let mut c = ResponseCapture::new(Capture::Json { limit: 8 });
+        assert_eq!(feed(&mut c, b"{\"a\":1}", 3), b"{\"a\":1}");
+        assert_eq!(c.into_json().unwrap()["a"], 1);
+        let mut c = ResponseCapture::new(Capture::Json { limit: 8 });
+        assert_eq!(feed(&mut c, b"{\"a\":12345}", 3).len(), 11);
+        assert!(
+            c.into_json().is_none(),
+            "longer than the limit: nothing kept"
+        );
+    }
+
     #[tokio::test]
     async fn observed_body_reports_completion() {
         let seen = Arc::new(Mutex::new(None));

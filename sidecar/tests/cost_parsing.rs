@@ -511,3 +511,41 @@ async fn streamed_usage_comes_from_the_final_chunk() {
     assert_eq!(row.cost_usd_parsed, Some(usd("0.21")));
     assert_eq!(row.cost_source, CostSource::Parsed);
 }
+
+#[test]
+fn prices_flag_loads_a_file_and_refuses_a_bad_one() {
+    use clap::Parser as _;
+    use keybrake_sidecar::cli::Cli;
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("prices.yaml");
+    std::fs::write(
+        &good,
+        "stripe:\n  usdPerUnit: {eur: \"1.10\"}\nresend:\n  usdPerEmail: \"0.001\"\n",
+    )
+    .unwrap();
+    let cli = Cli::try_parse_from([
+        "keybrake-sidecar",
+        "--config=policy.yaml",
+        &format!("--prices={}", good.display()),
+    ])
+    .unwrap();
+    let prices = cli.run.settings().prices;
+    assert_eq!(prices.stripe_usd(1000, "eur"), Some(usd("11")));
+    assert_eq!(prices.resend.usd_per_email, usd("0.001"));
+    // Sections the file omits keep the defaults.
+    assert_eq!(prices.twilio, Prices::default().twilio);
+    // Without the flag: the built-in defaults.
+    let cli = Cli::try_parse_from(["keybrake-sidecar", "--config=policy.yaml"]).unwrap();
+    assert_eq!(*cli.run.settings().prices, Prices::default());
+
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(&bad, "openai:\n  modles: {}\n").unwrap();
+    let err = Cli::try_parse_from([
+        "keybrake-sidecar",
+        "--config=policy.yaml",
+        &format!("--prices={}", bad.display()),
+    ])
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("modles"), "{err}");
+}
