@@ -90,8 +90,9 @@ pub struct RunArgs {
     #[arg(long)]
     pub spool_dir: Option<PathBuf>,
     /// Upper bound on the audit spool's files together; past it new rows are dropped (counted
-    /// in keybrake_audit_dropped_rows_total, logged).
-    #[arg(long, default_value_t = 256 << 20)]
+    /// in keybrake_audit_dropped_rows_total, logged). Keep it below the spool volume's size
+    /// (the injected emptyDir is 256Mi, and exceeding a sizeLimit evicts the pod).
+    #[arg(long, default_value_t = 200 << 20)]
     pub spool_max_bytes: u64,
     /// How often the policy file is checked for changes.
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
@@ -461,6 +462,20 @@ mod tests {
                 .audit_config()
                 .is_err(),
             "shipping needs the controller's CA"
+        );
+        let default_spool = parse(&[
+            "--controller-url=https://c:8443",
+            "--ca-file=/ca.pem",
+            "--spool-dir=/spool",
+        ])
+        .unwrap()
+        .audit_config()
+        .unwrap()
+        .spool
+        .unwrap();
+        assert!(
+            default_spool.max_bytes < 256 << 20,
+            "the spool stays below the injected 256Mi emptyDir"
         );
         let off = parse(&["--controller-url=https://c:8443", "--audit=none"]).unwrap();
         assert_eq!(off.audit_config().unwrap().target, AuditTarget::None);
