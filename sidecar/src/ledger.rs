@@ -116,7 +116,39 @@ impl SpendLedger for InMemoryLedger {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
+
+    #[test]
+    fn concurrent_reservations_never_overshoot() {
+        let l = Arc::new(InMemoryLedger::new());
+        let k = KeyId::new("ns", "race");
+        let now = Timestamp::now();
+        let cap = usd("1.00");
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let (l, k) = (l.clone(), k.clone());
+                std::thread::spawn(move || {
+                    (0..100)
+                        .filter_map(|_| l.reserve(&k, Some(usd("0.01")), cap, now).ok())
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        let held: Vec<Reservation> = threads
+            .into_iter()
+            .flat_map(|t| t.join().unwrap())
+            .collect();
+        assert_eq!(held.len(), 100, "exactly the cap's worth is held");
+        // Settling for less releases the difference for later calls.
+        for r in held {
+            l.settle(r, Some(usd("0.005")));
+        }
+        assert_eq!(l.spent_today(&k, now), usd("0.50"));
+        assert!(l.reserve(&k, Some(usd("0.50")), cap, now).is_ok());
+        assert!(l.reserve(&k, Some(usd("0.000001")), cap, now).is_err());
+    }
 
     fn usd(s: &str) -> Usd {
         s.parse().unwrap()

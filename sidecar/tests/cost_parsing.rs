@@ -549,3 +549,47 @@ fn prices_flag_loads_a_file_and_refuses_a_bad_one() {
     .to_string();
     assert!(err.contains("modles"), "{err}");
 }
+
+/// A stream that ends without its usage chunk cannot be priced: the whole reservation is booked
+/// (fail closed) and the row says `none`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_without_usage_books_its_reservation() {
+    let sse = data("openai_chat_stream_usage.sse");
+    let text = String::from_utf8(sse).unwrap();
+    let cut: String = text.split_inclusive("\n\n").take(2).collect();
+    let replay = Replay::start(
+        200,
+        &[("Content-Type", "text/event-stream")],
+        cut.clone().into_bytes(),
+        11,
+    )
+    .await;
+    let mut g = grant("cut", "vault_key_cut", Vendor::Openai, &replay.url());
+    g.allow = vec![op("chat.completions.create")];
+    g.limits = Limits {
+        daily_usd_cap: Some(usd("10")),
+        ..Limits::default()
+    };
+    let mut h = Harness::start(Freshness::AlwaysFresh, Some(vec![g])).await;
+    let body = r#"{"model":"gpt-4o-mini","stream":true,"max_tokens":1000,"messages":[]}"#;
+    let authorization = bearer("vault_key_cut");
+    let response = raw(
+        h.proxy,
+        &request(
+            "POST",
+            "/openai/v1/chat/completions",
+            &[("Authorization", &authorization), ("Content-Type", JSON)],
+            body.as_bytes(),
+        ),
+    )
+    .await
+    .unwrap();
+    assert_eq!(response.body, cut.as_bytes());
+    let row = h.next_row().await;
+    assert_eq!(row.cost_usd_parsed, None);
+    assert_eq!(row.cost_source, CostSource::None);
+    // 1000 output tokens at $0.60/M + the request bytes at $0.15/M.
+    let reserve = usd("0.0006")
+        .saturating_add(Usd::from_micros(150_000).mul_div_ceil(body.len() as u64, 1_000_000));
+    assert_eq!(row.cap_usage_after_usd, Some(reserve));
+}
