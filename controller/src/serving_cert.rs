@@ -149,7 +149,9 @@ impl SharedIdentity {
         if !sans.is_subset(&self.sans) {
             return true;
         }
-        let total = self.not_after.as_second() - self.not_before.as_second();
+        // Measured from issuance: the backdating is skew allowance, not validity.
+        let issued = self.not_before.as_second() + BACKDATE.as_secs() as i64;
+        let total = self.not_after.as_second() - issued;
         let left = self.not_after.as_second() - now.as_second();
         left * 3 < total
     }
@@ -321,8 +323,11 @@ mod tests {
         let now: Timestamp = "2026-01-01T00:00:00Z".parse().unwrap();
         let names = sans(&["127.0.0.1"]);
         let id = SharedIdentity::generate(&names, now, 90 * DAY).unwrap();
-        // Validity runs from now-5min to now+90d.
+        // Valid from now-5min (skew) to now+90d; renewal is due with 30 days left.
         assert!(!id.needs_renewal(&names, now));
+        let short = SharedIdentity::generate(&names, now, Duration::from_secs(9)).unwrap();
+        assert!(!short.needs_renewal(&names, now + Duration::from_secs(5)));
+        assert!(short.needs_renewal(&names, now + Duration::from_secs(7)));
         assert!(!id.needs_renewal(&names, now + 59 * DAY));
         assert!(id.needs_renewal(&names, now + 61 * DAY));
         assert!(id.needs_renewal(&names, now + 100 * DAY));

@@ -74,8 +74,8 @@ fn spawn_controller(
     agents: &TestNamespace<'_>,
     identity: &str,
     webhook_port: u16,
-    configuration: &str,
     dir: &std::path::Path,
+    extra: &[&str],
 ) -> Controller {
     let log = dir.join(format!("{identity}.log"));
     let mut child = Command::new(controller_binary())
@@ -88,7 +88,6 @@ fn spawn_controller(
             &format!("--tls-secret={TLS_SECRET}"),
             "--tls-san=127.0.0.1",
             "--tls-san=localhost",
-            &format!("--webhook-configuration={configuration}"),
             "--ca-refresh-secs=1",
             "--sidecar-image=ghcr.io/keybrake/sidecar:e2e",
             "--sidecar-pull-policy=IfNotPresent",
@@ -104,6 +103,7 @@ fn spawn_controller(
             &format!("--identity={identity}"),
             "--exit-on-stdin-close",
         ])
+        .args(extra)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::from(std::fs::File::create(&log).expect("log file")))
@@ -202,6 +202,11 @@ fn counter(metrics: &str, result: &str) -> u64 {
 
 /// Completes a TLS handshake with `addr` trusting only `ca_pem` (name 127.0.0.1).
 async fn handshake(addr: SocketAddr, ca_pem: &[u8]) -> Result<(), String> {
+    served_certificate(addr, ca_pem).await.map(|_| ())
+}
+
+/// The certificate (DER) `addr` presents, verified against `ca_pem` only.
+async fn served_certificate(addr: SocketAddr, ca_pem: &[u8]) -> Result<Vec<u8>, String> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls_pemfile::certs(&mut &ca_pem[..]) {
         roots.add(cert.unwrap()).unwrap();
@@ -219,8 +224,8 @@ async fn handshake(addr: SocketAddr, ca_pem: &[u8]) -> Result<(), String> {
     tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect("127.0.0.1".try_into().unwrap(), tcp)
         .await
-        .map(|_| ())
         .map_err(|e| e.to_string())
+        .map(|tls| tls.get_ref().1.peer_certificates().unwrap()[0].to_vec())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -241,7 +246,15 @@ async fn controller_serves_the_injection_webhook_with_its_own_ca() {
         .await
         .expect("create MutatingWebhookConfiguration");
 
-    let first = spawn_controller(&home, &agents, "replica-a", port, &config_name, dir.path());
+    let set_bundle = format!("--webhook-configuration={config_name}");
+    let first = spawn_controller(
+        &home,
+        &agents,
+        "replica-a",
+        port,
+        dir.path(),
+        &[&set_bundle],
+    );
     assert_eq!(first.webhook.port(), port);
 
     // The serving identity lands in the Secret, and the leader writes its CA as the caBundle.
@@ -280,8 +293,8 @@ async fn controller_serves_the_injection_webhook_with_its_own_ca() {
         &agents,
         "replica-b",
         second_port,
-        &config_name,
         dir.path(),
+        &[&set_bundle],
     );
     handshake(first.webhook, &ca)
         .await
@@ -439,12 +452,11 @@ async fn controller_serves_the_injection_webhook_with_its_own_ca() {
     assert!(plain_spec.init_containers.unwrap_or_default().is_empty());
     assert!(plain_spec.containers[0].env.is_none());
     assert!(
-        plain
+        !plain
             .metadata
             .annotations
             .unwrap_or_default()
-            .get("keybrake.dev/injected")
-            .is_none()
+            .contains_key("keybrake.dev/injected")
     );
 
     // An opted-in pod that cannot be injected is admitted without the sidecar, counted, and
@@ -496,4 +508,82 @@ async fn controller_serves_the_injection_webhook_with_its_own_ca() {
         .delete(&config_name, &DeleteParams::default())
         .await
         .expect("delete the test's webhook configuration");
+}
+
+fn secret_field(secret: &Secret, key: &str) -> Vec<u8> {
+    secret.data.as_ref().unwrap()[key].0.clone()
+}
+
+fn pem_to_der(pem: &[u8]) -> Vec<u8> {
+    rustls_pemfile::certs(&mut &pem[..])
+        .next()
+        .unwrap()
+        .unwrap()
+        .to_vec()
+}
+
+/// The leader re-issues the serving certificate (same CA) with a third of its validity left,
+/// and its listeners present the new one without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_renews_the_serving_certificate_in_place() {
+    let home = TestNamespace::new("kb-renew-home").await;
+    let agents = TestNamespace::new("kb-renew-agents").await;
+    install_crds(&agents.client()).await.expect("CRDs");
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    // 9 s certificates: renewal is due 6 s after issuance.
+    let controller = spawn_controller(
+        &home,
+        &agents,
+        "renewer",
+        port,
+        dir.path(),
+        &["--tls-secret-validity=9s"],
+    );
+    let secrets: Api<Secret> = home.api();
+    let first = poll("the TLS Secret", DEADLINE, || {
+        let secrets = secrets.clone();
+        async move { secrets.get_opt(TLS_SECRET).await.ok().flatten() }
+    })
+    .await;
+    let ca = secret_field(&first, "ca.crt");
+    let first_cert = secret_field(&first, "tls.crt");
+    let renewed = poll("a renewed serving certificate", DEADLINE, || {
+        let secrets = secrets.clone();
+        let first_cert = first_cert.clone();
+        async move {
+            let s = secrets.get_opt(TLS_SECRET).await.ok().flatten()?;
+            (secret_field(&s, "tls.crt") != first_cert).then_some(s)
+        }
+    })
+    .await;
+    assert_eq!(secret_field(&renewed, "ca.crt"), ca, "the CA is kept");
+    // RFC 3339 in UTC, whole seconds: ordered as strings.
+    let not_after = |s: &Secret| -> String {
+        s.metadata.annotations.as_ref().unwrap()["keybrake.dev/not-after"].clone()
+    };
+    assert!(not_after(&renewed) > not_after(&first));
+    // The listener presents a certificate from the Secret, never an expired one: poll until it
+    // serves the renewed one (or a later renewal), verified with the original CA.
+    let addr = controller.webhook;
+    poll(
+        "the listener to present a renewed certificate",
+        DEADLINE,
+        || {
+            let ca = ca.clone();
+            let first_der = pem_to_der(&first_cert);
+            async move {
+                let served = served_certificate(addr, &ca).await.ok()?;
+                (served != first_der).then_some(())
+            }
+        },
+    )
+    .await;
+    assert!(
+        controller
+            .log_text()
+            .contains("renewed the serving certificate"),
+        "{}",
+        controller.log_text()
+    );
 }
