@@ -25,8 +25,9 @@ use crate::{
     metrics::Metrics,
     reconcile::{Context, run_controller},
     server::{IngestHandler, StreamServer},
+    serving_cert::certified_key_from_pem,
     tls::{ServingIdentity, SwappableCert},
-    tls_secret::{CaDistributor, IdentitySource, SecretBacked, load_or_create},
+    tls_secret::{CaDistributor, IdentitySource, PemFiles, SecretBacked, load_or_create},
     webhook::WebhookServer,
 };
 
@@ -348,21 +349,18 @@ async fn serving_identity(
             }))),
         ));
     }
-    let identity = match (&config.tls_cert, &config.tls_key) {
-        (Some(cert), Some(key)) => ServingIdentity::from_pem_files(cert, key)?,
-        _ => ServingIdentity::generate(&config.tls_sans)?,
-    };
+    if let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) {
+        let files = PemFiles::read(cert.clone(), key.clone(), config.tls_ca.clone())
+            .context("reading --tls-cert/--tls-key/--tls-ca")?;
+        let cert = SwappableCert::new(certified_key_from_pem(&files.loaded.0, &files.loaded.1)?);
+        return Ok((cert, Some(IdentitySource::Files(Box::new(files)))));
+    }
+    let identity = ServingIdentity::generate(&config.tls_sans)?;
     if let (Some(path), Some(ca)) = (&config.tls_ca_out, &identity.generated_ca_pem) {
         std::fs::write(path, ca)
             .with_context(|| format!("writing the CA to {}", path.display()))?;
     }
     let cert = SwappableCert::new(identity.certified_key()?);
-    let source = match &config.tls_ca {
-        Some(path) => Some(IdentitySource::Fixed {
-            ca_pem: std::fs::read_to_string(path)
-                .with_context(|| format!("reading the CA {}", path.display()))?,
-        }),
-        None => None,
-    };
+    let source = None;
     Ok((cert, source))
 }

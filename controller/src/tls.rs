@@ -125,7 +125,7 @@ impl SwappableCert {
         *self.0.write().unwrap_or_else(|p| p.into_inner()) = key;
     }
 
-    fn current(&self) -> Arc<rustls::sign::CertifiedKey> {
+    pub fn current(&self) -> Arc<rustls::sign::CertifiedKey> {
         self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 

@@ -9,6 +9,7 @@
 //!   namespace that has VaultKeys, where injected sidecars mount it.
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
+    path::PathBuf,
     sync::Arc,
     time::Duration,
 };
@@ -41,6 +42,8 @@ pub enum TlsSecretError {
     Kube(#[from] kube::Error),
     #[error("Secret {name}: {source}")]
     Invalid { name: String, source: CertError },
+    #[error("reading the certificate files: {0}")]
+    Files(std::io::Error),
     #[error("Secret {0} kept changing under us")]
     Contended(String),
 }
@@ -123,15 +126,46 @@ pub struct SecretBacked {
 pub enum IdentitySource {
     /// `--tls-secret`: reloaded every refresh; renewed by the leader.
     Secret(Box<SecretBacked>),
-    /// `--tls-cert`/`--tls-key` with `--tls-ca`: fixed for the life of the process.
-    Fixed { ca_pem: String },
+    /// `--tls-cert`/`--tls-key` (cert-manager's mounted Secret), re-read every refresh so a
+    /// renewed certificate is served without a restart; `--tls-ca` is the CA to publish.
+    Files(Box<PemFiles>),
+}
+
+pub struct PemFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: Option<PathBuf>,
+    /// Contents last loaded: (certificate, key, CA).
+    pub loaded: (Vec<u8>, Vec<u8>, Option<String>),
+}
+
+impl PemFiles {
+    pub fn read(cert: PathBuf, key: PathBuf, ca: Option<PathBuf>) -> std::io::Result<Self> {
+        let mut files = PemFiles {
+            cert,
+            key,
+            ca,
+            loaded: Default::default(),
+        };
+        files.loaded = files.contents()?;
+        Ok(files)
+    }
+
+    fn contents(&self) -> std::io::Result<(Vec<u8>, Vec<u8>, Option<String>)> {
+        Ok((
+            std::fs::read(&self.cert)?,
+            std::fs::read(&self.key)?,
+            self.ca.as_ref().map(std::fs::read_to_string).transpose()?,
+        ))
+    }
 }
 
 impl IdentitySource {
-    fn ca_pem(&self) -> &str {
+    /// The CA to publish, when this process knows it.
+    fn ca_pem(&self) -> Option<&str> {
         match self {
-            IdentitySource::Secret(backed) => &backed.current.ca_cert_pem,
-            IdentitySource::Fixed { ca_pem } => ca_pem,
+            IdentitySource::Secret(backed) => Some(&backed.current.ca_cert_pem),
+            IdentitySource::Files(files) => files.loaded.2.as_deref(),
         }
     }
 }
@@ -170,7 +204,9 @@ impl CaDistributor {
                 published.clear();
                 continue;
             }
-            let ca = self.source.ca_pem().to_owned();
+            let Some(ca) = self.source.ca_pem().map(str::to_owned) else {
+                continue;
+            };
             if let Some(name) = &self.webhook_configuration
                 && let Err(e) = self.ensure_ca_bundle(name, &ca).await
             {
@@ -194,8 +230,23 @@ impl CaDistributor {
 
     /// Secret mode: picks up another replica's renewal; the leader renews when due.
     async fn refresh_identity(&mut self, leader: bool) -> Result<(), TlsSecretError> {
-        let IdentitySource::Secret(backed) = &mut self.source else {
-            return Ok(());
+        let backed = match &mut self.source {
+            IdentitySource::Secret(backed) => backed,
+            IdentitySource::Files(files) => {
+                let now = files.contents().map_err(TlsSecretError::Files)?;
+                if now != files.loaded {
+                    let key = crate::serving_cert::certified_key_from_pem(&now.0, &now.1).map_err(
+                        |source| TlsSecretError::Invalid {
+                            name: files.cert.display().to_string(),
+                            source,
+                        },
+                    )?;
+                    self.cert.set(key);
+                    files.loaded = now;
+                    tracing::info!(cert = %files.cert.display(), "reloaded the serving certificate");
+                }
+                return Ok(());
+            }
         };
         let SecretBacked {
             api,
@@ -318,6 +369,62 @@ impl CaDistributor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn write_identity(dir: &std::path::Path, id: &SharedIdentity) {
+        let (data, _) = id.to_secret_parts();
+        for (key, file) in [
+            ("tls.crt", "tls.crt"),
+            ("tls.key", "tls.key"),
+            ("ca.crt", "ca.crt"),
+        ] {
+            std::fs::write(dir.join(file), &data[key]).unwrap();
+        }
+    }
+
+    /// cert-manager renews the mounted Secret: the next refresh serves the new certificate.
+    #[tokio::test]
+    async fn mounted_files_are_reloaded_on_refresh() {
+        let dir = tempfile::tempdir().unwrap();
+        let sans: BTreeSet<String> = ["localhost".to_string()].into();
+        let day = Duration::from_secs(86_400);
+        let first = SharedIdentity::generate(&sans, Timestamp::now(), day).unwrap();
+        write_identity(dir.path(), &first);
+        let files = PemFiles::read(
+            dir.path().join("tls.crt"),
+            dir.path().join("tls.key"),
+            Some(dir.path().join("ca.crt")),
+        )
+        .unwrap();
+        let cert = SwappableCert::new(first.certified_key().unwrap());
+        // Never contacted: file reloads need no API call.
+        let client =
+            Client::try_from(kube::Config::new("http://127.0.0.1:9".parse().unwrap())).unwrap();
+        let mut distributor = CaDistributor {
+            client,
+            source: IdentitySource::Files(Box::new(files)),
+            cert: cert.clone(),
+            webhook_configuration: None,
+            ca_configmap: "keybrake-ca".into(),
+            index: Arc::new(PolicyIndex::new(1)),
+            refresh: Duration::from_secs(1),
+        };
+        assert_eq!(
+            distributor.source.ca_pem(),
+            Some(first.ca_cert_pem.as_str())
+        );
+        distributor.refresh_identity(true).await.unwrap();
+        assert_eq!(cert.current().cert, first.certified_key().unwrap().cert);
+
+        let second = first.renewed(&sans, Timestamp::now(), day).unwrap();
+        write_identity(dir.path(), &second);
+        distributor.refresh_identity(false).await.unwrap();
+        assert_eq!(cert.current().cert, second.certified_key().unwrap().cert);
+
+        // A half-written key is refused and the last good certificate kept.
+        std::fs::write(dir.path().join("tls.key"), b"garbage").unwrap();
+        assert!(distributor.refresh_identity(false).await.is_err());
+        assert_eq!(cert.current().cert, second.certified_key().unwrap().cert);
+    }
 
     #[test]
     fn secret_object_round_trips() {
