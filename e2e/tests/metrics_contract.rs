@@ -16,13 +16,17 @@ use std::{
     time::{Duration, Instant},
 };
 
+use base64::Engine as _;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
     rt::TokioExecutor,
 };
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::{
+    admissionregistration::v1::MutatingWebhookConfiguration,
+    core::v1::{Pod, Secret},
+};
 use keybrake_api::{TokenHash, VaultKey};
 use keybrake_e2e::{
     TestNamespace, install_crds,
@@ -468,8 +472,70 @@ async fn controller_and_controller_mode_sidecar_metrics_match_the_contract() {
         .await
         .expect("apply the upstream Secret");
     let tls = ControllerTls::new();
-    let mut controller = ControllerProcess::spawn(&ns, &tls, "contract-a", free_port());
+    let webhook_port = free_port();
+    let webhook_addr = format!("--webhook-addr=127.0.0.1:{webhook_port}");
+    let mut controller = ControllerProcess::spawn_with(
+        &ns,
+        &tls,
+        "contract-a",
+        free_port(),
+        &[
+            "--sidecar-image=ghcr.io/keybrake/sidecar:e2e",
+            "--controller-url=https://keybrake-controller.keybrake-system.svc:8443",
+            &webhook_addr,
+        ],
+    );
     controller.wait_ready().await;
+    // The injection webhook, registered by URL for this namespace only (the plane is shared);
+    // one Pod admitted through it makes `keybrake_webhook_injections_total{result}` exist.
+    let configurations = Api::<MutatingWebhookConfiguration>::all(ns.client());
+    let configuration: MutatingWebhookConfiguration = serde_json::from_value(json!({
+        "apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingWebhookConfiguration",
+        "metadata": {"name": format!("keybrake-metrics-contract-{}", ns.name())},
+        "webhooks": [{
+            "name": "inject.keybrake.dev",
+            "clientConfig": {
+                "url": format!("https://127.0.0.1:{webhook_port}/inject"),
+                "caBundle": base64::engine::general_purpose::STANDARD
+                    .encode(std::fs::read(tls.ca()).expect("CA")),
+            },
+            "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"],
+                       "resources": ["pods"]}],
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns.name()}},
+            "failurePolicy": "Fail",
+            "sideEffects": "None",
+            "admissionReviewVersions": ["v1"],
+        }],
+    }))
+    .expect("MutatingWebhookConfiguration");
+    configurations
+        .create(&PostParams::default(), &configuration)
+        .await
+        .expect("register the injection webhook");
+    let pod: Pod = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "not-opted-in"},
+        "spec": {"serviceAccountName": "default",
+                 "containers": [{"name": "agent", "image": "python:3.13-slim"}]},
+    }))
+    .unwrap();
+    // failurePolicy Fail: admitted only if the controller's webhook answered.
+    ns.api::<Pod>()
+        .create(&PostParams::default(), &pod)
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "pod not admitted through the webhook: {e}; controller log:\n{}",
+                controller.log_text()
+            )
+        });
+    configurations
+        .delete(
+            configuration.metadata.name.as_deref().unwrap(),
+            &Default::default(),
+        )
+        .await
+        .expect("unregister the webhook");
 
     let key = |name: &str| -> VaultKey {
         serde_json::from_value(json!({
@@ -572,17 +638,20 @@ async fn controller_and_controller_mode_sidecar_metrics_match_the_contract() {
         Some(1.0),
         "the only replica leads"
     );
-    assert_matches_contract(
-        Component::Controller,
-        "controller",
-        &controller_scrape,
-        &[Unreachable {
-            name: "keybrake_webhook_injections_total",
-            why: "the committed controller serves no injection webhook (controller/src/app.rs \
-                  starts no webhook listener; nothing increments Metrics::webhook_injections). \
-                  When it does, drive one AdmissionReview through it here and drop this entry",
-        }],
+    // Which result (`excluded_namespace` here: the Pod is in the controller's own namespace)
+    // is the injector's business; that the one review was counted is the contract's.
+    let reviews: f64 = exposition::parse(&controller_scrape)
+        .expect("Prometheus text format")
+        .samples
+        .iter()
+        .filter(|s| s.name == "keybrake_webhook_injections_total")
+        .map(|s| s.value)
+        .sum();
+    assert_eq!(
+        reviews, 1.0,
+        "the one Pod, reviewed once:\n{controller_scrape}"
     );
+    assert_matches_contract(Component::Controller, "controller", &controller_scrape, &[]);
 
     // The controller goes away: after --staleness-bound the policy is stale and the key's
     // onStale: Allow lets calls through, metered by keybrake_stale_allowed_calls_total.
