@@ -320,11 +320,13 @@ async fn audit_rows_survive_a_controller_outage_exactly_once() {
         expected,
         "nothing stored while down"
     );
+    let spooled_bytes = sidecar.metric("keybrake_audit_spool_bytes").await;
 
     // 3. A new controller on the same address: the spool replays, then new rows follow.
     let controller =
         ControllerProcess::spawn_with(&ns, &tls, "audit-b", port, &["--audit-sink", &sink]);
     controller.wait_ready().await;
+    let back = std::time::Instant::now();
     tally.calls(sidecar, &vault_key, 5).await;
     let expected = tally.total();
     poll(
@@ -341,6 +343,12 @@ async fn audit_rows_survive_a_controller_outage_exactly_once() {
         (sidecar.metric("keybrake_audit_spool_bytes").await == 0.0).then_some(())
     })
     .await;
+    eprintln!(
+        "audit_delivery: {} rows ({spooled_bytes} bytes were spooled) stored, spool drained, \
+         {} ms after the controller was ready again",
+        tally.total(),
+        back.elapsed().as_millis()
+    );
     assert_eq!(
         sidecar.metric("keybrake_audit_dropped_rows_total").await,
         0.0
