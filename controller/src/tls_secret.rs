@@ -170,6 +170,9 @@ impl IdentitySource {
     }
 }
 
+/// Refreshes between full re-checks of the published ConfigMaps (5 minutes at the default 10 s).
+const RECHECK_EVERY_TICKS: u64 = 30;
+
 pub struct CaDistributor {
     pub client: Client,
     pub source: IdentitySource,
@@ -190,11 +193,17 @@ impl CaDistributor {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // Namespace → CA last written there (saves a GET per namespace per tick).
         let mut published: HashMap<String, String> = HashMap::new();
+        let mut ticks: u64 = 0;
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
                 changed = leader.changed() => if changed.is_err() { return },
                 () = shutdown.cancelled() => return,
+            }
+            // Now and then check every ConfigMap again: someone may have deleted or edited one.
+            ticks += 1;
+            if ticks % RECHECK_EVERY_TICKS == 0 {
+                published.clear();
             }
             let is_leader = *leader.borrow_and_update();
             if let Err(e) = self.refresh_identity(is_leader).await {
