@@ -202,7 +202,7 @@ impl CaDistributor {
             }
             // Now and then check every ConfigMap again: someone may have deleted or edited one.
             ticks += 1;
-            if ticks % RECHECK_EVERY_TICKS == 0 {
+            if ticks.is_multiple_of(RECHECK_EVERY_TICKS) {
                 published.clear();
             }
             let is_leader = *leader.borrow_and_update();
