@@ -1,14 +1,31 @@
 //! Prometheus metrics, names as agreed across the project (see the preamble).
+use std::sync::OnceLock;
+
+use keybrake_api::{KeyGrant, Vendor, Verdict};
 use keybrake_audit::metrics::AuditMetrics;
 use prometheus::{
-    CounterVec, Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge,
-    Opts, Registry, TextEncoder,
+    Counter, CounterVec, Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter,
+    IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
 };
 
 use crate::store::PolicyStore;
 
+/// One key's labelled series, resolved on first use and then reused: `with_label_values`
+/// hashes every label on each call, which is measurable on the request path. Lives on the
+/// key's store entry, so a policy change (a new entry, maybe a new agent name) resolves anew.
+#[derive(Debug, Default)]
+pub struct KeyCounters {
+    calls: [OnceLock<IntCounter>; Verdict::ALL.len()],
+    cost_usd: OnceLock<Counter>,
+}
+
+/// `keybrake_calls_total` series of calls that matched no key: empty key labels, by vendor
+/// (or `none` when no vendor was routed) and verdict.
+type UnkeyedCalls = [[OnceLock<IntCounter>; Verdict::ALL.len()]; Vendor::ALL.len() + 1];
+
 pub struct Metrics {
     registry: Registry,
+    unkeyed_calls: UnkeyedCalls,
     pub calls: IntCounterVec,
     pub cost_usd: CounterVec,
     pub upstream_duration: HistogramVec,
@@ -81,6 +98,7 @@ impl Metrics {
         let audit = AuditMetrics::register(&registry).expect("audit metric names are unique");
         Metrics {
             registry,
+            unkeyed_calls: Default::default(),
             calls,
             cost_usd,
             upstream_duration,
@@ -94,6 +112,48 @@ impl Metrics {
     /// The registry, for other components (audit shipper, stream client) to add their metrics.
     pub fn registry(&self) -> &Registry {
         &self.registry
+    }
+
+    /// One call of a known key, counted through the key's cached series.
+    pub fn count_key_call(&self, counters: &KeyCounters, grant: &KeyGrant, verdict: Verdict) {
+        counters.calls[verdict as usize]
+            .get_or_init(|| {
+                self.calls.with_label_values(&[
+                    grant.id.namespace(),
+                    grant.agent.name.as_str(),
+                    grant.id.name(),
+                    grant.vendor.as_str(),
+                    verdict.as_str(),
+                ])
+            })
+            .inc();
+    }
+
+    /// One call that matched no key (its key labels are empty).
+    pub fn count_unkeyed_call(&self, vendor: Option<Vendor>, verdict: Verdict) {
+        let slot = vendor.map_or(Vendor::ALL.len(), |v| v as usize);
+        self.unkeyed_calls[slot][verdict as usize]
+            .get_or_init(|| {
+                let vendor = vendor.map(Vendor::as_str).unwrap_or("none");
+                self.calls
+                    .with_label_values(&["", "", "", vendor, verdict.as_str()])
+            })
+            .inc();
+    }
+
+    /// Spend of a known key, through its cached series.
+    pub fn add_key_cost(&self, counters: &KeyCounters, grant: &KeyGrant, usd: f64) {
+        counters
+            .cost_usd
+            .get_or_init(|| {
+                self.cost_usd.with_label_values(&[
+                    grant.id.namespace(),
+                    grant.agent.name.as_str(),
+                    grant.id.name(),
+                    grant.vendor.as_str(),
+                ])
+            })
+            .inc_by(usd);
     }
 
     pub fn upstream_timer(&self, vendor: &str) -> Histogram {
@@ -121,6 +181,36 @@ impl Default for Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cached_series_carry_the_agreed_labels() {
+        let metrics = Metrics::new();
+        let mut grant = crate::store::tests::grant("k1", "t1");
+        let counters = KeyCounters::default();
+        metrics.count_key_call(&counters, &grant, Verdict::Allow);
+        metrics.count_key_call(&counters, &grant, Verdict::Allow);
+        metrics.count_key_call(&counters, &grant, Verdict::DailyCap);
+        metrics.add_key_cost(&counters, &grant, 0.25);
+        metrics.add_key_cost(&counters, &grant, 0.5);
+        metrics.count_unkeyed_call(None, Verdict::OperationDenied);
+        metrics.count_unkeyed_call(Some(Vendor::Stripe), Verdict::KeyUnknown);
+        metrics.count_unkeyed_call(Some(Vendor::Stripe), Verdict::KeyUnknown);
+        // A new policy entry (new counters) with another agent name: a new series.
+        grant.agent.name = "b".into();
+        metrics.count_key_call(&KeyCounters::default(), &grant, Verdict::Allow);
+        let text = metrics.render(&PolicyStore::new(crate::store::Freshness::AlwaysFresh));
+        for line in [
+            r#"keybrake_calls_total{agent="a",namespace="ns",vault_key="k1",vendor="stripe",verdict="allow"} 2"#,
+            r#"keybrake_calls_total{agent="a",namespace="ns",vault_key="k1",vendor="stripe",verdict="daily_cap"} 1"#,
+            r#"keybrake_calls_total{agent="b",namespace="ns",vault_key="k1",vendor="stripe",verdict="allow"} 1"#,
+            r#"keybrake_calls_total{agent="",namespace="",vault_key="",vendor="none",verdict="operation_denied"} 1"#,
+            r#"keybrake_calls_total{agent="",namespace="",vault_key="",vendor="stripe",verdict="key_unknown"} 2"#,
+            r#"keybrake_cost_usd_total{agent="a",namespace="ns",vault_key="k1",vendor="stripe"} 0.75"#,
+        ] {
+            assert!(text.contains(line), "{line} missing in:\n{text}");
+        }
+        assert_eq!(text.matches("keybrake_calls_total{").count(), 5, "{text}");
+    }
 
     #[test]
     fn audit_series_are_exported_once() {

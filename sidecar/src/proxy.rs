@@ -377,19 +377,10 @@ impl Proxy {
     }
 
     fn count(&self, call: &Call, verdict: Verdict) {
-        let (namespace, agent, key) = match &call.entry {
-            Some(e) => (
-                e.grant.id.namespace(),
-                e.grant.agent.name.as_str(),
-                e.grant.id.name(),
-            ),
-            None => ("", "", ""),
-        };
-        let vendor = call.vendor.map(Vendor::as_str).unwrap_or("none");
-        self.metrics
-            .calls
-            .with_label_values(&[namespace, agent, key, vendor, verdict.as_str()])
-            .inc();
+        match &call.entry {
+            Some(e) => self.metrics.count_key_call(&e.counters, &e.grant, verdict),
+            None => self.metrics.count_unkeyed_call(call.vendor, verdict),
+        }
     }
 
     fn row(
@@ -553,16 +544,7 @@ impl StreamObserver for Completion {
             .cost
             .filter(|c| *c > Usd::ZERO && priced.source != CostSource::None);
         if let Some(cost) = counted {
-            let grant = &entry.grant;
-            metrics
-                .cost_usd
-                .with_label_values(&[
-                    grant.id.namespace(),
-                    grant.agent.name.as_str(),
-                    grant.id.name(),
-                    grant.vendor.as_str(),
-                ])
-                .inc_by(cost.micros() as f64 / 1e6);
+            metrics.add_key_cost(&entry.counters, &entry.grant, cost.micros() as f64 / 1e6);
         }
         let Some(mut row) = row else { return };
         row.cap_usage_after_usd = usage_after;

@@ -14,7 +14,7 @@ use std::{
 
 use keybrake_api::{KeyGrant, KeyId, TokenHash, stream::PolicyApply};
 
-use crate::ratelimit::TokenBucket;
+use crate::{metrics::KeyCounters, ratelimit::TokenBucket};
 
 /// State a key keeps across policy updates.
 #[derive(Debug, Default)]
@@ -27,6 +27,8 @@ pub struct KeyRuntime {
 pub struct KeyEntry {
     pub grant: KeyGrant,
     pub runtime: Arc<KeyRuntime>,
+    /// Its metric series, resolved for this grant's labels (rebuilt with the entry).
+    pub counters: KeyCounters,
 }
 
 #[derive(Default)]
@@ -46,8 +48,14 @@ impl Index {
             self.by_id.remove(&clash.grant.id);
         }
         self.by_id.insert(grant.id.clone(), grant.token_sha256);
-        self.by_hash
-            .insert(grant.token_sha256, Arc::new(KeyEntry { grant, runtime }));
+        self.by_hash.insert(
+            grant.token_sha256,
+            Arc::new(KeyEntry {
+                grant,
+                runtime,
+                counters: KeyCounters::default(),
+            }),
+        );
     }
 }
 
@@ -192,7 +200,7 @@ impl PolicyApply for PolicyStore {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use keybrake_api::{AgentRef, KeyState, Limits, OnStale, SecretString, Vendor};
 
     use super::*;
