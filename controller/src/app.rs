@@ -152,6 +152,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         .context("building the Kubernetes client (KUBECONFIG or in-cluster config)")?;
     let identity = config.identity();
     let metrics = Metrics::new();
+    let index = Arc::new(PolicyIndex::new(PolicyIndex::revision_seed()));
     let audit: Option<Arc<dyn IngestHandler>> = match &config.audit_sink {
         None => None,
         Some(text) => {
@@ -161,12 +162,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 .with_context(|| format!("opening the audit sink {sink_config:?}"))?;
             Some(Arc::new(AuditIngest::new(
                 Arc::new(sink),
+                index.clone(),
                 IngestLimits::default(),
                 metrics.clone(),
             )))
         }
     };
-    let index = Arc::new(PolicyIndex::new(PolicyIndex::revision_seed()));
     let tracker = Arc::new(EnforcementTracker::new());
     let (synced_tx, synced_rx) = watch::channel(false);
     let (leader_tx, leader_rx) = watch::channel(false);

@@ -1,6 +1,11 @@
 //! `POST /v1/audit`: sidecars ship NDJSON audit rows; the controller validates them and writes
 //! them to the configured sink (keybrake-audit). A sidecar may only report calls of its own
-//! namespace: rows naming another namespace reject the whole batch.
+//! namespace: rows naming another namespace, or a `vault_key_id` of another namespace, reject
+//! the whole batch (403). A `vault_key_id` of the caller's namespace that is not bound to the
+//! caller's service account (another SA's key, or a key this replica does not know, e.g. deleted
+//! since) is stored with `vault_key_id` cleared: the row is kept but never attributed to a key
+//! the caller does not hold. Refusing instead would wedge the sidecar's spool (403 is retried
+//! forever) for legitimate rows of a key deleted or re-bound while they were spooled.
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -8,36 +13,72 @@ use futures::future::BoxFuture;
 use http::{Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
+use keybrake_api::{KeyId, audit::AuditRow};
 use keybrake_audit::{
     AuditSink, WriteOutcome,
     ingest::{IngestError, IngestLimits, parse_ndjson, read_body_limited},
 };
 
 use crate::{
-    index::Scope,
+    index::{PolicyIndex, Scope},
     metrics::Metrics,
     server::{Body, IngestHandler},
 };
 
 pub struct AuditIngest<S: AuditSink> {
     sink: Arc<S>,
+    index: Arc<PolicyIndex>,
     limits: IngestLimits,
     metrics: Metrics,
 }
 
 impl<S: AuditSink> AuditIngest<S> {
-    pub fn new(sink: Arc<S>, limits: IngestLimits, metrics: Metrics) -> Self {
+    pub fn new(
+        sink: Arc<S>,
+        index: Arc<PolicyIndex>,
+        limits: IngestLimits,
+        metrics: Metrics,
+    ) -> Self {
         AuditIngest {
             sink,
+            index,
             limits,
             metrics,
         }
     }
 }
 
+/// What a row's `vault_key_id` claims, judged against the caller's scope.
+#[derive(Debug, PartialEq, Eq)]
+enum KeyClaim {
+    /// No key (e.g. a `key_unknown` denial) or a key bound to the caller's service account.
+    Held,
+    /// A key of the caller's namespace not bound to the caller (another SA's, or unknown here).
+    NotHeld,
+    /// Malformed or another namespace's key: a sidecar never receives those.
+    Foreign,
+}
+
+fn judge_key(index: &PolicyIndex, scope: &Scope, row: &AuditRow) -> KeyClaim {
+    let Some(text) = row.vault_key_id.as_deref() else {
+        return KeyClaim::Held;
+    };
+    let Some((namespace, name)) = text.split_once('/') else {
+        return KeyClaim::Foreign;
+    };
+    if namespace != scope.namespace || name.is_empty() || name.contains('/') {
+        return KeyClaim::Foreign;
+    }
+    match index.bound_service_account(&KeyId::new(namespace, name)) {
+        Some(sa) if sa == scope.service_account => KeyClaim::Held,
+        _ => KeyClaim::NotHeld,
+    }
+}
+
 /// The ingest decision for one authenticated body: status and a short JSON or text answer.
 pub async fn ingest_for_scope<S: AuditSink>(
     sink: &S,
+    index: &PolicyIndex,
     scope: &Scope,
     body: &[u8],
     limits: &IngestLimits,
@@ -56,6 +97,24 @@ pub async fn ingest_for_scope<S: AuditSink>(
                     StatusCode::FORBIDDEN,
                     "rows must belong to the caller's namespace\n".into(),
                 );
+            }
+        }
+        match judge_key(index, scope, row) {
+            KeyClaim::Held => {}
+            KeyClaim::Foreign => {
+                return (
+                    StatusCode::FORBIDDEN,
+                    "rows must name keys of the caller's namespace\n".into(),
+                );
+            }
+            KeyClaim::NotHeld => {
+                tracing::warn!(
+                    %scope,
+                    row = %row.id,
+                    vault_key_id = row.vault_key_id.as_deref().unwrap_or_default(),
+                    "audit row names a key not bound to the caller's service account; storing it unattributed"
+                );
+                row.vault_key_id = None;
             }
         }
     }
@@ -101,12 +160,15 @@ impl<S: AuditSink> IngestHandler for AuditIngest<S> {
         request: Request<Incoming>,
     ) -> BoxFuture<'static, Response<Body>> {
         let sink = self.sink.clone();
+        let index = self.index.clone();
         let limits = self.limits;
         let metrics = self.metrics.clone();
         Box::pin(async move {
             let (status, text) =
                 match read_body_limited(request.into_body(), limits.max_body_bytes).await {
-                    Ok(body) => ingest_for_scope(&*sink, &scope, &body, &limits, &metrics).await,
+                    Ok(body) => {
+                        ingest_for_scope(&*sink, &index, &scope, &body, &limits, &metrics).await
+                    }
                     Err(e) => (status_of(&e), format!("{e}\n")),
                 };
             let mut res = Response::new(Full::new(Bytes::from(text)).boxed());
@@ -170,10 +232,11 @@ mod tests {
         let sink = MemorySink::default();
         let metrics = Metrics::new();
         let scope = Scope::new("agents", "refund");
+        let index = PolicyIndex::new(1);
         let limits = IngestLimits::default();
         let body = format!("{}\n{}\n", row("r1", Some("agents")), row("r2", None));
         let (status, text) =
-            ingest_for_scope(&sink, &scope, body.as_bytes(), &limits, &metrics).await;
+            ingest_for_scope(&sink, &index, &scope, body.as_bytes(), &limits, &metrics).await;
         assert_eq!(status, StatusCode::OK, "{text}");
         assert!(text.contains("\"inserted\":2"));
         assert_eq!(
@@ -184,18 +247,20 @@ mod tests {
 
         let foreign = row("r3", Some("billing"));
         let (status, _) =
-            ingest_for_scope(&sink, &scope, foreign.as_bytes(), &limits, &metrics).await;
+            ingest_for_scope(&sink, &index, &scope, foreign.as_bytes(), &limits, &metrics).await;
         assert_eq!(status, StatusCode::FORBIDDEN);
         assert_eq!(sink.rows.lock().unwrap().len(), 2);
 
-        let (status, _) = ingest_for_scope(&sink, &scope, b"{not json}\n", &limits, &metrics).await;
+        let (status, _) =
+            ingest_for_scope(&sink, &index, &scope, b"{not json}\n", &limits, &metrics).await;
         assert_eq!(status, StatusCode::BAD_REQUEST);
 
         let down = MemorySink {
             fail: true,
             ..MemorySink::default()
         };
-        let (status, _) = ingest_for_scope(&down, &scope, body.as_bytes(), &limits, &metrics).await;
+        let (status, _) =
+            ingest_for_scope(&down, &index, &scope, body.as_bytes(), &limits, &metrics).await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(metrics.audit_sink_errors.get(), 1);
     }

@@ -306,6 +306,15 @@ impl PolicyIndex {
             .map_or(0, |tx| tx.borrow().revision)
     }
 
+    /// The service account whose sidecars `id` is bound to (`spec.workload`), if the key is
+    /// known to this replica. Used to check which keys a sidecar may report audit rows for.
+    pub fn bound_service_account(&self, id: &KeyId) -> Option<String> {
+        self.lock()
+            .keys
+            .get(id)
+            .map(|k| k.spec.workload.service_account_name.clone())
+    }
+
     /// Whether the token Secret of `id` exists (the key was minted).
     pub fn has_token_secret(&self, id: &KeyId) -> bool {
         let inner = self.lock();
