@@ -285,6 +285,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         max_stream: Duration::from_secs(config.max_stream_secs.max(1)),
         synced: synced_rx.clone(),
         audit,
+        stream_tokens: Default::default(),
         shutdown: shutdown.clone(),
     });
     let mut servers = tokio::task::JoinSet::new();

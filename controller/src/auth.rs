@@ -103,9 +103,27 @@ impl TokenReviewer for KubeTokenReviewer {
 /// Cached review outcomes by token hash, each with its expiry.
 type ReviewCache = HashMap<TokenHash, (Result<Scope, AuthError>, Instant)>;
 
+/// How far (±) an entry's lifetime is spread around its TTL, in percent. Sidecars connect in
+/// waves (a controller restart reconnects all of them within a second); without a spread their
+/// cached reviews would all expire together and every request of that moment would wait for a
+/// TokenReview round trip.
+pub const TTL_JITTER_PERCENT: u64 = 20;
+
+/// `ttl` spread by ±[`TTL_JITTER_PERCENT`] with a fraction taken from the token's hash: stable
+/// for one token, uniform across tokens, no RNG to seed in tests.
+pub fn jittered_ttl(ttl: Duration, hash: &TokenHash) -> Duration {
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&hash.as_bytes()[..8]);
+    // 0..=2*J percent of the TTL, centred on TTL: (100 - J + x) / 100, x in 0..=2J.
+    let spread = u64::from_le_bytes(first) % (2 * TTL_JITTER_PERCENT + 1);
+    let percent = 100 - TTL_JITTER_PERCENT + spread;
+    let millis = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
+    Duration::from_millis(millis.saturating_mul(percent) / 100)
+}
+
 /// Caches review outcomes: accepted tokens for `accept_ttl`, rejected ones for `reject_ttl`
-/// (so a sidecar with a bad token cannot turn every reconnect into a TokenReview), at most
-/// `capacity` entries. Apiserver failures are not cached.
+/// (so a sidecar with a bad token cannot turn every reconnect into a TokenReview), each spread
+/// by ±[`TTL_JITTER_PERCENT`], at most `capacity` entries. Apiserver failures are not cached.
 pub struct Authenticator {
     reviewer: Arc<dyn TokenReviewer>,
     cache: Mutex<ReviewCache>,
@@ -139,13 +157,17 @@ impl Authenticator {
 
     /// Authenticates an `Authorization` header value.
     pub async fn authenticate(&self, authorization: Option<&str>) -> Result<Scope, AuthError> {
-        let token = authorization
-            .and_then(|h| h.strip_prefix("Bearer "))
-            .map(str::trim)
-            .filter(|t| !t.is_empty())
-            .ok_or(AuthError::MissingToken)?;
+        self.authenticate_at(authorization, Instant::now()).await
+    }
+
+    /// [`Self::authenticate`] with the clock passed in (tests drive it).
+    pub async fn authenticate_at(
+        &self,
+        authorization: Option<&str>,
+        now: Instant,
+    ) -> Result<Scope, AuthError> {
+        let token = bearer_token(authorization).ok_or(AuthError::MissingToken)?;
         let hash = TokenHash::of(token);
-        let now = Instant::now();
         if let Some((outcome, until)) = self.cache_lock().get(&hash)
             && *until > now
         {
@@ -164,8 +186,16 @@ impl Authenticator {
                 cache.clear();
             }
         }
-        cache.insert(hash, (outcome.clone(), now + ttl));
+        let until = now + jittered_ttl(ttl, &hash);
+        cache.insert(hash, (outcome.clone(), until));
         outcome
+    }
+
+    /// When the cached outcome for `token` expires (tests and diagnostics).
+    pub fn cached_until(&self, token: &str) -> Option<Instant> {
+        self.cache_lock()
+            .get(&TokenHash::of(token))
+            .map(|(_, until)| *until)
     }
 
     fn cache_lock(&self) -> std::sync::MutexGuard<'_, ReviewCache> {
@@ -175,6 +205,14 @@ impl Authenticator {
     pub fn cached_entries(&self) -> usize {
         self.cache_lock().len()
     }
+}
+
+/// The token of a `Bearer` authorization header.
+pub fn bearer_token(authorization: Option<&str>) -> Option<&str> {
+    authorization
+        .and_then(|h| h.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
 }
 
 #[cfg(test)]
@@ -265,5 +303,50 @@ mod tests {
             let _ = auth.authenticate(Some(&format!("Bearer other-{i}"))).await;
             assert!(auth.cached_entries() <= 3);
         }
+    }
+
+    #[tokio::test]
+    async fn expiries_spread_around_the_ttl_and_renew_on_the_controlled_clock() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let auth = Authenticator::new(Arc::new(Fake {
+            calls: calls.clone(),
+        }));
+        let ttl = Duration::from_secs(10);
+        let t0 = Instant::now();
+        // 1,000 tokens reviewed at the same instant (a reconnect wave) expire over ±20 %.
+        let expiries: Vec<Duration> = (0..1000)
+            .map(|i| jittered_ttl(ttl, &TokenHash::of(&format!("token-{i}"))))
+            .collect();
+        let min = *expiries.iter().min().unwrap();
+        let max = *expiries.iter().max().unwrap();
+        assert!(min >= Duration::from_secs(8) && max <= Duration::from_secs(12));
+        assert!(max - min >= Duration::from_secs(3), "{min:?}..{max:?}");
+        let in_any_second = (8..12)
+            .map(|s| expiries.iter().filter(|d| d.as_secs() == s).count())
+            .max()
+            .unwrap();
+        assert!(in_any_second < 400, "{in_any_second} expire in one second");
+
+        // The cache honours the jittered expiry on the controlled clock.
+        assert!(auth.authenticate_at(Some("Bearer good"), t0).await.is_ok());
+        let until = auth.cached_until("good").unwrap();
+        assert_eq!(until, t0 + jittered_ttl(ttl, &TokenHash::of("good")));
+        let just_before = until - Duration::from_millis(1);
+        assert!(
+            auth.authenticate_at(Some("Bearer good"), just_before)
+                .await
+                .is_ok()
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        assert!(
+            auth.authenticate_at(Some("Bearer good"), until)
+                .await
+                .is_ok()
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 2, "re-reviewed at expiry");
+        assert_eq!(
+            auth.cached_until("good"),
+            Some(until + jittered_ttl(ttl, &TokenHash::of("good")))
+        );
     }
 }

@@ -6,8 +6,9 @@
 //! stream with the `keybrake-stream-id` header the watch response carried, body
 //! `{"revision":N}`. The stream and the ack must authenticate as the same service account.
 use std::{
+    collections::HashMap,
     convert::Infallible,
-    sync::Arc,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -20,15 +21,19 @@ use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
     server::conn::auto,
 };
-use keybrake_api::stream::{
-    ACK_PATH, AUDIT_INGEST_PATH, Ack, MAX_LINE_BYTES, NDJSON, RESUME_PARAM, WATCH_PATH, WatchEvent,
+use keybrake_api::{
+    TokenHash,
+    stream::{
+        ACK_PATH, AUDIT_INGEST_PATH, Ack, MAX_LINE_BYTES, NDJSON, RESUME_PARAM, WATCH_PATH,
+        WatchEvent,
+    },
 };
 use tokio::{net::TcpListener, sync::mpsc};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    auth::{AuthError, Authenticator, jwt_expiry},
+    auth::{AuthError, Authenticator, bearer_token, jwt_expiry},
     enforcement::{AckError, EnforcementTracker, StreamId},
     index::{PolicyIndex, Scope, ScopeState, diff},
     metrics::Metrics,
@@ -60,7 +65,46 @@ pub struct StreamServer {
     /// True once the initial watch sync completed; streams wait for it before their snapshot.
     pub synced: tokio::sync::watch::Receiver<bool>,
     pub audit: Option<Arc<dyn IngestHandler>>,
+    /// The token each open stream authenticated with (acks on it skip TokenReview).
+    pub stream_tokens: StreamTokens,
     pub shutdown: CancellationToken,
+}
+
+/// The token hash and scope of every open stream. An ack that carries its stream's own token
+/// is authenticated by the stream itself: the stream was reviewed at connect and ends at that
+/// token's `exp`, and it keeps receiving keys on that review, so re-reviewing its acks adds
+/// nothing but a TokenReview round trip on the propagation path whenever the cache expires.
+#[derive(Default)]
+pub struct StreamTokens(Mutex<HashMap<StreamId, (TokenHash, Scope)>>);
+
+impl StreamTokens {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<StreamId, (TokenHash, Scope)>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn open(&self, id: StreamId, token: &TokenHash, scope: Scope) {
+        self.lock().insert(id, (*token, scope));
+    }
+
+    pub fn close(&self, id: StreamId) {
+        self.lock().remove(&id);
+    }
+
+    /// The stream's scope if `token` is the one stream `id` authenticated with.
+    pub fn scope_for(&self, id: StreamId, token: &TokenHash) -> Option<Scope> {
+        self.lock()
+            .get(&id)
+            .filter(|(hash, _)| hash == token)
+            .map(|(_, scope)| scope.clone())
+    }
+}
+
+fn stream_id_of(req: &Request<Incoming>) -> Option<StreamId> {
+    req.headers()
+        .get(STREAM_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .map(StreamId)
 }
 
 fn full(status: StatusCode, text: impl Into<Bytes>) -> Response<Body> {
@@ -174,7 +218,18 @@ impl StreamServer {
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok());
-        let scope = match self.auth.authenticate(authorization).await {
+        let token_hash = bearer_token(authorization).map(TokenHash::of);
+        let stream_scope = match (&method, path.as_str(), &token_hash, stream_id_of(&req)) {
+            (&Method::POST, ACK_PATH, Some(hash), Some(id)) => {
+                self.stream_tokens.scope_for(id, hash)
+            }
+            _ => None,
+        };
+        let authenticated = match stream_scope {
+            Some(scope) => Ok(scope),
+            None => self.auth.authenticate(authorization).await,
+        };
+        let scope = match authenticated {
             Ok(scope) => scope,
             Err(e) => {
                 tracing::info!(path, error = %e, "refused sidecar request");
@@ -195,7 +250,9 @@ impl StreamServer {
                         Duration::from_secs(exp.saturating_sub(now))
                     });
                     let lifetime = token_left.map_or(self.max_stream, |t| t.min(self.max_stream));
-                    self.clone().watch(scope, since, lifetime).await
+                    // Authenticated, so a bearer token was present.
+                    let token_hash = token_hash.unwrap_or_else(|| TokenHash::of(""));
+                    self.clone().watch(scope, since, lifetime, token_hash).await
                 }
                 Err(()) => full(
                     StatusCode::BAD_REQUEST,
@@ -216,6 +273,7 @@ impl StreamServer {
         scope: Scope,
         since: u64,
         lifetime: Duration,
+        token_hash: TokenHash,
     ) -> Response<Body> {
         let mut synced = self.synced.clone();
         let ready = tokio::time::timeout(Duration::from_secs(30), synced.wait_for(|s| *s)).await;
@@ -238,6 +296,8 @@ impl StreamServer {
             return full(StatusCode::INTERNAL_SERVER_ERROR, "snapshot too large\n");
         };
         let stream_id = self.tracker.register(scope.clone(), sent.clone());
+        self.stream_tokens
+            .open(stream_id, &token_hash, scope.clone());
         self.metrics.streams_connected.inc();
         tracing::info!(%scope, stream = stream_id.0, revision = snapshot_revision, keys = sent.keys.len(), "sidecar stream opened");
 
@@ -257,6 +317,7 @@ impl StreamServer {
                 )
                 .await;
             server.tracker.unregister(stream_id);
+            server.stream_tokens.close(stream_id);
             server.metrics.streams_connected.dec();
             tracing::info!(%scope, stream = stream_id.0, "sidecar stream closed");
         });
@@ -340,13 +401,7 @@ impl StreamServer {
     }
 
     async fn ack(&self, scope: Scope, req: Request<Incoming>) -> Response<Body> {
-        let stream_id = req
-            .headers()
-            .get(STREAM_ID_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok())
-            .map(StreamId);
-        let Some(stream_id) = stream_id else {
+        let Some(stream_id) = stream_id_of(&req) else {
             return full(
                 StatusCode::BAD_REQUEST,
                 "missing keybrake-stream-id header\n",
@@ -401,5 +456,21 @@ mod tests {
             &out[..],
             b"{\"type\":\"heartbeat\",\"revision\":1}\n{\"type\":\"heartbeat\",\"revision\":2}\n"
         );
+    }
+
+    #[test]
+    fn acks_skip_review_only_with_their_streams_own_token() {
+        let tokens = StreamTokens::default();
+        let scope = Scope::new("agents", "refund");
+        let mine = TokenHash::of("tok-refund");
+        tokens.open(StreamId(7), &mine, scope.clone());
+        assert_eq!(tokens.scope_for(StreamId(7), &mine), Some(scope));
+        assert_eq!(
+            tokens.scope_for(StreamId(7), &TokenHash::of("rotated")),
+            None
+        );
+        assert_eq!(tokens.scope_for(StreamId(8), &mine), None);
+        tokens.close(StreamId(7));
+        assert_eq!(tokens.scope_for(StreamId(7), &mine), None);
     }
 }

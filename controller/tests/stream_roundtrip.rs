@@ -172,6 +172,7 @@ impl Harness {
             max_stream,
             synced: tokio::sync::watch::channel(true).1,
             audit: None,
+            stream_tokens: Default::default(),
             shutdown: shutdown.clone(),
         });
         tokio::spawn(server.serve(listener, identity.server_config().unwrap()));
