@@ -3,7 +3,10 @@
 use std::{path::Path, time::Duration};
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderName, HeaderValue, header};
+use http::{
+    HeaderMap, HeaderName, HeaderValue, Uri, header,
+    uri::{Authority, PathAndQuery, Scheme},
+};
 use http_body_util::Full;
 use hyper_rustls::HttpsConnector;
 use hyper_util::{
@@ -90,6 +93,57 @@ pub fn build_client(
         .build(https))
 }
 
+/// A key's upstream base URL, parsed once when the key is loaded: every call then only
+/// appends its path and query instead of formatting and re-parsing the whole URL.
+#[derive(Debug, Clone)]
+pub struct UpstreamBase {
+    scheme: Scheme,
+    authority: Authority,
+    /// The base URL's path without its trailing `/` (usually empty).
+    path_prefix: Box<str>,
+}
+
+impl UpstreamBase {
+    /// `None` unless `base_url` is an absolute URL without query or fragment.
+    pub fn parse(base_url: &str) -> Option<Self> {
+        let uri: Uri = base_url.parse().ok()?;
+        let parts = uri.into_parts();
+        let path_and_query = parts.path_and_query;
+        if path_and_query
+            .as_ref()
+            .is_some_and(|pq| pq.query().is_some())
+        {
+            return None;
+        }
+        let path = path_and_query.as_ref().map_or("", |pq| pq.path());
+        Some(UpstreamBase {
+            scheme: parts.scheme?,
+            authority: parts.authority?,
+            path_prefix: path.trim_end_matches('/').into(),
+        })
+    }
+
+    /// Base + vendor path + query. `None` if that is not a valid URI.
+    pub fn join(&self, path: &str, query: Option<&str>) -> Option<Uri> {
+        let mut target = String::with_capacity(
+            self.path_prefix.len() + path.len() + query.map_or(0, |q| q.len() + 1),
+        );
+        target.push_str(&self.path_prefix);
+        target.push_str(path);
+        if let Some(q) = query {
+            target.push('?');
+            target.push_str(q);
+        }
+        let path_and_query = PathAndQuery::from_maybe_shared(Bytes::from(target)).ok()?;
+        Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query(path_and_query)
+            .build()
+            .ok()
+    }
+}
+
 /// Hop-by-hop headers (RFC 9110 §7.6.1) plus the proxy-only ones.
 static HOP_BY_HOP: [HeaderName; 9] = [
     header::CONNECTION,
@@ -154,6 +208,31 @@ pub fn clean_response_headers(headers: &mut HeaderMap) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn upstream_base_joins_path_and_query() {
+        let stripe = UpstreamBase::parse("https://api.stripe.com").unwrap();
+        assert_eq!(
+            stripe.join("/v1/charges", Some("limit=3")).unwrap(),
+            "https://api.stripe.com/v1/charges?limit=3"
+        );
+        let based = UpstreamBase::parse("http://127.0.0.1:9/base/").unwrap();
+        assert_eq!(
+            based.join("/emails", None).unwrap(),
+            "http://127.0.0.1:9/base/emails"
+        );
+        assert_eq!(
+            UpstreamBase::parse("http://127.0.0.1:9/")
+                .unwrap()
+                .join("/v1/x", None)
+                .unwrap(),
+            "http://127.0.0.1:9/v1/x"
+        );
+        assert!(stripe.join("/v1/a b", None).is_none());
+        for bad in ["api.stripe.com/v1", "/v1", "http://h/x?q=1", "not a url"] {
+            assert!(UpstreamBase::parse(bad).is_none(), "{bad} was accepted");
+        }
+    }
 
     #[test]
     fn request_headers_lose_credentials_and_keybrake_headers() {

@@ -26,6 +26,7 @@ type UnkeyedCalls = [[OnceLock<IntCounter>; Verdict::ALL.len()]; Vendor::ALL.len
 pub struct Metrics {
     registry: Registry,
     unkeyed_calls: UnkeyedCalls,
+    upstream_timers: [OnceLock<Histogram>; Vendor::ALL.len()],
     pub calls: IntCounterVec,
     pub cost_usd: CounterVec,
     pub upstream_duration: HistogramVec,
@@ -99,6 +100,7 @@ impl Metrics {
         Metrics {
             registry,
             unkeyed_calls: Default::default(),
+            upstream_timers: Default::default(),
             calls,
             cost_usd,
             upstream_duration,
@@ -156,8 +158,9 @@ impl Metrics {
             .inc_by(usd);
     }
 
-    pub fn upstream_timer(&self, vendor: &str) -> Histogram {
-        self.upstream_duration.with_label_values(&[vendor])
+    pub fn upstream_timer(&self, vendor: Vendor) -> &Histogram {
+        self.upstream_timers[vendor as usize]
+            .get_or_init(|| self.upstream_duration.with_label_values(&[vendor.as_str()]))
     }
 
     /// Prometheus text exposition, with the policy gauges read from the store at scrape time.

@@ -14,7 +14,7 @@ use std::{
 
 use keybrake_api::{KeyGrant, KeyId, TokenHash, stream::PolicyApply};
 
-use crate::{metrics::KeyCounters, ratelimit::TokenBucket};
+use crate::{forward::UpstreamBase, metrics::KeyCounters, ratelimit::TokenBucket};
 
 /// State a key keeps across policy updates.
 #[derive(Debug, Default)]
@@ -29,6 +29,9 @@ pub struct KeyEntry {
     pub runtime: Arc<KeyRuntime>,
     /// Its metric series, resolved for this grant's labels (rebuilt with the entry).
     pub counters: KeyCounters,
+    /// `grant.base_url`, parsed; `None` if it is not an absolute URL (calls then fail with
+    /// `bad_upstream_url`).
+    pub upstream: Option<UpstreamBase>,
 }
 
 #[derive(Default)]
@@ -51,6 +54,7 @@ impl Index {
         self.by_hash.insert(
             grant.token_sha256,
             Arc::new(KeyEntry {
+                upstream: UpstreamBase::parse(&grant.base_url),
                 grant,
                 runtime,
                 counters: KeyCounters::default(),
