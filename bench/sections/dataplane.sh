@@ -149,9 +149,9 @@ wait_port "$NGINX_PORT" "$NGINX_PID" || die "nginx did not start: $(cat "$LOG/ng
 if [[ $SIDECAR == 1 ]]; then
   export KEYBRAKE_BENCH_UPSTREAM_SECRET="$UPSTREAM_SECRET"
   VAULT_KEY="$("$BENCH_BIN/bench-sidecar-config" --keys "$KEYS" \
-    --upstream-url "http://127.0.0.1:$UPSTREAM_PORT" --out "$BENCH_OUT/sidecar-policy.yaml")"
+    --upstream-url "http://127.0.0.1:$UPSTREAM_PORT" --out "$BENCH_OUT/sidecar-policy.json")"
   /usr/bin/time -v -o "$BENCH_OUT/sidecar.time" \
-    taskset -c "$PROXY_CORE" "$BENCH_BIN/keybrake-sidecar" --config "$BENCH_OUT/sidecar-policy.yaml" \
+    taskset -c "$PROXY_CORE" "$BENCH_BIN/keybrake-sidecar" --config "$BENCH_OUT/sidecar-policy.json" \
       --worker-threads 1 --listen-addr 127.0.0.1 --proxy-port "$SIDECAR_PORT" \
       --admin-port "$SIDECAR_ADMIN_PORT" --stripe-port 0 --openai-port 0 --twilio-port 0 \
       --resend-port 0 > "$LOG/sidecar.log" 2>&1 &
@@ -232,13 +232,13 @@ if [[ $SIDECAR == 1 ]]; then
   "$BENCH_BIN/bench-report" rss --via sidecar --keys "$KEYS" --time-output "$BENCH_OUT/sidecar.time" >> "$RESULTS"
   # ---- policy lookup micro-benchmark --------------------------------------------------------
   say "lookup micro-benchmark"
-  timeout --foreground 120 taskset -c "$PROXY_CORE" "$BENCH_BIN/bench-lookup" --config "$BENCH_OUT/sidecar-policy.yaml" >> "$RESULTS"
+  timeout --foreground 120 taskset -c "$PROXY_CORE" "$BENCH_BIN/bench-lookup" --config "$BENCH_OUT/sidecar-policy.json" >> "$RESULTS"
 fi
 
 {
   echo "Targets: \`direct\` = load generator → upstream; \`nginx\` = → nginx $(nginx -v 2>&1 | sed 's/.*nginx\///') \
 (Debian nginx-light, 1 worker, keep-alive pool to the upstream, swaps \`Authorization\`); \`sidecar\` = → \
-keybrake-sidecar (standalone, \`--worker-threads 1\`, $KEYS keys loaded, route \`GET /stripe$ROUTE\` = \
+keybrake-sidecar (standalone, \`--worker-threads 1\`, $KEYS keys loaded from a JSON policy file, route \`GET /stripe$ROUTE\` = \
 \`customers.retrieve\`). Upstream: bench-upstream (1 KB body, keep-alive, current-thread runtime, checks the \
 swapped credential). Cores: upstream and load generators on core $LOAD_CORE (taskset), proxy under test alone on \
 core $PROXY_CORE. Loopback only. Raw records: \`target/bench/dataplane/results.jsonl\`."

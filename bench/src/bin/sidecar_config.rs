@@ -9,7 +9,7 @@ use clap::Parser;
 use keybrake_bench::keys::{PolicyFile, bench_token};
 
 #[derive(Parser)]
-#[command(about = "Generate the benchmark sidecar's policy file")]
+#[command(about = "Generate the benchmark sidecar's policy file (JSON)")]
 struct Args {
     #[arg(long, default_value_t = 10_000)]
     keys: usize,
