@@ -320,15 +320,21 @@ pub fn new_row_id() -> String {
     let mut b: [u8; 16] = rand::random();
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
-    let h = |r: std::ops::Range<usize>| b[r].iter().map(|x| format!("{x:02x}")).collect::<String>();
-    format!(
-        "{}-{}-{}-{}-{}",
-        h(0..4),
-        h(4..6),
-        h(6..8),
-        h(8..10),
-        h(10..16)
-    )
+    uuid_text(&b)
+}
+
+/// `8-4-4-4-12` lowercase hex, written into one buffer (one allocation per row id).
+fn uuid_text(b: &[u8; 16]) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(36);
+    for (i, byte) in b.iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
+            out.push('-');
+        }
+        out.push(char::from(HEX[usize::from(byte >> 4)]));
+        out.push(char::from(HEX[usize::from(byte & 0x0f)]));
+    }
+    out
 }
 
 #[cfg(test)]
@@ -452,6 +458,12 @@ mod tests {
             100,
             "rows left in memory at the timeout count as dropped"
         );
+    }
+
+    #[test]
+    fn uuid_text_groups_hex_digits() {
+        let bytes: [u8; 16] = std::array::from_fn(|i| (i as u8) * 17);
+        assert_eq!(uuid_text(&bytes), "00112233-4455-6677-8899-aabbccddeeff");
     }
 
     #[test]
