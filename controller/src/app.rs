@@ -26,10 +26,14 @@ use crate::{
     reconcile::{Context, run_controller},
     server::{IngestHandler, StreamServer},
     serving_cert::certified_key_from_pem,
+    spend::{self, SpendLedger},
     tls::{ServingIdentity, SwappableCert},
     tls_secret::{CaDistributor, IdentitySource, PemFiles, SecretBacked, load_or_create},
     webhook::WebhookServer,
 };
+
+/// How often the leader writes changed `status.spentTodayUsd` totals (coalescing per key).
+const SPEND_FLUSH_PERIOD: Duration = Duration::from_secs(5);
 
 #[derive(clap::Parser, Debug, Clone)]
 #[command(
@@ -153,19 +157,27 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let identity = config.identity();
     let metrics = Metrics::new();
     let index = Arc::new(PolicyIndex::new(PolicyIndex::revision_seed()));
+    let spend_ledger = Arc::new(SpendLedger::default());
+    let mut spend_sink: Option<Arc<AnySink>> = None;
     let audit: Option<Arc<dyn IngestHandler>> = match &config.audit_sink {
         None => None,
         Some(text) => {
             let sink_config: SinkConfig = text.parse().context("--audit-sink")?;
-            let sink = AnySink::open(&sink_config)
-                .await
-                .with_context(|| format!("opening the audit sink {sink_config:?}"))?;
-            Some(Arc::new(AuditIngest::new(
-                Arc::new(sink),
-                index.clone(),
-                IngestLimits::default(),
-                metrics.clone(),
-            )))
+            let sink = Arc::new(
+                AnySink::open(&sink_config)
+                    .await
+                    .with_context(|| format!("opening the audit sink {sink_config:?}"))?,
+            );
+            spend_sink = Some(sink.clone());
+            Some(Arc::new(
+                AuditIngest::new(
+                    sink,
+                    index.clone(),
+                    IngestLimits::default(),
+                    metrics.clone(),
+                )
+                .with_spend(spend_ledger.clone()),
+            ))
         }
     };
     let tracker = Arc::new(EnforcementTracker::new());
@@ -244,6 +256,17 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             refresh: Duration::from_secs(config.ca_refresh_secs.max(1)),
         };
         tasks.spawn(distributor.run(leader_rx.clone(), shutdown.clone()));
+    }
+
+    if audit.is_some() {
+        tasks.spawn(spend::run_writer(
+            client.clone(),
+            spend_ledger,
+            spend_sink,
+            leader_rx.clone(),
+            SPEND_FLUSH_PERIOD,
+            shutdown.clone(),
+        ));
     }
 
     let ctx = Arc::new(Context {

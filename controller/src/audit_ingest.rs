@@ -23,11 +23,13 @@ use crate::{
     index::{PolicyIndex, Scope},
     metrics::Metrics,
     server::{Body, IngestHandler},
+    spend::SpendLedger,
 };
 
 pub struct AuditIngest<S: AuditSink> {
     sink: Arc<S>,
     index: Arc<PolicyIndex>,
+    spend: Option<Arc<SpendLedger>>,
     limits: IngestLimits,
     metrics: Metrics,
 }
@@ -42,9 +44,16 @@ impl<S: AuditSink> AuditIngest<S> {
         AuditIngest {
             sink,
             index,
+            spend: None,
             limits,
             metrics,
         }
+    }
+
+    /// Counts the stored rows' spend into `ledger` (for `status.spentTodayUsd`).
+    pub fn with_spend(mut self, ledger: Arc<SpendLedger>) -> Self {
+        self.spend = Some(ledger);
+        self
     }
 }
 
@@ -79,6 +88,20 @@ fn judge_key(index: &PolicyIndex, scope: &Scope, row: &AuditRow) -> KeyClaim {
 pub async fn ingest_for_scope<S: AuditSink>(
     sink: &S,
     index: &PolicyIndex,
+    scope: &Scope,
+    body: &[u8],
+    limits: &IngestLimits,
+    metrics: &Metrics,
+) -> (StatusCode, String) {
+    ingest_counting_spend(sink, index, None, scope, body, limits, metrics).await
+}
+
+/// [`ingest_for_scope`], adding the spend of newly stored rows to `spend`. A chunk the sink
+/// reports duplicates for (a replay) is not counted: which of its rows are new is unknown.
+pub async fn ingest_counting_spend<S: AuditSink>(
+    sink: &S,
+    index: &PolicyIndex,
+    spend: Option<&SpendLedger>,
     scope: &Scope,
     body: &[u8],
     limits: &IngestLimits,
@@ -121,7 +144,14 @@ pub async fn ingest_for_scope<S: AuditSink>(
     let mut outcome = WriteOutcome::default();
     for chunk in rows.chunks(limits.batch_rows.max(1)) {
         match sink.write_batch(chunk).await {
-            Ok(o) => outcome.add(o),
+            Ok(o) => {
+                if let Some(spend) = spend
+                    && o.duplicates == 0
+                {
+                    spend.record_rows(chunk, jiff::Timestamp::now());
+                }
+                outcome.add(o);
+            }
             Err(e) => {
                 self::log_sink_error(&e);
                 metrics.audit_sink_errors.inc();
@@ -161,13 +191,23 @@ impl<S: AuditSink> IngestHandler for AuditIngest<S> {
     ) -> BoxFuture<'static, Response<Body>> {
         let sink = self.sink.clone();
         let index = self.index.clone();
+        let spend = self.spend.clone();
         let limits = self.limits;
         let metrics = self.metrics.clone();
         Box::pin(async move {
             let (status, text) =
                 match read_body_limited(request.into_body(), limits.max_body_bytes).await {
                     Ok(body) => {
-                        ingest_for_scope(&*sink, &index, &scope, &body, &limits, &metrics).await
+                        ingest_counting_spend(
+                            &*sink,
+                            &index,
+                            spend.as_deref(),
+                            &scope,
+                            &body,
+                            &limits,
+                            &metrics,
+                        )
+                        .await
                     }
                     Err(e) => (status_of(&e), format!("{e}\n")),
                 };

@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod reconcile;
 pub mod server;
 pub mod serving_cert;
+pub mod spend;
 pub mod tls;
 pub mod tls_secret;
 pub mod token;
