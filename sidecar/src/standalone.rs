@@ -6,7 +6,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     path::{Path, PathBuf},
     sync::Arc,
-    time::Duration,
+    time::{Duration, SystemTime},
 };
 
 use jiff::Timestamp;
@@ -356,6 +356,9 @@ pub struct ConfigWatcher {
     path: PathBuf,
     store: Arc<dyn PolicyApply>,
     env: Box<dyn SecretSourceEnv + Send + Sync>,
+    /// Metadata of the config and secret files when their contents were last fingerprinted;
+    /// while it stays the same a poll reads nothing. `None`: fingerprint on the next poll.
+    seen: Option<Vec<Option<FileStamp>>>,
     /// Inputs of the policy in force, and of the last broken attempt (not retried until changed).
     applied: u64,
     failed: Option<u64>,
@@ -375,6 +378,7 @@ impl ConfigWatcher {
             path,
             store,
             env,
+            seen: None,
             applied: 0,
             failed: None,
             secret_files: Vec::new(),
@@ -406,10 +410,16 @@ impl ConfigWatcher {
         self.store.mark_fresh(self.revision);
     }
 
-    /// One poll: if the file (or a secret file it names) changed, parse and apply it.
+    /// One poll: if the file (or a secret file it names) changed, parse and apply it. Unchanged
+    /// metadata (size, mtime, ctime, inode) means nothing is read at all.
     pub fn poll(&mut self) {
+        let stamps = self.stamps();
+        if self.seen.as_ref() == Some(&stamps) {
+            return;
+        }
         let now = current_fingerprint(&self.path, &self.secret_files);
         if now.is_some() && (now == Some(self.applied) || now == self.failed) {
+            self.seen = trusted(stamps);
             return;
         }
         match load_tracked(&self.path, self.env.as_ref()) {
@@ -417,9 +427,12 @@ impl ConfigWatcher {
                 self.last_error = None;
                 self.failed = None;
                 self.apply(loaded);
+                // The secret files may be others now: stamp them on the next poll.
+                self.seen = None;
             }
             Err(e) => {
                 self.failed = now;
+                self.seen = now.and_then(|_| trusted(stamps));
                 let text = e.to_string();
                 if self.last_error.as_deref() != Some(text.as_str()) {
                     tracing::error!(error = %text, revision = self.revision, "policy file is broken; keeping the last good policy");
@@ -429,16 +442,80 @@ impl ConfigWatcher {
         }
     }
 
+    fn stamps(&self) -> Vec<Option<FileStamp>> {
+        std::iter::once(&self.path)
+            .chain(&self.secret_files)
+            .map(|p| FileStamp::of(p))
+            .collect()
+    }
+
+    /// Polls until `shutdown` flips. The metadata check runs here; reading, parsing and
+    /// applying a changed file run on the blocking pool, off the request path's threads.
     pub async fn run(mut self, interval: Duration, mut shutdown: watch::Receiver<bool>) {
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = ticker.tick() => self.poll(),
+                _ = ticker.tick() => {
+                    if self.seen.as_ref() == Some(&self.stamps()) {
+                        continue;
+                    }
+                    match tokio::task::spawn_blocking(move || {
+                        self.poll();
+                        self
+                    })
+                    .await
+                    {
+                        Ok(watcher) => self = watcher,
+                        Err(e) => {
+                            tracing::error!(error = %e, "policy file watcher failed; the last applied policy stays in force");
+                            return;
+                        }
+                    }
+                }
                 _ = shutdown.changed() => return,
             }
         }
     }
+}
+
+/// What the file system says about a file without reading it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileStamp {
+    len: u64,
+    inode: u64,
+    modified: Option<SystemTime>,
+    /// ctime (seconds, nanoseconds): changes with any write, even one that restores the mtime.
+    changed: (i64, i64),
+}
+
+impl FileStamp {
+    fn of(path: &Path) -> Option<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(path).ok()?;
+        Some(FileStamp {
+            len: meta.len(),
+            inode: meta.ino(),
+            modified: meta.modified().ok(),
+            changed: (meta.ctime(), meta.ctime_nsec()),
+        })
+    }
+}
+
+/// How long after a write a file's timestamps are not trusted: a second write within the
+/// file system's timestamp granularity could keep size and times unchanged.
+const RACY_WINDOW: Duration = Duration::from_secs(2);
+
+/// `stamps`, if every file in them was last modified long enough ago to trust its timestamps.
+fn trusted(stamps: Vec<Option<FileStamp>>) -> Option<Vec<Option<FileStamp>>> {
+    let now = SystemTime::now();
+    let settled = stamps.iter().flatten().all(|stamp| {
+        stamp
+            .modified
+            .and_then(|m| now.duration_since(m).ok())
+            .is_some_and(|age| age > RACY_WINDOW)
+    });
+    settled.then_some(stamps)
 }
 
 #[cfg(test)]
@@ -590,6 +667,51 @@ keys:
         assert_eq!(refund.base_url, "https://api.stripe.com");
         assert_eq!(grants[1].upstream_secret.expose(), "sk-proj-example");
         assert_eq!(grants[3].state, KeyState::Suspended);
+    }
+
+    #[test]
+    fn watcher_skips_settled_files_and_sees_a_same_size_rewrite() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.yaml");
+        let age = |p: &Path| {
+            let old = SystemTime::now() - Duration::from_secs(60);
+            std::fs::File::options()
+                .write(true)
+                .open(p)
+                .unwrap()
+                .set_modified(old)
+                .unwrap();
+        };
+        std::fs::write(&path, config("")).unwrap();
+        age(&path);
+        let store = Arc::new(PolicyStore::new(Freshness::AlwaysFresh));
+        let mut w = ConfigWatcher::start(path.clone(), store.clone(), env()).unwrap();
+        w.poll();
+        assert!(
+            w.seen.is_some(),
+            "a settled, unchanged file is trusted by its metadata"
+        );
+        assert_eq!(store.revision(), 1);
+
+        // Same length, different content, and the old mtime put back: ctime still moves.
+        let broken = config("").replace("upstream: stripe-test", "upstream: stripe-tesT");
+        assert_eq!(broken.len(), config("").len());
+        std::fs::write(&path, &broken).unwrap();
+        age(&path);
+        w.poll();
+        assert_eq!(store.revision(), 1, "a broken upstream name is not applied");
+        assert!(w.last_error.is_some());
+
+        // A fresh write is never trusted by its metadata alone.
+        std::fs::write(&path, config("# fixed\n")).unwrap();
+        w.poll();
+        assert_eq!(store.revision(), 2);
+        w.poll();
+        assert!(
+            w.seen.is_none(),
+            "a just-written file is fingerprinted again"
+        );
+        assert_eq!(store.revision(), 2);
     }
 
     #[test]
