@@ -672,6 +672,40 @@ async fn controller_audit_ingest_writes_own_namespace_rows_to_sqlite() {
         metrics.contains("keybrake_controller_audit_ingested_rows_total 2"),
         "{metrics}"
     );
+
+    // status.spentTodayUsd: the leader sums today's allowed, priced rows of a key bound to the
+    // caller. No upstream Secret: the UpstreamSecretMissing reason proves the index holds "k"
+    // (rows naming a key the index does not bind to the caller are stored unattributed).
+    create_key(
+        &ns,
+        &vault_key("k", "agent", "http://127.0.0.1:9", json!({})),
+    )
+    .await;
+    wait_status(&ns, "k", "key k in the controller's index", |vk| {
+        condition(vk, "Ready").filter(|(_, reason, _)| reason == "UpstreamSecretMissing")
+    })
+    .await;
+    let today = k8s_openapi::jiff::Timestamp::now().to_string();
+    let priced = |id: &str, cost: &str| {
+        audit_row(id, ns.name())
+            .replace("2026-11-30T23:00:00Z", &today)
+            .replace(
+                "\"cost_usd_parsed\":null",
+                &format!("\"cost_usd_parsed\":\"{cost}\""),
+            )
+    };
+    let body = format!(
+        "{}\n{}\n",
+        priced("row-5", "1.250000"),
+        priced("row-6", "0.010000")
+    );
+    let (status, text) = post_audit(&controller.stream_url, &tls.ca(), &token, body).await;
+    assert_eq!(status, 200, "{text}");
+    let expected: keybrake_api::Usd = "1.26".parse().unwrap();
+    wait_status(&ns, "k", "status.spentTodayUsd = 1.26", |vk| {
+        (vk.status.as_ref()?.spent_today_usd? == expected).then_some(())
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
