@@ -33,6 +33,7 @@ crds:
 	$(CARGO) run -q -p keybrake-api --bin crdgen > crds/vaultkey.yaml
 
 crd-check:
+	@mkdir -p target
 	@$(CARGO) run -q -p keybrake-api --bin crdgen > target/vaultkey.generated.yaml
 	@diff -u crds/vaultkey.yaml target/vaultkey.generated.yaml \
 	  || { echo "crds/vaultkey.yaml is stale: run 'make crds' and commit it"; exit 1; }
@@ -47,7 +48,7 @@ e2e-deps:
 
 test-e2e: e2e-deps
 	$(CARGO) build --workspace --bins
-	$(CARGO) test -p keybrake-e2e -- --test-threads=2
+	$(CARGO) test -p keybrake-e2e -- --test-threads=2 --show-output
 
 ## cluster: start a local kube-apiserver + etcd and leave it running (see target/e2e/env).
 cluster: e2e-deps
