@@ -16,6 +16,23 @@ use crate::{
 /// Every minted vault key starts with this, so leaked ones are easy to grep for and to scan.
 pub const TOKEN_PREFIX: &str = "vault_key_";
 
+/// Data key, in the token Secret, of the minted vault key (the agent's env var has the same name).
+pub const TOKEN_SECRET_KEY: &str = "VAULT_KEY";
+const TOKEN_SECRET_SUFFIX: &str = "-token";
+
+/// Name of the Secret (owned by the VaultKey) that holds the vault key minted for it. The
+/// controller writes it; the injection webhook points agent containers at it.
+pub fn token_secret_name(vault_key_name: &str) -> String {
+    format!("{vault_key_name}{TOKEN_SECRET_SUFFIX}")
+}
+
+/// The VaultKey name a token Secret belongs to, if `secret_name` follows the convention.
+pub fn vault_key_of_token_secret(secret_name: &str) -> Option<&str> {
+    secret_name
+        .strip_suffix(TOKEN_SECRET_SUFFIX)
+        .filter(|n| !n.is_empty())
+}
+
 /// `namespace/name` of the VaultKey (standalone mode: `standalone/<name>`). Safe to log.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(transparent)]
@@ -209,6 +226,14 @@ mod tests {
             limits: Limits::default(),
             on_stale: OnStale::Deny,
         }
+    }
+
+    #[test]
+    fn token_secret_names_round_trip() {
+        assert_eq!(token_secret_name("run-42"), "run-42-token");
+        assert_eq!(vault_key_of_token_secret("run-42-token"), Some("run-42"));
+        assert_eq!(vault_key_of_token_secret("-token"), None);
+        assert_eq!(vault_key_of_token_secret("stripe-live"), None);
     }
 
     #[test]

@@ -3,21 +3,11 @@
 use keybrake_api::{SecretString, policy::TOKEN_PREFIX};
 use rand::{TryRngCore, rngs::OsRng};
 
-/// Data key of the token Secret the agent mounts as an environment variable.
-pub const TOKEN_SECRET_KEY: &str = "VAULT_KEY";
+pub use keybrake_api::policy::{TOKEN_SECRET_KEY, token_secret_name, vault_key_of_token_secret};
+
 /// Random characters after the prefix.
 pub const TOKEN_RANDOM_CHARS: usize = 43;
 const BASE62: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
-
-/// Name of the Secret holding the vault key minted for VaultKey `vault_key_name`.
-pub fn token_secret_name(vault_key_name: &str) -> String {
-    format!("{vault_key_name}-token")
-}
-
-/// The VaultKey name a token Secret belongs to, if `secret_name` follows the convention.
-pub fn vault_key_of_token_secret(secret_name: &str) -> Option<&str> {
-    secret_name.strip_suffix("-token").filter(|n| !n.is_empty())
-}
 
 #[derive(Debug, thiserror::Error)]
 #[error("the operating system's random number generator failed: {0}")]
@@ -74,13 +64,5 @@ mod tests {
             chars.extend(mint_token().unwrap().expose()[TOKEN_PREFIX.len()..].chars());
         }
         assert_eq!(chars.len(), 62);
-    }
-
-    #[test]
-    fn token_secret_names_round_trip() {
-        assert_eq!(token_secret_name("run-42"), "run-42-token");
-        assert_eq!(vault_key_of_token_secret("run-42-token"), Some("run-42"));
-        assert_eq!(vault_key_of_token_secret("-token"), None);
-        assert_eq!(vault_key_of_token_secret("stripe-live"), None);
     }
 }

@@ -30,14 +30,9 @@ pub const CA_DIR: &str = "/var/run/secrets/keybrake/ca";
 pub const SPOOL_DIR: &str = "/var/lib/keybrake/spool";
 
 /// The token Secret the controller mints for a VaultKey: `<vaultkey>-token`, key `VAULT_KEY`.
-pub const TOKEN_SECRET_KEY: &str = "VAULT_KEY";
-pub const TOKEN_SECRET_SUFFIX: &str = "-token";
+pub use keybrake_api::policy::{TOKEN_SECRET_KEY, token_secret_name};
 /// The env var the agent reads its vault key from.
 pub const VAULT_KEY_ENV: &str = "VAULT_KEY";
-
-pub fn token_secret_name(vault_key: &str) -> String {
-    format!("{vault_key}{TOKEN_SECRET_SUFFIX}")
-}
 
 /// RFC 1123 subdomain, the rule for Secret and VaultKey names.
 pub(crate) fn is_dns_subdomain(name: &str) -> bool {
