@@ -1,7 +1,8 @@
-//! Standalone mode: the policy comes from a YAML file instead of the controller stream. Vault
-//! keys appear only as SHA-256 hashes; upstream secrets come from environment variables or
-//! files the config names, never from the config itself. The file is polled and re-applied
-//! when what it resolves to changes; a broken file keeps the last good policy.
+//! Standalone mode: the policy comes from a YAML or JSON file instead of the controller stream
+//! (JSON parses without buffering the whole document). Vault keys appear only as SHA-256 hashes;
+//! upstream secrets come from environment variables or files the config names, never from the
+//! config itself. The file is polled and re-applied when what it resolves to changes; a broken
+//! file keeps the last good policy.
 use std::{
     collections::{BTreeMap, BTreeSet},
     path::{Path, PathBuf},
