@@ -49,6 +49,23 @@
 //! ```
 #![forbid(unsafe_code)]
 
+/// Exact dollars text for an integer micro-dollar SQL expression (NULL stays NULL), with
+/// arithmetic both engines share (`CAST`, `/`, `%`, `||`, `substr`, `abs`), e.g. `12.340000`;
+/// never through a float. Used by the playbook queries and SQLite's dollar columns.
+macro_rules! usd_text {
+    ($micros:literal) => {
+        concat!(
+            "CASE WHEN ",
+            $micros,
+            " < 0 THEN '-' ELSE '' END || CAST(abs(",
+            $micros,
+            ") / 1000000 AS TEXT) || '.' || substr(CAST(1000000 + abs(",
+            $micros,
+            ") % 1000000 AS TEXT), 2)"
+        )
+    };
+}
+
 pub mod ingest;
 pub mod metrics;
 pub mod queries;

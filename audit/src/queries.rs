@@ -10,21 +10,6 @@
 //! (`CAST`, `/`, `%`, `||`, `substr`, `abs`), e.g. `12.340000`; never through a float.
 use jiff::Timestamp;
 
-/// Exact dollars text for an integer micro-dollar expression (NULL stays NULL).
-macro_rules! usd_text {
-    ($micros:literal) => {
-        concat!(
-            "CASE WHEN ",
-            $micros,
-            " < 0 THEN '-' ELSE '' END || CAST(abs(",
-            $micros,
-            ") / 1000000 AS TEXT) || '.' || substr(CAST(1000000 + abs(",
-            $micros,
-            ") % 1000000 AS TEXT), 2)"
-        )
-    };
-}
-
 /// A bound query parameter.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Param {

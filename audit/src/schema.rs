@@ -9,13 +9,40 @@
 //!   fixed-width UTC text `YYYY-MM-DDTHH:MM:SS.ffffffZ` (see [`crate::row::timestamp_text`]), whose
 //!   byte order is time order, so the same comparisons and `ORDER BY` work on both.
 
+/// The SQL engine a migration runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    Sqlite,
+    Postgres,
+}
+
 /// One schema change. Versions only grow; a released migration is never edited.
 #[derive(Debug, Clone, Copy)]
 pub struct Migration {
     pub version: i64,
     pub name: &'static str,
     /// Statements separated by `;` (none of them contains a `;` of its own).
-    pub sql: &'static str,
+    pub sql: MigrationSql,
+}
+
+/// Most migrations are one text for both engines; a few need each engine's own syntax.
+#[derive(Debug, Clone, Copy)]
+pub enum MigrationSql {
+    Portable(&'static str),
+    PerDialect {
+        sqlite: &'static str,
+        postgres: &'static str,
+    },
+}
+
+impl MigrationSql {
+    pub fn text(self, dialect: Dialect) -> &'static str {
+        match (self, dialect) {
+            (MigrationSql::Portable(sql), _) => sql,
+            (MigrationSql::PerDialect { sqlite, .. }, Dialect::Sqlite) => sqlite,
+            (MigrationSql::PerDialect { postgres, .. }, Dialect::Postgres) => postgres,
+        }
+    }
 }
 
 /// Bookkeeping table, created before any migration runs.
@@ -25,10 +52,24 @@ pub const CREATE_SCHEMA_MIGRATIONS: &str = "CREATE TABLE IF NOT EXISTS schema_mi
     applied_at TEXT NOT NULL
 )";
 
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "create agent_call_audit",
-    sql: "CREATE TABLE IF NOT EXISTS agent_call_audit (
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "create agent_call_audit",
+        sql: MigrationSql::Portable(CREATE_AGENT_CALL_AUDIT),
+    },
+    Migration {
+        version: 2,
+        name: "dollar columns cost_usd_parsed and cap_usage_after_usd",
+        sql: MigrationSql::PerDialect {
+            sqlite: DOLLAR_COLUMNS_SQLITE,
+            postgres: DOLLAR_COLUMNS_POSTGRES,
+        },
+    },
+];
+
+/// Migration 1, as released.
+const CREATE_AGENT_CALL_AUDIT: &str = "CREATE TABLE IF NOT EXISTS agent_call_audit (
     id TEXT PRIMARY KEY,
     started_at TIMESTAMPTZ NOT NULL,
     duration_ms BIGINT NOT NULL,
@@ -54,8 +95,30 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
 CREATE INDEX IF NOT EXISTS agent_call_audit_key_time ON agent_call_audit (vault_key_id, started_at);
 CREATE INDEX IF NOT EXISTS agent_call_audit_run_time ON agent_call_audit (agent_run_id, started_at);
 CREATE INDEX IF NOT EXISTS agent_call_audit_customer ON agent_call_audit (customer_scope_id);
-CREATE INDEX IF NOT EXISTS agent_call_audit_denials ON agent_call_audit (policy_verdict, started_at) WHERE policy_verdict <> 'allow'",
-}];
+CREATE INDEX IF NOT EXISTS agent_call_audit_denials ON agent_call_audit (policy_verdict, started_at) WHERE policy_verdict <> 'allow'";
+
+/// Migration 2: DESIGN.md's dollar columns, derived from the micro-dollar columns (which stay
+/// the source of truth), so `SELECT cost_usd_parsed, cap_usage_after_usd FROM agent_call_audit`
+/// gives exact dollars on both engines. Writers never set them.
+/// - SQLite: `ALTER TABLE ... ADD COLUMN` accepts only `VIRTUAL` generated columns (computed on
+///   read, no storage, no rewrite). SQLite has no exact decimal type, so the value is exact
+///   decimal text (`12.345678`); `SUM` it through `cost_usd_micros`.
+/// - PostgreSQL 15 has only `STORED` generated columns: adding them rewrites the table once
+///   (under an exclusive lock; seconds per million rows). `NUMERIC(19,6)` holds any `BIGINT`
+///   micro-dollar amount exactly; the cast to scale 6 before dividing keeps the division exact.
+const DOLLAR_COLUMNS_SQLITE: &str = concat!(
+    "ALTER TABLE agent_call_audit ADD COLUMN cost_usd_parsed TEXT GENERATED ALWAYS AS (",
+    usd_text!("cost_usd_micros"),
+    ") VIRTUAL;\nALTER TABLE agent_call_audit ADD COLUMN cap_usage_after_usd TEXT GENERATED ALWAYS AS (",
+    usd_text!("cap_usage_after_usd_micros"),
+    ") VIRTUAL"
+);
+const DOLLAR_COLUMNS_POSTGRES: &str = "ALTER TABLE agent_call_audit
+    ADD COLUMN cost_usd_parsed NUMERIC(19,6) GENERATED ALWAYS AS (CAST(cost_usd_micros AS NUMERIC(25,6)) / 1000000) STORED,
+    ADD COLUMN cap_usage_after_usd NUMERIC(19,6) GENERATED ALWAYS AS (CAST(cap_usage_after_usd_micros AS NUMERIC(25,6)) / 1000000) STORED";
+
+/// Generated columns: readable by queries, never written.
+pub const GENERATED_COLUMNS: [&str; 2] = ["cost_usd_parsed", "cap_usage_after_usd"];
 
 /// Column order used by every writer (SQLite INSERT, PostgreSQL COPY) and by [`crate::row`].
 pub const COLUMNS: [&str; 21] = [
@@ -82,10 +145,11 @@ pub const COLUMNS: [&str; 21] = [
     "policy_revision",
 ];
 
-/// The statements of one migration, in order.
-pub fn statements(migration: &Migration) -> impl Iterator<Item = &'static str> {
+/// The statements of one migration for one engine, in order.
+pub fn statements(migration: &Migration, dialect: Dialect) -> impl Iterator<Item = &'static str> {
     migration
         .sql
+        .text(dialect)
         .split(';')
         .map(str::trim)
         .filter(|s| !s.is_empty())
@@ -110,17 +174,33 @@ mod tests {
 
     #[test]
     fn ddl_declares_every_column_once() {
-        let ddl = MIGRATIONS[0].sql;
+        let ddl = CREATE_AGENT_CALL_AUDIT;
         for column in COLUMNS {
             let needle = format!("\n    {column} ");
             assert_eq!(ddl.matches(&needle).count(), 1, "{column}");
         }
-        assert_eq!(statements(&MIGRATIONS[0]).count(), 5);
+        for dialect in [Dialect::Sqlite, Dialect::Postgres] {
+            assert_eq!(statements(&MIGRATIONS[0], dialect).count(), 5);
+        }
+    }
+
+    #[test]
+    fn dollar_columns_are_generated_on_both_engines() {
+        for (dialect, per_column) in [(Dialect::Sqlite, 2), (Dialect::Postgres, 1)] {
+            let sql = MIGRATIONS[1].sql.text(dialect);
+            assert_eq!(statements(&MIGRATIONS[1], dialect).count(), per_column);
+            for column in GENERATED_COLUMNS {
+                assert_eq!(sql.matches(&format!("ADD COLUMN {column} ")).count(), 1);
+                assert!(!COLUMNS.contains(&column), "writers never set {column}");
+            }
+            assert_eq!(sql.matches("GENERATED ALWAYS AS").count(), 2);
+        }
     }
 
     #[test]
     fn pending_skips_applied() {
         assert_eq!(pending(&[]).count(), MIGRATIONS.len());
         assert_eq!(pending(&[1]).count(), MIGRATIONS.len() - 1);
+        assert_eq!(pending(&[1, 2]).count(), 0);
     }
 }

@@ -7,6 +7,7 @@ use keybrake_audit::{
     AnySink, AuditSink, SinkConfig, WriteOutcome,
     queries::{self, Param},
     row::Value,
+    schema,
 };
 
 fn text(s: &str) -> Value {
@@ -175,6 +176,55 @@ async fn check_duplicates_ignored(sink: &AnySink) {
     );
 }
 
+/// Exact dollars text, as both engines must return DESIGN.md's dollar columns.
+fn dollars(micros: i64) -> Value {
+    let sign = if micros < 0 { "-" } else { "" };
+    let abs = micros.unsigned_abs();
+    text(&format!("{sign}{}.{:06}", abs / 1_000_000, abs % 1_000_000))
+}
+
+/// DESIGN.md's `cost_usd_parsed` / `cap_usage_after_usd`, read with the plain SELECT a user
+/// following DESIGN.md would type, equal the micro-dollar columns exactly (NULL stays NULL).
+async fn check_design_dollar_columns(sink: &AnySink) {
+    let mut rows = playbook_rows();
+    let mut big = row("r99-big", t0());
+    big.cost_usd_parsed = Some(keybrake_api::Usd::from_micros(i64::MAX));
+    big.cap_usage_after_usd = None;
+    rows.push(big);
+    sink.write_batch(&rows).await.unwrap();
+    // A replayed batch takes the staging path, which must leave the generated columns alone.
+    sink.write_batch(&rows[..2]).await.unwrap();
+    let sql = "SELECT id, cost_usd_parsed, cap_usage_after_usd FROM agent_call_audit ORDER BY id";
+    assert!(
+        include_str!("../../docs/audit.md").contains(sql),
+        "docs/audit.md shows this query"
+    );
+    let stored = match sink {
+        AnySink::Sqlite(s) => s.query(sql, &[]).await.unwrap(),
+        AnySink::Postgres(s) => s.query(sql, &[]).await.unwrap(),
+        AnySink::Stdout(_) => unreachable!(),
+    };
+    rows.sort_by(|a, b| a.id.cmp(&b.id));
+    let expected: Vec<Vec<Value>> = rows
+        .iter()
+        .map(|r| {
+            let usd = |u: Option<keybrake_api::Usd>| u.map_or(Value::Null, |u| dollars(u.micros()));
+            vec![
+                text(&r.id),
+                usd(r.cost_usd_parsed),
+                usd(r.cap_usage_after_usd),
+            ]
+        })
+        .collect();
+    assert_eq!(stored, expected);
+    assert!(
+        expected.iter().any(|r| r[1] == text("-5.250000")),
+        "the data covers a negative amount"
+    );
+    assert!(expected.iter().any(|r| r[1] == text("0.000007")));
+    assert!(expected.iter().any(|r| r[1] == Value::Null));
+}
+
 const COUNT_INDEXES_SQLITE: &str =
     "SELECT COUNT(*) FROM sqlite_master WHERE type = 'index' AND name LIKE 'agent_call_audit_%'";
 const COUNT_INDEXES_PG: &str = "SELECT COUNT(*) FROM pg_indexes WHERE indexname LIKE 'agent_call_audit_%' AND indexname <> 'agent_call_audit_pkey'";
@@ -202,6 +252,31 @@ async fn postgres_ignores_duplicate_ids() {
 }
 
 #[tokio::test]
+async fn sqlite_has_design_dollar_columns() {
+    let dir = tempfile::tempdir().unwrap();
+    check_design_dollar_columns(&open_sqlite(&dir).await).await;
+}
+
+#[tokio::test]
+async fn postgres_has_design_dollar_columns() {
+    let sink = open_postgres("dollars").await;
+    check_design_dollar_columns(&sink).await;
+    let AnySink::Postgres(s) = &sink else {
+        unreachable!()
+    };
+    // NUMERIC on PostgreSQL: sums stay exact.
+    let sum = s
+        .query(
+            "SELECT SUM(cost_usd_parsed), CAST(SUM(cost_usd_micros) AS TEXT) FROM agent_call_audit WHERE id <> 'r99-big'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let micros: i64 = sum[0][1].as_str().unwrap().parse().unwrap();
+    assert_eq!(sum[0][0], dollars(micros));
+}
+
+#[tokio::test]
 async fn sqlite_migrations_are_idempotent() {
     let dir = tempfile::tempdir().unwrap();
     let first = open_sqlite(&dir).await;
@@ -214,7 +289,7 @@ async fn sqlite_migrations_are_idempotent() {
     assert_eq!(s.migrate().await.unwrap(), 0);
     assert_eq!(
         count(&sink, "SELECT COUNT(*) FROM schema_migrations").await,
-        1
+        schema::MIGRATIONS.len() as i64
     );
     assert_eq!(count(&sink, COUNT_INDEXES_SQLITE).await, 4);
     assert_eq!(
@@ -238,7 +313,10 @@ async fn postgres_migrations_are_idempotent() {
         unreachable!()
     };
     assert_eq!(s.migrate().await.unwrap(), 0);
-    assert_eq!(count(&a, "SELECT COUNT(*) FROM schema_migrations").await, 1);
+    assert_eq!(
+        count(&a, "SELECT COUNT(*) FROM schema_migrations").await,
+        schema::MIGRATIONS.len() as i64
+    );
     assert_eq!(count(&a, COUNT_INDEXES_PG).await, 4);
     assert_eq!(count(&a, "SELECT COUNT(*) FROM agent_call_audit").await, 11);
     let partial = s

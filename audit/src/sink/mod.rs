@@ -9,6 +9,7 @@ use crate::{
     row::Value,
 };
 
+mod pg_numeric;
 pub mod postgres;
 pub mod sqlite;
 pub mod stdout;

@@ -16,7 +16,7 @@ use tokio_postgres::{
     types::{ToSql, Type},
 };
 
-use super::{AuditSink, SinkError, WriteOutcome};
+use super::{AuditSink, SinkError, WriteOutcome, pg_numeric::NumericText};
 use crate::{
     queries::Param,
     row::{Value, cap_usage_micros, cost_micros, timestamp_text},
@@ -26,8 +26,9 @@ use crate::{
 const STAGE: &str = "CREATE TEMP TABLE IF NOT EXISTS agent_call_audit_stage (LIKE agent_call_audit) ON COMMIT DELETE ROWS";
 const COPY_DIRECT: &str = "COPY agent_call_audit (id, started_at, duration_ms, vault_key_id, agent_name, agent_run_id, namespace, pod, vendor, operation, method, path_template, policy_verdict, verdict_reason, customer_scope_id, vendor_status, vendor_request_id, cost_usd_micros, cost_source, cap_usage_after_usd_micros, policy_revision) FROM STDIN (FORMAT binary)";
 const COPY_STAGE: &str = "COPY agent_call_audit_stage (id, started_at, duration_ms, vault_key_id, agent_name, agent_run_id, namespace, pod, vendor, operation, method, path_template, policy_verdict, verdict_reason, customer_scope_id, vendor_status, vendor_request_id, cost_usd_micros, cost_source, cap_usage_after_usd_micros, policy_revision) FROM STDIN (FORMAT binary)";
-const MERGE: &str =
-    "INSERT INTO agent_call_audit SELECT * FROM agent_call_audit_stage ON CONFLICT (id) DO NOTHING";
+/// Explicit columns: the staging table copies the generated dollar columns as plain ones, and
+/// PostgreSQL refuses values for generated columns.
+const MERGE: &str = "INSERT INTO agent_call_audit (id, started_at, duration_ms, vault_key_id, agent_name, agent_run_id, namespace, pod, vendor, operation, method, path_template, policy_verdict, verdict_reason, customer_scope_id, vendor_status, vendor_request_id, cost_usd_micros, cost_source, cap_usage_after_usd_micros, policy_revision) SELECT id, started_at, duration_ms, vault_key_id, agent_name, agent_run_id, namespace, pod, vendor, operation, method, path_template, policy_verdict, verdict_reason, customer_scope_id, vendor_status, vendor_request_id, cost_usd_micros, cost_source, cap_usage_after_usd_micros, policy_revision FROM agent_call_audit_stage ON CONFLICT (id) DO NOTHING";
 /// Serialises migrations when several controller replicas start at once.
 const MIGRATION_LOCK_KEY: i64 = 0x6b62_6175_6469_7431; // "kbaudit1"
 
@@ -112,6 +113,9 @@ impl PostgresSink {
                     row.get::<_, Option<i64>>(i).map(Value::Int)
                 } else if *ty == Type::INT4 {
                     row.get::<_, Option<i32>>(i).map(|n| Value::Int(n.into()))
+                } else if *ty == Type::NUMERIC {
+                    row.get::<_, Option<NumericText>>(i)
+                        .map(|n| Value::Text(n.0))
                 } else if *ty == Type::TIMESTAMPTZ {
                     row.get::<_, Option<SystemTime>>(i)
                         .map(|t| match jiff::Timestamp::try_from(t) {
@@ -250,7 +254,7 @@ async fn migrate(client: &mut Client) -> Result<usize, SinkError> {
         .collect();
     let mut ran = 0;
     for migration in schema::pending(&applied) {
-        for statement in schema::statements(migration) {
+        for statement in schema::statements(migration, schema::Dialect::Postgres) {
             tx.batch_execute(statement).await?;
         }
         tx.execute(

@@ -157,7 +157,7 @@ fn migrate(conn: &mut Connection) -> Result<usize, SinkError> {
     };
     let mut ran = 0;
     for migration in schema::pending(&applied) {
-        for statement in schema::statements(migration) {
+        for statement in schema::statements(migration, schema::Dialect::Sqlite) {
             tx.execute(statement, [])?;
         }
         let already: Option<i64> = tx
