@@ -44,6 +44,9 @@
 //! - [`install_crds`]`(&client)`: server-side-applies `crds/*.yaml`, waits for Established.
 //! - [`run`] / [`run_with_stdin`] → [`CommandOutput`] with `expect_success()` /
 //!   `expect_failure()` that print the command line and both streams when they fail.
+//! - [`fixtures`]: the setup most tests repeat (namespace with CRDs, upstream Secret, Stripe
+//!   VaultKey, minted token, status waits, a ready controller, the sidecar binary in controller
+//!   mode, one agent call); [`processes`]: the controller process, its TLS, `poll`.
 //! - [`TestCa`]: issue loopback server certificates (e.g. for a webhook registered with
 //!   `clientConfig.url: https://127.0.0.1:PORT/...` and `caBundle` = base64 of `ca.cert_pem()`)
 //!   and client certificates.
@@ -62,6 +65,7 @@ pub mod binaries;
 mod command;
 mod crds;
 mod error;
+pub mod fixtures;
 mod namespace;
 pub mod pki;
 mod plane;

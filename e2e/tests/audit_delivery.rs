@@ -5,164 +5,25 @@
 //! The controller is killed mid-run while the agent keeps calling: rows go to the sidecar's disk
 //! spool, and once a new controller answers on the same address they are replayed. Every call
 //! ends up as exactly one row, and the spool drains back to 0 bytes.
-use std::{
-    net::SocketAddr,
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    sync::Arc,
-    time::Duration,
-};
+use std::{path::Path, process::Command, sync::Arc, time::Duration};
 
-use http_body_util::{BodyExt, Empty};
-use hyper::body::Bytes;
-use k8s_openapi::api::core::v1::Secret;
-use keybrake_api::{SecretString, VaultKey, audit::AuditRow};
+use keybrake_api::{SecretString, audit::AuditRow};
 use keybrake_audit::{
     row::Value,
     sink::SqliteSink,
     transport::{HttpTransport, StaticToken, Transport, TransportError},
 };
 use keybrake_e2e::{
-    TestNamespace, install_crds,
-    processes::{
-        ControllerProcess, ControllerTls, free_port, plain_client, poll, workspace_binary,
-    },
+    fixtures::{self, SidecarProcess},
+    processes::{ControllerTls, free_port, poll},
 };
 use keybrake_testkit::{FakeKind, FakeVendor};
-use kube::{
-    Api,
-    api::{Patch, PatchParams, PostParams},
-};
 use serde_json::json;
 
 const DEADLINE: Duration = Duration::from_secs(60);
 const STRIPE_SECRET: &str = "sk_test_upstream_audit_e2e";
 const KEY: &str = "audit-key";
 const SA: &str = "agent";
-
-/// The sidecar binary in controller mode, killed on drop.
-struct SidecarProcess {
-    child: Child,
-    proxy: SocketAddr,
-    admin: SocketAddr,
-    log: PathBuf,
-}
-
-impl SidecarProcess {
-    async fn spawn(dir: &Path, controller_url: &str, ca: &Path, token_file: &Path) -> Self {
-        let addr_file = dir.join("sidecar-addrs.json");
-        let log = dir.join("sidecar.log");
-        let child = Command::new(workspace_binary("keybrake-sidecar", "keybrake-sidecar"))
-            .args(["--controller-url", controller_url])
-            .args(["--ca-file", ca.to_str().unwrap()])
-            .args(["--token-file", token_file.to_str().unwrap()])
-            .args(["--spool-dir", dir.join("spool").to_str().unwrap()])
-            .args(["--spool-max-bytes", "10000000"])
-            .args(["--audit-retry-max", "200ms"])
-            // The outage below must not make the policy stale: calls keep being allowed.
-            .args(["--staleness-bound", "5m"])
-            .args([
-                "--proxy-port",
-                "0",
-                "--stripe-port",
-                "0",
-                "--openai-port",
-                "0",
-            ])
-            .args([
-                "--twilio-port",
-                "0",
-                "--resend-port",
-                "0",
-                "--admin-port",
-                "0",
-            ])
-            .args(["--addr-file", addr_file.to_str().unwrap()])
-            .args(["--log-format", "json"])
-            .env(
-                "RUST_LOG",
-                "info,keybrake_sidecar=debug,keybrake_audit=debug",
-            )
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(
-                std::fs::File::create(dir.join("sidecar.out")).unwrap(),
-            ))
-            .stderr(Stdio::from(std::fs::File::create(&log).unwrap()))
-            .spawn()
-            .expect("spawning keybrake-sidecar");
-        let addrs: serde_json::Value = poll("the sidecar's address file", DEADLINE, || {
-            let text = std::fs::read_to_string(&addr_file).ok();
-            async move { serde_json::from_str(&text?).ok() }
-        })
-        .await;
-        let addr = |name: &str| addrs[name].as_str().unwrap().parse().unwrap();
-        SidecarProcess {
-            child,
-            proxy: addr("proxy"),
-            admin: addr("admin"),
-            log,
-        }
-    }
-
-    async fn admin_get(&self, path: &str) -> (u16, String) {
-        let uri: hyper::Uri = format!("http://{}{path}", self.admin).parse().unwrap();
-        let Ok(res) = plain_client().get(uri).await else {
-            return (0, String::new());
-        };
-        let status = res.status().as_u16();
-        let body = res.into_body().collect().await.map(|b| b.to_bytes());
-        (
-            status,
-            String::from_utf8_lossy(&body.unwrap_or_default()).into_owned(),
-        )
-    }
-
-    /// A sample value of the sidecar's `/metrics` (no labels).
-    async fn metric(&self, name: &str) -> f64 {
-        let (_, text) = self.admin_get("/metrics").await;
-        text.lines()
-            .find_map(|l| l.strip_prefix(&format!("{name} ")))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or_else(|| panic!("{name} not in /metrics:\n{text}"))
-    }
-
-    /// One agent call with the vault key; returns (status, verdict).
-    async fn call(&self, method: &str, path: &str, vault_key: &str) -> (u16, String) {
-        let http: hyper_util::client::legacy::Client<_, Empty<Bytes>> =
-            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-                .build_http();
-        let request = hyper::Request::builder()
-            .method(method)
-            .uri(format!("http://{}/stripe{path}", self.proxy))
-            .header("authorization", format!("Bearer {vault_key}"))
-            .body(Empty::new())
-            .unwrap();
-        let res = http
-            .request(request)
-            .await
-            .expect("call through the sidecar");
-        let status = res.status().as_u16();
-        let verdict = res
-            .headers()
-            .get("keybrake-verdict")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_owned();
-        let _ = res.into_body().collect().await;
-        (status, verdict)
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for SidecarProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// What the agent did, to compare with what the controller stored.
 #[derive(Default)]
@@ -179,11 +40,13 @@ impl Tally {
     /// `n` allowed reads and one call outside the allowlist.
     async fn calls(&mut self, sidecar: &SidecarProcess, vault_key: &str, n: usize) {
         for _ in 0..n {
-            let (status, verdict) = sidecar.call("GET", "/v1/customers/cus_1", vault_key).await;
+            let (status, verdict) = sidecar
+                .call("GET", "/stripe/v1/customers/cus_1", vault_key)
+                .await;
             assert_eq!((status, verdict.as_str()), (200, "allow"));
             self.allowed += 1;
         }
-        let (status, verdict) = sidecar.call("POST", "/v1/refunds", vault_key).await;
+        let (status, verdict) = sidecar.call("POST", "/stripe/v1/refunds", vault_key).await;
         assert_eq!((status, verdict.as_str()), (403, "operation_denied"));
         self.denied += 1;
     }
@@ -202,46 +65,16 @@ async fn stored_count(db: &Path) -> i64 {
         .unwrap()
 }
 
-async fn setup_key(ns: &TestNamespace<'_>, stripe_url: &str) -> String {
-    let secret: Secret = serde_json::from_value(json!({
-        "apiVersion": "v1", "kind": "Secret",
-        "metadata": {"name": "stripe-upstream"},
-        "stringData": {"api-key": STRIPE_SECRET},
-    }))
-    .unwrap();
-    ns.api::<Secret>()
-        .patch(
-            "stripe-upstream",
-            &PatchParams::apply("e2e").force(),
-            &Patch::Apply(&secret),
-        )
-        .await
-        .expect("upstream Secret");
-    let key: VaultKey = serde_json::from_value(json!({
-        "apiVersion": "keybrake.dev/v1alpha1", "kind": "VaultKey",
-        "metadata": {"name": KEY},
-        "spec": {
-            "vendor": "stripe",
-            "upstream": {"secretRef": {"name": "stripe-upstream", "key": "api-key"}, "baseUrl": stripe_url},
-            "agent": {"name": "refund-agent", "runId": "run-audit"},
-            "workload": {"serviceAccountName": SA},
-            "allow": [{"method": "GET", "path": "/v1/customers/{id}"}],
-        },
-    }))
-    .unwrap();
-    ns.api::<VaultKey>()
-        .create(&PostParams::default(), &key)
-        .await
-        .expect("create VaultKey");
-    let secrets: Api<Secret> = ns.api();
-    poll("the minted token Secret", DEADLINE, || {
-        let secrets = secrets.clone();
-        async move {
-            let data = secrets.get_opt(&format!("{KEY}-token")).await.ok()??.data?;
-            String::from_utf8(data.get("VAULT_KEY")?.0.clone()).ok()
-        }
-    })
-    .await
+async fn setup_key(ns: &keybrake_e2e::TestNamespace<'_>, stripe_url: &str) -> String {
+    fixtures::put_upstream_secret(ns, fixtures::UPSTREAM_SECRET, STRIPE_SECRET).await;
+    let key = fixtures::stripe_vault_key(
+        KEY,
+        SA,
+        stripe_url,
+        json!({"agent": {"name": "refund-agent", "runId": "run-audit"}}),
+    );
+    fixtures::create_key(ns, &key).await;
+    fixtures::minted_token(ns, KEY).await
 }
 
 fn row(id: &str, namespace: &str, vault_key_id: &str) -> AuditRow {
@@ -259,41 +92,40 @@ fn row(id: &str, namespace: &str, vault_key_id: &str) -> AuditRow {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn audit_rows_survive_a_controller_outage_exactly_once() {
-    let ns = TestNamespace::new("audit-dlv").await;
-    install_crds(&ns.client()).await.expect("install CRDs");
+    let ns = fixtures::namespace_with_crds("audit-dlv").await;
     let tls = ControllerTls::new();
     let db_path = tls.dir.path().join("audit.db");
     let db = db_path.as_path();
     let sink = format!("sqlite://{}", db.display());
     let port = free_port();
     let mut controller =
-        ControllerProcess::spawn_with(&ns, &tls, "audit-a", port, &["--audit-sink", &sink]);
-    controller.wait_ready().await;
+        fixtures::ready_controller(&ns, &tls, "audit-a", port, &["--audit-sink", &sink]).await;
     let stripe = FakeVendor::start(FakeKind::Stripe, STRIPE_SECRET)
         .await
         .unwrap();
     let vault_key = setup_key(&ns, &stripe.url()).await;
-    let sa_token = ns
-        .service_account_token(SA, "keybrake")
-        .await
-        .expect("TokenRequest");
+    let sa_token = fixtures::sa_token(&ns, SA).await;
     let token_file = tls.dir.path().join("sa-token");
     std::fs::write(&token_file, &sa_token).unwrap();
 
-    let sidecar_process = SidecarProcess::spawn(
+    let sidecar_process = SidecarProcess::controller_mode(
         tls.dir.path(),
         &controller.stream_url,
         &tls.ca(),
         &token_file,
+        &[
+            "--spool-max-bytes",
+            "10000000",
+            "--audit-retry-max",
+            "200ms",
+            // The outage below must not make the policy stale: calls keep being allowed.
+            "--staleness-bound",
+            "5m",
+        ],
     )
     .await;
     let sidecar = &sidecar_process;
-    poll(
-        "sidecar /ready (policy from the stream)",
-        DEADLINE,
-        || async move { (sidecar.admin_get("/ready").await.0 == 200).then_some(()) },
-    )
-    .await;
+    sidecar.wait_ready().await;
 
     // 1. Controller up: rows arrive as calls happen.
     let mut tally = Tally::default();
@@ -324,8 +156,7 @@ async fn audit_rows_survive_a_controller_outage_exactly_once() {
 
     // 3. A new controller on the same address: the spool replays, then new rows follow.
     let controller =
-        ControllerProcess::spawn_with(&ns, &tls, "audit-b", port, &["--audit-sink", &sink]);
-    controller.wait_ready().await;
+        fixtures::ready_controller(&ns, &tls, "audit-b", port, &["--audit-sink", &sink]).await;
     let back = std::time::Instant::now();
     tally.calls(sidecar, &vault_key, 5).await;
     let expected = tally.total();

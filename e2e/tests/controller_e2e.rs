@@ -14,14 +14,15 @@ use std::{
 
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
-use hyper_util::{
-    client::legacy::{Client, connect::HttpConnector},
-    rt::{TokioExecutor, TokioIo},
-};
-use k8s_openapi::api::{coordination::v1::Lease, core::v1::Secret, events::v1::Event};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use k8s_openapi::api::{coordination::v1::Lease, events::v1::Event};
 use keybrake_api::{Phase, VaultKey};
 use keybrake_e2e::{
-    TestNamespace, install_crds,
+    TestNamespace,
+    fixtures::{
+        self, agent_call, condition, create_key, minted_token, put_upstream_secret, sa_token,
+        set_state, wait_status,
+    },
     processes::{ControllerProcess, ControllerTls as Tls, free_port, poll},
 };
 use keybrake_sidecar::{
@@ -34,10 +35,7 @@ use keybrake_sidecar::{
     stream_client::{StreamClient, StreamClientConfig},
 };
 use keybrake_testkit::{FakeKind, FakeVendor};
-use kube::{
-    Api,
-    api::{Patch, PatchParams, PostParams},
-};
+use kube::Api;
 use serde_json::json;
 
 const DEADLINE: Duration = Duration::from_secs(30);
@@ -86,26 +84,9 @@ impl TestSidecar {
 
     /// One agent call: `GET /stripe/v1/customers/cus_1` with the vault key.
     async fn call(&self, vault_key: &str) -> Call {
-        let http: Client<HttpConnector, Full<Bytes>> =
-            Client::builder(TokioExecutor::new()).build_http();
         let started = Instant::now();
-        let request =
-            hyper::Request::get(format!("http://{}/stripe/v1/customers/cus_1", self.proxy))
-                .header("authorization", format!("Bearer {vault_key}"))
-                .body(Full::new(Bytes::new()))
-                .unwrap();
-        let res = http
-            .request(request)
-            .await
-            .expect("call through the sidecar");
-        let status = res.status().as_u16();
-        let verdict = res
-            .headers()
-            .get("keybrake-verdict")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_owned();
-        let _ = res.into_body().collect().await;
+        let (status, verdict) =
+            agent_call(self.proxy, "GET", "/stripe/v1/customers/cus_1", vault_key).await;
         Call {
             started,
             finished: Instant::now(),
@@ -153,112 +134,18 @@ struct Call {
 // Kubernetes objects
 
 async fn setup(prefix: &str) -> TestNamespace<'static> {
-    let ns = TestNamespace::new(prefix).await;
-    install_crds(&ns.client()).await.expect("install CRDs");
-    ns
+    fixtures::namespace_with_crds(prefix).await
 }
 
-async fn put_upstream_secret(ns: &TestNamespace<'_>, name: &str, value: &str) {
-    let secrets: Api<Secret> = ns.api();
-    let secret: Secret = serde_json::from_value(json!({
-        "apiVersion": "v1", "kind": "Secret",
-        "metadata": {"name": name},
-        "stringData": {"api-key": value},
-    }))
-    .unwrap();
-    secrets
-        .patch(
-            name,
-            &PatchParams::apply("e2e").force(),
-            &Patch::Apply(&secret),
-        )
-        .await
-        .expect("apply upstream Secret");
+/// A fake Stripe accepting `secret`, and the upstream Secret holding it.
+async fn stripe_upstream(ns: &TestNamespace<'_>, secret: &str) -> FakeVendor {
+    let upstream = FakeVendor::start(FakeKind::Stripe, secret).await.unwrap();
+    put_upstream_secret(ns, fixtures::UPSTREAM_SECRET, secret).await;
+    upstream
 }
 
 fn vault_key(name: &str, sa: &str, base_url: &str, extra_spec: serde_json::Value) -> VaultKey {
-    let mut spec = json!({
-        "vendor": "stripe",
-        "upstream": {"secretRef": {"name": "stripe-upstream", "key": "api-key"}, "baseUrl": base_url},
-        "agent": {"name": "refund-agent", "runId": name},
-        "workload": {"serviceAccountName": sa},
-        "allow": [{"method": "GET", "path": "/v1/customers/{id}"}],
-    });
-    if let (Some(spec), Some(extra)) = (spec.as_object_mut(), extra_spec.as_object()) {
-        for (k, v) in extra {
-            spec.insert(k.clone(), v.clone());
-        }
-    }
-    serde_json::from_value(json!({
-        "apiVersion": "keybrake.dev/v1alpha1", "kind": "VaultKey",
-        "metadata": {"name": name},
-        "spec": spec,
-    }))
-    .expect("VaultKey")
-}
-
-async fn create_key(ns: &TestNamespace<'_>, key: &VaultKey) {
-    ns.api::<VaultKey>()
-        .create(&PostParams::default(), key)
-        .await
-        .expect("create VaultKey");
-}
-
-/// The minted vault key, once the controller wrote its Secret.
-async fn minted_token(ns: &TestNamespace<'_>, name: &str) -> String {
-    let secrets: Api<Secret> = ns.api();
-    let secret_name = format!("{name}-token");
-    poll("the minted token Secret", DEADLINE, || {
-        let secrets = secrets.clone();
-        let secret_name = secret_name.clone();
-        async move {
-            let s = secrets.get_opt(&secret_name).await.ok()??;
-            let v = s.data?.get("VAULT_KEY")?.0.clone();
-            String::from_utf8(v).ok()
-        }
-    })
-    .await
-}
-
-async fn set_state(ns: &TestNamespace<'_>, name: &str, state: &str) -> Result<(), kube::Error> {
-    ns.api::<VaultKey>()
-        .patch(
-            name,
-            &PatchParams::default(),
-            &Patch::Merge(json!({"spec": {"state": state}})),
-        )
-        .await
-        .map(|_| ())
-}
-
-async fn wait_status<T>(
-    ns: &TestNamespace<'_>,
-    name: &str,
-    what: &str,
-    check: impl Fn(&VaultKey) -> Option<T>,
-) -> T {
-    let api = ns.api::<VaultKey>();
-    let check = &check;
-    poll(what, DEADLINE, || {
-        let api = api.clone();
-        async move { check(&api.get(name).await.ok()?) }
-    })
-    .await
-}
-
-fn condition(vk: &VaultKey, type_: &str) -> Option<(String, String, String)> {
-    vk.status
-        .as_ref()?
-        .conditions
-        .iter()
-        .find(|c| c.type_ == type_)
-        .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
-}
-
-async fn sa_token(ns: &TestNamespace<'_>, sa: &str) -> String {
-    ns.service_account_token(sa, "keybrake")
-        .await
-        .expect("TokenRequest")
+    fixtures::stripe_vault_key(name, sa, base_url, extra_spec)
 }
 
 fn percentile(sorted: &[u128], p: f64) -> u128 {
@@ -273,13 +160,9 @@ fn percentile(sorted: &[u128], p: f64) -> u128 {
 async fn controller_revoke_latency_over_50_trials() {
     const TRIALS: usize = 50;
     let ns = setup("ctl-revoke").await;
-    let upstream = FakeVendor::start(FakeKind::Stripe, "sk_test_upstream")
-        .await
-        .unwrap();
-    put_upstream_secret(&ns, "stripe-upstream", "sk_test_upstream").await;
+    let upstream = stripe_upstream(&ns, "sk_test_upstream").await;
     let tls = Tls::new();
-    let controller = ControllerProcess::spawn(&ns, &tls, "revoke-a", free_port());
-    controller.wait_ready().await;
+    let controller = fixtures::ready_controller(&ns, &tls, "revoke-a", free_port(), &[]).await;
     let token = sa_token(&ns, "agent").await;
     let sidecar = TestSidecar::start(
         &controller.stream_url,
@@ -450,14 +333,11 @@ async fn controller_revoke_latency_over_50_trials() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn controller_suspend_resume_unrevoke_refused_and_expiry() {
     let ns = setup("ctl-life").await;
-    let upstream = FakeVendor::start(FakeKind::Stripe, "sk_test_upstream")
-        .await
-        .unwrap();
-    put_upstream_secret(&ns, "stripe-upstream", "sk_test_upstream").await;
+    let upstream = stripe_upstream(&ns, "sk_test_upstream").await;
     let tls = Tls::new();
     let controller =
-        ControllerProcess::spawn_with(&ns, &tls, "life-a", free_port(), &["--gc-grace-secs", "2"]);
-    controller.wait_ready().await;
+        fixtures::ready_controller(&ns, &tls, "life-a", free_port(), &["--gc-grace-secs", "2"])
+            .await;
     let sidecar = TestSidecar::start(
         &controller.stream_url,
         &tls.ca(),
@@ -635,8 +515,8 @@ async fn controller_audit_ingest_writes_own_namespace_rows_to_sqlite() {
     let db = tls.dir.path().join("audit.db");
     let sink = format!("sqlite://{}", db.display());
     let controller =
-        ControllerProcess::spawn_with(&ns, &tls, "audit-a", free_port(), &["--audit-sink", &sink]);
-    controller.wait_ready().await;
+        fixtures::ready_controller(&ns, &tls, "audit-a", free_port(), &["--audit-sink", &sink])
+            .await;
     let token = sa_token(&ns, "agent").await;
     let rows = format!(
         "{}\n{}\n",
@@ -712,13 +592,9 @@ async fn controller_audit_ingest_writes_own_namespace_rows_to_sqlite() {
 async fn controller_streams_are_isolated_per_namespace_and_service_account() {
     let ns = setup("ctl-iso").await;
     let other_ns = TestNamespace::new("ctl-iso-other").await;
-    let upstream = FakeVendor::start(FakeKind::Stripe, "sk_test_isolated_secret")
-        .await
-        .unwrap();
-    put_upstream_secret(&ns, "stripe-upstream", "sk_test_isolated_secret").await;
+    let upstream = stripe_upstream(&ns, "sk_test_isolated_secret").await;
     let tls = Tls::new();
-    let controller = ControllerProcess::spawn(&ns, &tls, "iso-a", free_port());
-    controller.wait_ready().await;
+    let controller = fixtures::ready_controller(&ns, &tls, "iso-a", free_port(), &[]).await;
     create_key(&ns, &vault_key("iso", "agent", &upstream.url(), json!({}))).await;
     let token = minted_token(&ns, "iso").await;
 
@@ -752,7 +628,7 @@ async fn controller_streams_are_isolated_per_namespace_and_service_account() {
     })
     .await;
     // Traffic for the key: a rotation and a revocation, both seen by the owner.
-    put_upstream_secret(&ns, "stripe-upstream", "sk_test_rotated_secret").await;
+    put_upstream_secret(&ns, fixtures::UPSTREAM_SECRET, "sk_test_rotated_secret").await;
     set_state(&ns, "iso", "Revoked").await.unwrap();
     poll("the owner's revocation", DEADLINE, || {
         let t = text(&owner);
@@ -800,14 +676,10 @@ async fn controller_streams_are_isolated_per_namespace_and_service_account() {
 async fn controller_killed_sidecar_keeps_policy_until_stale_then_resyncs() {
     const STALE: Duration = Duration::from_secs(3);
     let ns = setup("ctl-fault").await;
-    let upstream = FakeVendor::start(FakeKind::Stripe, "sk_test_upstream")
-        .await
-        .unwrap();
-    put_upstream_secret(&ns, "stripe-upstream", "sk_test_upstream").await;
+    let upstream = stripe_upstream(&ns, "sk_test_upstream").await;
     let tls = Tls::new();
     let port = free_port();
-    let mut controller = ControllerProcess::spawn(&ns, &tls, "fault-a", port);
-    controller.wait_ready().await;
+    let mut controller = fixtures::ready_controller(&ns, &tls, "fault-a", port, &[]).await;
     let sidecar = TestSidecar::start(
         &controller.stream_url,
         &tls.ca(),
@@ -858,8 +730,7 @@ async fn controller_killed_sidecar_keeps_policy_until_stale_then_resyncs() {
         "onStale: Allow"
     );
 
-    let controller = ControllerProcess::spawn(&ns, &tls, "fault-b", port);
-    controller.wait_ready().await;
+    let controller = fixtures::ready_controller(&ns, &tls, "fault-b", port, &[]).await;
     let resynced = Instant::now();
     sidecar.wait_verdict(&deny, "allow", DEADLINE).await;
     println!(
@@ -869,8 +740,7 @@ async fn controller_killed_sidecar_keeps_policy_until_stale_then_resyncs() {
     // A revocation made while the controller was down is delivered by the resync too.
     drop(controller);
     set_state(&ns, "deny", "Revoked").await.unwrap();
-    let controller = ControllerProcess::spawn(&ns, &tls, "fault-c", port);
-    controller.wait_ready().await;
+    let _controller = fixtures::ready_controller(&ns, &tls, "fault-c", port, &[]).await;
     sidecar.wait_verdict(&deny, "key_revoked", DEADLINE).await;
     sidecar.shutdown().await;
 }
@@ -878,10 +748,7 @@ async fn controller_killed_sidecar_keeps_policy_until_stale_then_resyncs() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn controller_two_replicas_revocation_propagates_when_the_leader_dies() {
     let ns = setup("ctl-ha").await;
-    let upstream = FakeVendor::start(FakeKind::Stripe, "sk_test_upstream")
-        .await
-        .unwrap();
-    put_upstream_secret(&ns, "stripe-upstream", "sk_test_upstream").await;
+    let upstream = stripe_upstream(&ns, "sk_test_upstream").await;
     let tls = Tls::new();
     let a = ControllerProcess::spawn(&ns, &tls, "ha-a", free_port());
     let b = ControllerProcess::spawn(&ns, &tls, "ha-b", free_port());
@@ -966,10 +833,9 @@ async fn controller_upstream_secret_rotation_applies_to_the_next_call() {
     let upstream = FakeVendor::start(FakeKind::Stripe, "sk_test_new")
         .await
         .unwrap();
-    put_upstream_secret(&ns, "stripe-upstream", "sk_test_old").await;
+    put_upstream_secret(&ns, fixtures::UPSTREAM_SECRET, "sk_test_old").await;
     let tls = Tls::new();
-    let controller = ControllerProcess::spawn(&ns, &tls, "rotate-a", free_port());
-    controller.wait_ready().await;
+    let controller = fixtures::ready_controller(&ns, &tls, "rotate-a", free_port(), &[]).await;
     let sidecar = TestSidecar::start(
         &controller.stream_url,
         &tls.ca(),
@@ -990,7 +856,7 @@ async fn controller_upstream_secret_rotation_applies_to_the_next_call() {
     };
     assert_eq!(last_auth().as_deref(), Some("Bearer sk_test_old"));
 
-    put_upstream_secret(&ns, "stripe-upstream", "sk_test_new").await;
+    put_upstream_secret(&ns, fixtures::UPSTREAM_SECRET, "sk_test_new").await;
     let rotated = Instant::now();
     let after = poll(
         "a call with the rotated secret",
