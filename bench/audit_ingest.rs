@@ -1,11 +1,14 @@
 //! Audit sink throughput: rows/s written by the SQLite sink (WAL, one transaction per batch) and
-//! the PostgreSQL sink (binary COPY into a staging table + INSERT ... ON CONFLICT DO NOTHING),
-//! plus the controller's ingest path (NDJSON parse + SQLite write). Not part of `make test`.
+//! the PostgreSQL sink (binary COPY, each batch split over its connections), plus the
+//! controller's ingest path (NDJSON parse + SQLite write). Row ids are what the sidecar
+//! generates (UUIDv7, `keybrake_audit::row::new_row_id`); one line shows UUIDv4 ids for
+//! comparison. Not part of `make test`.
 //!
 //!   scripts/with-postgres.sh cargo bench -p keybrake-audit --bench audit_ingest
 //!
 //! Env: AUDIT_BENCH_ROWS (default 200000), AUDIT_BENCH_BATCH (default 5000),
-//! AUDIT_BENCH_RUNS (default 3). PostgreSQL comes from KEYBRAKE_TEST_POSTGRES_URL (required).
+//! AUDIT_BENCH_RUNS (default 3), AUDIT_BENCH_PG_CONNECTIONS (default: the sink's default, 2).
+//! PostgreSQL comes from KEYBRAKE_TEST_POSTGRES_URL (required).
 #![forbid(unsafe_code)]
 
 use std::time::{Duration, Instant};
@@ -29,8 +32,36 @@ fn env_usize(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
+#[derive(Clone, Copy)]
+enum Ids {
+    /// What the sidecar generates: time-ordered.
+    UuidV7,
+    /// Random, as the sidecar generated before: every insert lands at a random leaf of the
+    /// primary-key index.
+    UuidV4,
+}
+
+fn uuid_v4() -> String {
+    let b: u128 =
+        (rand::random::<u128>() & !(0xf << 76) & !(0x3 << 62)) | (0x4 << 76) | (0x2 << 62);
+    let hex = format!("{b:032x}");
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..]
+    )
+}
+
 /// Realistic rows: ~60% allowed with a cost, the rest spread over denials.
-fn rows(run: &str, n: usize) -> Vec<AuditRow> {
+fn rows(n: usize) -> Vec<AuditRow> {
+    rows_with(n, Ids::UuidV7)
+}
+
+/// Fresh rows (fresh ids) for each run.
+fn rows_with(n: usize, ids: Ids) -> Vec<AuditRow> {
     let t0: Timestamp = "2026-11-30T02:00:00Z".parse().unwrap();
     (0..n)
         .map(|i| {
@@ -41,7 +72,10 @@ fn rows(run: &str, n: usize) -> Vec<AuditRow> {
             };
             let allowed = verdict.is_allow();
             AuditRow {
-                id: format!("{run}-{i:010}-4f1c-9a7e-2b3c4d5e6f70"),
+                id: match ids {
+                    Ids::UuidV7 => keybrake_audit::row::new_row_id(),
+                    Ids::UuidV4 => uuid_v4(),
+                },
                 started_at: t0 + SignedDuration::from_micros(i as i64 * 937),
                 duration_ms: (i % 700) as i64,
                 vault_key_id: Some(format!("shop-{}/stripe-refunds", i % 50)),
@@ -116,7 +150,7 @@ async fn main() -> anyhow::Result<()> {
     let mut times = Vec::new();
     for run in 0..runs {
         let sink = SqliteSink::open(dir.path().join(format!("bench-{run}.db"))).await?;
-        times.push(write_all(&sink, &rows(&format!("s{run}"), n), batch).await?);
+        times.push(write_all(&sink, &rows(n), batch).await?);
     }
     report("SQLite (WAL, synchronous=NORMAL)", n, batch, &mut times);
 
@@ -124,7 +158,7 @@ async fn main() -> anyhow::Result<()> {
     for run in 0..runs {
         let sink = SqliteSink::open(dir.path().join(format!("ingest-{run}.db"))).await?;
         let mut body = Vec::new();
-        for row in rows(&format!("i{run}"), n) {
+        for row in rows(n) {
             serde_json::to_writer(&mut body, &row)?;
             body.push(b'\n');
         }
@@ -142,36 +176,93 @@ async fn main() -> anyhow::Result<()> {
     }
     report("ingest NDJSON -> SQLite", n, batch, &mut times);
 
-    let pg_db = fresh_database(&pg_url, "kb_audit_bench").await?;
-    let sink = PostgresSink::connect(&pg_db).await?;
-    let mut times = Vec::new();
-    for run in 0..runs {
-        times.push(write_all(&sink, &rows(&format!("p{run}"), n), batch).await?);
-    }
-    report("PostgreSQL (binary COPY, 5 indexes)", n, batch, &mut times);
-
-    // Baseline in the same run: the same sink and table with only the primary key, to show
-    // what the playbook's four secondary indexes cost.
-    let bare_db = fresh_database(&pg_url, "kb_audit_bench_bare").await?;
-    let bare = PostgresSink::connect(&bare_db).await?;
-    let (client, connection) = tokio_postgres::connect(&bare_db, tokio_postgres::NoTls).await?;
-    tokio::spawn(connection);
-    client
-        .batch_execute(
-            "DROP INDEX agent_call_audit_key_time, agent_call_audit_run_time, \
-             agent_call_audit_customer, agent_call_audit_denials",
-        )
-        .await?;
-    let mut times = Vec::new();
-    for run in 0..runs {
-        times.push(write_all(&bare, &rows(&format!("b{run}"), n), batch).await?);
-    }
-    report(
-        "baseline: PostgreSQL COPY, primary key only",
+    let connections = env_usize("AUDIT_BENCH_PG_CONNECTIONS", PG_DEFAULT_CONNECTIONS).max(1);
+    let all_indexes = format!("PostgreSQL (binary COPY, {connections} connections, 5 indexes)");
+    pg_line(
+        &pg_url,
+        "kb_audit_bench",
+        &all_indexes,
+        connections,
+        Ids::UuidV7,
+        false,
         n,
         batch,
-        &mut times,
-    );
+        runs,
+    )
+    .await?;
+    pg_line(
+        &pg_url,
+        "kb_audit_bench_one",
+        "PostgreSQL (binary COPY, 1 connection, 5 indexes)",
+        1,
+        Ids::UuidV7,
+        false,
+        n,
+        batch,
+        runs,
+    )
+    .await?;
+    pg_line(
+        &pg_url,
+        "kb_audit_bench_v4",
+        &format!("PostgreSQL (binary COPY, {connections} connections, 5 indexes), UUIDv4 ids"),
+        connections,
+        Ids::UuidV4,
+        false,
+        n,
+        batch,
+        runs,
+    )
+    .await?;
+    // Baseline in the same run: the same sink and table with only the primary key, to show
+    // what the playbook's four secondary indexes cost.
+    pg_line(
+        &pg_url,
+        "kb_audit_bench_bare",
+        &format!("baseline: PostgreSQL COPY, {connections} connections, primary key only"),
+        connections,
+        Ids::UuidV7,
+        true,
+        n,
+        batch,
+        runs,
+    )
+    .await?;
+    Ok(())
+}
+
+const PG_DEFAULT_CONNECTIONS: usize = keybrake_audit::sink::postgres::DEFAULT_CONNECTIONS;
+
+/// One table line: `runs` runs of `n` fresh rows into one fresh database.
+#[allow(clippy::too_many_arguments)]
+async fn pg_line(
+    admin_url: &str,
+    db: &str,
+    name: &str,
+    connections: usize,
+    ids: Ids,
+    primary_key_only: bool,
+    n: usize,
+    batch: usize,
+    runs: usize,
+) -> anyhow::Result<()> {
+    let url = fresh_database(admin_url, db).await?;
+    let sink = PostgresSink::connect_with(&url, connections).await?;
+    if primary_key_only {
+        let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
+        tokio::spawn(connection);
+        client
+            .batch_execute(
+                "DROP INDEX agent_call_audit_key_time, agent_call_audit_run_time, \
+                 agent_call_audit_customer, agent_call_audit_denials",
+            )
+            .await?;
+    }
+    let mut times = Vec::new();
+    for _ in 0..runs {
+        times.push(write_all(&sink, &rows_with(n, ids), batch).await?);
+    }
+    report(name, n, batch, &mut times);
     Ok(())
 }
 

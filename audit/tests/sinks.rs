@@ -367,6 +367,54 @@ async fn postgres_survives_a_dropped_connection() {
     );
 }
 
+/// A large batch is split across the sink's connections, one transaction each; a replay that
+/// overlaps both parts still stores every row exactly once.
+#[tokio::test]
+async fn postgres_splits_large_batches_and_stays_exactly_once() {
+    use keybrake_audit::sink::postgres::{PostgresSink, SPLIT_MIN_ROWS};
+    let url = fresh_postgres_database("split").await;
+    let sink = PostgresSink::connect_with(&url, 2).await.unwrap();
+    let first = numbered_rows(0..SPLIT_MIN_ROWS * 2);
+    assert_eq!(
+        sink.write_batch(&first).await.unwrap(),
+        WriteOutcome {
+            inserted: first.len() as u64,
+            duplicates: 0
+        }
+    );
+    // Overlaps the tail of the first batch: its first half is all duplicates, its second half
+    // all new.
+    let replay = numbered_rows(SPLIT_MIN_ROWS..SPLIT_MIN_ROWS * 3);
+    assert_eq!(
+        sink.write_batch(&replay).await.unwrap(),
+        WriteOutcome {
+            inserted: SPLIT_MIN_ROWS as u64,
+            duplicates: SPLIT_MIN_ROWS as u64
+        }
+    );
+    let stored = sink
+        .query(
+            "SELECT CAST(COUNT(*) AS BIGINT), CAST(COUNT(DISTINCT id) AS BIGINT) FROM agent_call_audit",
+            &[],
+        )
+        .await
+        .unwrap();
+    let expected = Value::Int(SPLIT_MIN_ROWS as i64 * 3);
+    assert_eq!(stored[0], vec![expected.clone(), expected]);
+    let connections = sink
+        .query(
+            "SELECT CAST(COUNT(*) AS BIGINT) FROM pg_stat_activity WHERE datname = current_database() AND backend_type = 'client backend'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        connections[0][0],
+        Value::Int(2),
+        "two connections to write with"
+    );
+}
+
 #[tokio::test]
 async fn json_lines_sink_writes_one_row_per_line() {
     #[derive(Clone, Default)]

@@ -56,25 +56,45 @@ const COPY_TYPES: [Type; 21] = [
     Type::INT8,
 ];
 
+/// Connections a sink keeps by default. A PostgreSQL backend runs on one core and its B-tree
+/// inserts are CPU-bound, so two connections let a batch use two cores.
+pub const DEFAULT_CONNECTIONS: usize = 2;
+
+/// Batches smaller than this go down one connection: splitting them costs more round trips
+/// than the second core wins back.
+pub const SPLIT_MIN_ROWS: usize = 1_000;
+
 pub struct PostgresSink {
     url: String,
-    /// `None` after the connection broke; the next call reconnects.
-    client: Mutex<Option<Client>>,
+    /// One slot per connection; `None` after a connection broke (the next use reconnects).
+    clients: Vec<Mutex<Option<Client>>>,
 }
 
 impl PostgresSink {
-    /// Connects, applies pending migrations and prepares the staging table.
+    /// Connects [`DEFAULT_CONNECTIONS`] times, applies pending migrations and prepares the
+    /// staging table.
     pub async fn connect(url: &str) -> Result<PostgresSink, SinkError> {
-        let client = open_client(url).await?;
+        PostgresSink::connect_with(url, DEFAULT_CONNECTIONS).await
+    }
+
+    /// Like [`PostgresSink::connect`] with `connections` connections (at least one). A batch
+    /// of at least [`SPLIT_MIN_ROWS`] rows is split across them, one transaction per part;
+    /// concurrent batches take different connections.
+    pub async fn connect_with(url: &str, connections: usize) -> Result<PostgresSink, SinkError> {
+        let mut clients = Vec::with_capacity(connections.max(1));
+        clients.push(Mutex::new(Some(open_client(url, true).await?)));
+        for _ in 1..connections.max(1) {
+            clients.push(Mutex::new(Some(open_client(url, false).await?)));
+        }
         Ok(PostgresSink {
             url: url.to_owned(),
-            client: Mutex::new(Some(client)),
+            clients,
         })
     }
 
     /// Applies pending migrations again (a no-op when up to date); returns how many ran.
     pub async fn migrate(&self) -> Result<usize, SinkError> {
-        let mut guard = self.client.lock().await;
+        let mut guard = self.clients[0].lock().await;
         let client = ensure(&mut guard, &self.url).await?;
         let result = migrate(client).await;
         forget_if_broken(&mut guard);
@@ -97,7 +117,7 @@ impl PostgresSink {
             .iter()
             .map(|b| b.as_ref() as &(dyn ToSql + Sync))
             .collect();
-        let mut guard = self.client.lock().await;
+        let mut guard = self.clients[0].lock().await;
         let client = ensure(&mut guard, &self.url).await?;
         let result = client.query(sql, &refs).await;
         forget_if_broken(&mut guard);
@@ -142,11 +162,45 @@ impl AuditSink for PostgresSink {
         if rows.is_empty() {
             return Ok(WriteOutcome::default());
         }
-        let mut guard = self.client.lock().await;
-        let client = ensure(&mut guard, &self.url).await?;
-        let result = copy_batch(client, rows).await;
-        forget_if_broken(&mut guard);
-        result
+        let parts = if rows.len() >= SPLIT_MIN_ROWS {
+            self.clients.len()
+        } else {
+            1
+        };
+        let part_rows = rows.len().div_ceil(parts);
+        // Each part commits on its own. If one fails the caller retries the whole batch, and
+        // the parts that did commit come back as duplicates: still exactly once in the table.
+        let outcomes = futures::future::join_all(rows.chunks(part_rows).enumerate().map(
+            |(preferred, part)| async move {
+                let mut guard = self.take_connection(preferred).await;
+                let client = ensure(&mut guard, &self.url).await?;
+                let result = copy_batch(client, part).await;
+                forget_if_broken(&mut guard);
+                result
+            },
+        ))
+        .await;
+        let mut total = WriteOutcome::default();
+        for outcome in outcomes {
+            total.add(outcome?);
+        }
+        Ok(total)
+    }
+}
+
+impl PostgresSink {
+    /// An idle connection if there is one (starting at `preferred`), else waits for `preferred`.
+    async fn take_connection(
+        &self,
+        preferred: usize,
+    ) -> tokio::sync::MutexGuard<'_, Option<Client>> {
+        let n = self.clients.len();
+        for offset in 0..n {
+            if let Ok(guard) = self.clients[(preferred + offset) % n].try_lock() {
+                return guard;
+            }
+        }
+        self.clients[preferred % n].lock().await
     }
 }
 
@@ -216,21 +270,25 @@ async fn copy_rows(
     Ok(())
 }
 
-async fn open_client(url: &str) -> Result<Client, SinkError> {
+/// Opens one connection; `migrate` applies pending migrations first (once per sink is enough,
+/// but a reconnect checks again: the database may have been replaced).
+async fn open_client(url: &str, migrate_schema: bool) -> Result<Client, SinkError> {
     let (mut client, connection) = tokio_postgres::connect(url, NoTls).await?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::warn!(error = %e, "postgres audit sink connection closed");
         }
     });
-    migrate(&mut client).await?;
+    if migrate_schema {
+        migrate(&mut client).await?;
+    }
     client.batch_execute(STAGE).await?;
     Ok(client)
 }
 
 async fn ensure<'a>(slot: &'a mut Option<Client>, url: &str) -> Result<&'a mut Client, SinkError> {
     if slot.as_ref().is_none_or(Client::is_closed) {
-        *slot = Some(open_client(url).await?);
+        *slot = Some(open_client(url, true).await?);
     }
     Ok(slot.as_mut().expect("just connected"))
 }
