@@ -315,26 +315,10 @@ async fn deliver_from_memory<T: Transport>(
     }
 }
 
-/// A fresh row id: UUID version 4 text, so spool replays are idempotent.
+/// A fresh row id: UUIDv7 text. Time-ordered, so PostgreSQL's primary-key index appends
+/// instead of taking random inserts; unique, so spool replays are idempotent.
 pub fn new_row_id() -> String {
-    let mut b: [u8; 16] = rand::random();
-    b[6] = (b[6] & 0x0f) | 0x40;
-    b[8] = (b[8] & 0x3f) | 0x80;
-    uuid_text(&b)
-}
-
-/// `8-4-4-4-12` lowercase hex, written into one buffer (one allocation per row id).
-fn uuid_text(b: &[u8; 16]) -> String {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(36);
-    for (i, byte) in b.iter().enumerate() {
-        if matches!(i, 4 | 6 | 8 | 10) {
-            out.push('-');
-        }
-        out.push(char::from(HEX[usize::from(byte >> 4)]));
-        out.push(char::from(HEX[usize::from(byte & 0x0f)]));
-    }
-    out
+    keybrake_audit::row::new_row_id()
 }
 
 #[cfg(test)]
@@ -461,16 +445,10 @@ mod tests {
     }
 
     #[test]
-    fn uuid_text_groups_hex_digits() {
-        let bytes: [u8; 16] = std::array::from_fn(|i| (i as u8) * 17);
-        assert_eq!(uuid_text(&bytes), "00112233-4455-6677-8899-aabbccddeeff");
-    }
-
-    #[test]
-    fn row_ids_are_uuid_v4() {
+    fn row_ids_are_uuid_v7() {
         let id = new_row_id();
         assert_eq!(id.len(), 36);
-        assert_eq!(&id[14..15], "4");
+        assert_eq!(&id[14..15], "7");
         assert!(matches!(&id[19..20], "8" | "9" | "a" | "b"));
         assert_ne!(id, new_row_id());
     }
