@@ -269,6 +269,9 @@ pub struct VaultKeyStatus {
     pub enforcement: Option<EnforcementStatus>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub spent_today_usd: Option<Usd>,
+    /// Today's budget-slice leases to sidecars (see docs/verdicts.md, "Several sidecars").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<crate::budget::BudgetBook>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -17,6 +17,7 @@ use crate::{
     admin::serve_admin,
     audit_ingest::AuditIngest,
     auth::{Authenticator, KubeTokenReviewer},
+    budget,
     enforcement::EnforcementTracker,
     feed::{SyncGate, feed_secrets, feed_vault_keys},
     index::PolicyIndex,
@@ -123,6 +124,9 @@ pub struct Config {
     /// capped by the token's own expiry).
     #[arg(long, default_value_t = 3600)]
     pub max_stream_secs: u64,
+    /// How long a sidecar may book on a budget-slice lease (dailyUsdCap) without renewing it.
+    #[arg(long, default_value_t = 60)]
+    pub budget_lease_secs: u64,
     /// How long an accepted TokenReview is reused.
     #[arg(long, default_value_t = 10)]
     pub token_cache_secs: u64,
@@ -180,6 +184,18 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             ))
         }
     };
+    // `POST /v1/budget` (budget-slice leases) rides on the same handler slot as the audit ingest.
+    let audit: Option<Arc<dyn IngestHandler>> = Some(Arc::new(budget::SidecarPosts {
+        audit,
+        budget: Arc::new(budget::BudgetService::new(
+            client.clone(),
+            index.clone(),
+            budget::LeasePolicy {
+                ttl: Duration::from_secs(config.budget_lease_secs.max(1)),
+                ..Default::default()
+            },
+        )),
+    }));
     let tracker = Arc::new(EnforcementTracker::new());
     let (synced_tx, synced_rx) = watch::channel(false);
     let (leader_tx, leader_rx) = watch::channel(false);

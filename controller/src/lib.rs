@@ -6,6 +6,7 @@ pub mod admin;
 pub mod app;
 pub mod audit_ingest;
 pub mod auth;
+pub mod budget;
 pub mod enforcement;
 pub mod feed;
 pub mod index;

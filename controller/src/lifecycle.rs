@@ -175,6 +175,7 @@ pub fn desired_status(obs: &Observed<'_>, now: Timestamp) -> VaultKeyStatus {
         )),
         // Owned by the audit pipeline, not by this writer.
         spent_today_usd: None,
+        budget: None,
         conditions,
         observed_generation: obs.generation,
     }
@@ -219,6 +220,7 @@ pub fn status_changed(current: Option<&VaultKeyStatus>, desired: &VaultKeyStatus
     let Some(current) = current else { return true };
     let mut ours = current.clone();
     ours.spent_today_usd = None;
+    ours.budget = None;
     ours != *desired
 }
 

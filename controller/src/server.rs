@@ -23,6 +23,7 @@ use hyper_util::{
 };
 use keybrake_api::{
     TokenHash,
+    budget::BUDGET_PATH,
     stream::{
         ACK_PATH, AUDIT_INGEST_PATH, Ack, MAX_LINE_BYTES, NDJSON, RESUME_PARAM, WATCH_PATH,
         WatchEvent,
@@ -211,7 +212,7 @@ impl StreamServer {
     async fn route(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
         let path = req.uri().path().to_owned();
         let method = req.method().clone();
-        if ![WATCH_PATH, ACK_PATH, AUDIT_INGEST_PATH].contains(&path.as_str()) {
+        if ![WATCH_PATH, ACK_PATH, AUDIT_INGEST_PATH, BUDGET_PATH].contains(&path.as_str()) {
             return full(StatusCode::NOT_FOUND, "not found\n");
         }
         let authorization = req
@@ -260,7 +261,7 @@ impl StreamServer {
                 ),
             },
             (Method::POST, ACK_PATH) => self.ack(scope, req).await,
-            (Method::POST, AUDIT_INGEST_PATH) => match &self.audit {
+            (Method::POST, AUDIT_INGEST_PATH | BUDGET_PATH) => match &self.audit {
                 Some(handler) => handler.handle(scope, req).await,
                 None => full(StatusCode::NOT_IMPLEMENTED, "audit ingest is not enabled\n"),
             },

@@ -5,10 +5,11 @@
 //! field manager, coalesced (at most one write per key per flush period), in a task of its own:
 //! never on the reconcile path, so it cannot delay a revocation.
 //!
-//! Limits: with several replicas, rows ingested by followers reach the leader's totals only
-//! through the seed at the next leadership change; a batch stored only partly before a failure
-//! and replayed (duplicates reported by the sink) is not counted again — its new rows are
-//! left out rather than risk counting a call twice.
+//! With several replicas, rows ingested by followers reach the leader's totals only through the
+//! seed at the next leadership change; the written figure is therefore the larger of this total
+//! and the budget book's (`status.budget`, which every replica keeps: see `budget.rs`). Also, a
+//! batch stored only partly before a failure and replayed (duplicates reported by the sink) is
+//! not counted again — its new rows are left out rather than risk counting a call twice.
 use std::{
     collections::{HashMap, HashSet},
     sync::{Arc, Mutex, MutexGuard},
@@ -216,6 +217,17 @@ pub async fn run_writer(
 
 async fn write_spent(client: &Client, key: &KeyId, spent: Usd) -> Result<(), kube::Error> {
     let api: Api<VaultKey> = Api::namespaced(client.clone(), key.namespace());
+    // The budget book (status.budget, kept by every replica) may know of spend whose audit
+    // rows another replica ingested: show the larger figure.
+    let today = utc_day(Timestamp::now()).to_string();
+    let book_spent = api
+        .get_status(key.name())
+        .await?
+        .status
+        .and_then(|s| s.budget)
+        .filter(|b| b.day == today)
+        .map(|b| crate::budget::spent(&b));
+    let spent = book_spent.map_or(spent, |b| b.max(spent));
     let patch = serde_json::json!({
         "apiVersion": "keybrake.dev/v1alpha1",
         "kind": "VaultKey",
