@@ -84,6 +84,9 @@ pub struct RunArgs {
     /// and keys with onStale: Deny fail closed.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub staleness_bound: Duration,
+    /// Controller mode: longest a call waits for a budget slice (dailyUsdCap) before `daily_cap`.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub budget_max_wait: Duration,
     /// Audit spool directory: rows the audit destination cannot take are kept here (bounded by
     /// --spool-max-bytes) and replayed in order once it answers. Without it, undeliverable rows
     /// wait in the memory queue only.
@@ -329,7 +332,7 @@ pub async fn serve(
         store,
         metrics,
         audit: audit.sink(),
-        ledger: Arc::new(InMemoryLedger::new()),
+        ledger: ledger_for(args)?,
     };
     let sidecar = Sidecar::start(&args.settings(), deps).await?;
     if let Some(path) = &args.addr_file {
@@ -344,6 +347,23 @@ pub async fn serve(
     sidecar.shutdown().await;
     audit.shutdown().await;
     Ok(())
+}
+
+/// Controller mode shares each key's cap through leases from the controller; standalone mode
+/// enforces the whole cap locally (there is nobody to share it with).
+fn ledger_for(args: &RunArgs) -> anyhow::Result<Arc<dyn crate::ledger::SpendLedger>> {
+    let Some(url) = &args.controller_url else {
+        return Ok(Arc::new(InMemoryLedger::new()));
+    };
+    let mut config = StreamClientConfig::new(url.clone(), args.token_file.clone());
+    config.ca_file = args.ca_file.clone();
+    let settings = crate::ledger::LeaseSettings {
+        max_wait: args.budget_max_wait,
+        ..Default::default()
+    };
+    let ledger =
+        crate::budget_client::start(&config, settings).context("setting up the budget client")?;
+    Ok(ledger)
 }
 
 async fn wait_for_signal() {

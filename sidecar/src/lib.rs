@@ -13,6 +13,7 @@
 
 pub mod audit;
 pub mod body;
+pub mod budget_client;
 pub mod cli;
 pub mod decide;
 pub mod forward;

@@ -209,7 +209,8 @@ impl Proxy {
         let reservation = match grant.limits.daily_usd_cap {
             Some(cap) => Some(
                 self.ledger
-                    .reserve(&grant.id, Some(preflight.reserve), cap, call.started_at)
+                    .reserve_waiting(&grant.id, Some(preflight.reserve), cap, call.started_at)
+                    .await
                     .map_err(|_| {
                         Refusal::policy(Denied::new(Verdict::DailyCap, "daily_usd_cap"))
                     })?,

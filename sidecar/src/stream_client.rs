@@ -178,7 +178,7 @@ pub struct StreamClient {
     state: watch::Sender<ClientState>,
 }
 
-fn tls_config(ca_file: Option<&PathBuf>) -> Result<rustls::ClientConfig, StreamClientError> {
+pub(crate) fn tls_config(ca_file: Option<&PathBuf>) -> Result<rustls::ClientConfig, StreamClientError> {
     let mut roots = rustls::RootCertStore::empty();
     match ca_file {
         Some(path) => {
