@@ -174,6 +174,9 @@ impl Proxy {
         call.operation = matched.operation.map(|op| op.name);
         call.template = Some(matched.template.to_owned());
         let path = path_check.expect("check_operation refuses bad paths");
+        module
+            .check_account(path, &grant.upstream_secret, &credential)
+            .map_err(|reason| Refusal::policy(Denied::new(Verdict::OperationDenied, reason)))?;
 
         let body = read_bounded(
             body,

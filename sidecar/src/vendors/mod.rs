@@ -396,6 +396,17 @@ pub trait VendorModule: Send + Sync + 'static {
     fn request_id_header(&self) -> Option<&'static str> {
         None
     }
+    /// Refuses (with the audit reason) a call whose operation is allowed but that would use the
+    /// upstream secret beyond the key's scope; the verdict is `operation_denied`. Twilio: the
+    /// account in the path must be the one the secret authenticates as.
+    fn check_account(
+        &self,
+        _path: &str,
+        _secret: &SecretString,
+        _presented: &Credential<'_>,
+    ) -> Result<(), &'static str> {
+        Ok(())
+    }
     /// Renders a refusal in the vendor's envelope so its SDK raises its native error.
     fn denial(&self, status: StatusCode, verdict: Verdict, message: &str) -> Denial;
 

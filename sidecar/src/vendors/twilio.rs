@@ -1,12 +1,14 @@
 //! Twilio: HTTP Basic (account SID : key), form-encoded requests,
-//! `{"code","message","more_info","status"}` envelope.
+//! `{"code","message","more_info","status"}` envelope. Every REST path names the account it
+//! acts on (`/2010-04-01/Accounts/{AccountSid}/…`); a parent account's credentials also work
+//! on its subaccounts, so the sidecar only lets a key act on the account its secret names.
 use bytes::Bytes;
 use http::{Method, StatusCode};
-use keybrake_api::{Usd, Vendor, Verdict};
+use keybrake_api::{SecretString, Usd, Vendor, Verdict};
 
 use super::{
-    AuthSlot, Capture, CustomerScope, Denial, Operation, Preflight, RequestView, ResponseCost,
-    ResponseView, VendorModule, json_string,
+    AuthSlot, Capture, Credential, CustomerScope, Denial, Operation, Preflight, RequestView,
+    ResponseCost, ResponseView, VendorModule, json_string,
 };
 use crate::pricing::Prices;
 
@@ -34,6 +36,31 @@ const OPERATIONS: &[Operation] = &[
         "/2010-04-01/Accounts/{AccountSid}/Calls.json",
     ),
 ];
+
+/// Audit reason: the path names another account than the upstream secret's.
+pub const ACCOUNT_MISMATCH: &str = "account_mismatch";
+/// Audit reason: the upstream credential is an API key (`SK…:secret`, or a bare secret with a
+/// non-`AC` username), which does not say which account it belongs to, so the path's account
+/// cannot be checked (fail closed; write the Secret as `ACCOUNT_SID:AUTH_TOKEN`).
+pub const ACCOUNT_UNVERIFIABLE: &str = "account_unverifiable";
+
+/// The `{AccountSid}` a path acts on (`/2010-04-01/Accounts/{AccountSid}/…`, or
+/// `/2010-04-01/Accounts/{AccountSid}.json` for the account itself); `None` for paths that are
+/// not under one account.
+pub fn path_account(path: &str) -> Option<&str> {
+    let rest = path.strip_prefix("/2010-04-01/Accounts/")?;
+    let segment = rest.split('/').next().unwrap_or(rest);
+    Some(segment.strip_suffix(".json").unwrap_or(segment))
+}
+
+/// The Basic username the sidecar sends upstream (see [`super::upstream_authorization`]): the
+/// user part of a `USER:PASSWORD` secret, else the username the agent sent.
+fn upstream_username<'a>(secret: &'a SecretString, presented: &'a Credential<'_>) -> &'a str {
+    match secret.expose().split_once(':') {
+        Some((user, _)) => user,
+        None => presented.basic_username.as_deref().unwrap_or_default(),
+    }
+}
 
 /// Twilio's `price` field: a negative decimal string (`"-0.00750"`, money leaving the account),
 /// recorded as its absolute value. `None` when absent or null (not yet rated).
@@ -136,6 +163,26 @@ impl VendorModule for Twilio {
         Some("twilio-request-id")
     }
 
+    fn check_account(
+        &self,
+        path: &str,
+        secret: &SecretString,
+        presented: &Credential<'_>,
+    ) -> Result<(), &'static str> {
+        let Some(account) = path_account(path) else {
+            return Ok(());
+        };
+        let username = upstream_username(secret, presented);
+        if !username.starts_with("AC") {
+            return Err(ACCOUNT_UNVERIFIABLE);
+        }
+        if username == account {
+            Ok(())
+        } else {
+            Err(ACCOUNT_MISMATCH)
+        }
+    }
+
     fn denial(&self, status: StatusCode, verdict: Verdict, message: &str) -> Denial {
         // twilio-python raises TwilioRestException(status, code, msg) for any status >= 400.
         let code = match status.as_u16() {
@@ -163,9 +210,128 @@ impl VendorModule for Twilio {
 
 #[cfg(test)]
 mod tests {
+    use std::borrow::Cow;
+
     use http::HeaderMap;
 
     use super::*;
+
+    const OURS: &str = "AC0123456789abcdef0123456789abcdef";
+    const OTHER: &str = "ACffffffffffffffffffffffffffffffff";
+
+    fn presented(username: &str) -> Credential<'static> {
+        Credential {
+            token: Cow::Borrowed("vault_key_x"),
+            basic_username: Some(username.to_owned()),
+        }
+    }
+
+    /// A concrete path of every catalogue operation, acting on `account`.
+    fn operation_paths(account: &str) -> Vec<String> {
+        OPERATIONS
+            .iter()
+            .map(|op| {
+                op.path
+                    .replace("{AccountSid}", account)
+                    .replace("{Sid}", "SM0123")
+            })
+            .collect()
+    }
+
+    #[test]
+    fn path_account_is_the_segment_after_accounts() {
+        assert_eq!(
+            path_account(&format!("/2010-04-01/Accounts/{OURS}/Messages.json")),
+            Some(OURS)
+        );
+        assert_eq!(
+            path_account(&format!("/2010-04-01/Accounts/{OURS}.json")),
+            Some(OURS)
+        );
+        assert_eq!(
+            path_account(&format!("/2010-04-01/Accounts/{OURS}")),
+            Some(OURS)
+        );
+        assert_eq!(path_account("/2010-04-01/Accounts.json"), None);
+        assert_eq!(path_account("/v1/Services"), None);
+    }
+
+    #[test]
+    fn every_operation_is_refused_on_another_account() {
+        let sid_secret = SecretString::new(format!("{OURS}:upstream_token"));
+        let bare_secret = SecretString::new("upstream_token");
+        for op in OPERATIONS {
+            let ours = op
+                .path
+                .replace("{AccountSid}", OURS)
+                .replace("{Sid}", "SM1");
+            let other = op
+                .path
+                .replace("{AccountSid}", OTHER)
+                .replace("{Sid}", "SM1");
+            assert_eq!(
+                Twilio.match_operation(&op.method, &other).map(|o| o.name),
+                Some(op.name)
+            );
+            // SID:TOKEN secret: the agent's username does not matter, the secret's SID does.
+            for username in [OURS, OTHER] {
+                let agent = presented(username);
+                assert_eq!(
+                    Twilio.check_account(&ours, &sid_secret, &agent),
+                    Ok(()),
+                    "{ours}"
+                );
+                assert_eq!(
+                    Twilio.check_account(&other, &sid_secret, &agent),
+                    Err(ACCOUNT_MISMATCH),
+                    "{other} as {username}"
+                );
+            }
+            // Bare token: upstream authenticates as the agent's SID, so the path must be it
+            // (a parent SID + its token would reach a subaccount's path otherwise).
+            let agent = presented(OURS);
+            assert_eq!(Twilio.check_account(&ours, &bare_secret, &agent), Ok(()));
+            assert_eq!(
+                Twilio.check_account(&other, &bare_secret, &agent),
+                Err(ACCOUNT_MISMATCH)
+            );
+        }
+        assert_eq!(operation_paths(OURS).len(), OPERATIONS.len());
+    }
+
+    #[test]
+    fn api_key_secrets_cannot_vouch_for_an_account() {
+        let api_key = SecretString::new("SK0123456789abcdef0123456789abcdef:key_secret");
+        for path in operation_paths(OURS) {
+            assert_eq!(
+                Twilio.check_account(&path, &api_key, &presented(OURS)),
+                Err(ACCOUNT_UNVERIFIABLE),
+                "{path}"
+            );
+        }
+        let bare = SecretString::new("key_secret");
+        let path = &operation_paths(OURS)[0];
+        assert_eq!(
+            Twilio.check_account(path, &bare, &presented("SK0123")),
+            Err(ACCOUNT_UNVERIFIABLE)
+        );
+        // Paths outside an account (allowed only by an explicit method + path rule) pass.
+        assert_eq!(
+            Twilio.check_account("/2010-04-01/Accounts.json", &api_key, &presented(OURS)),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn account_refusal_is_twilios_permission_error() {
+        let status = StatusCode::from_u16(Verdict::OperationDenied.http_status()).unwrap();
+        let d = Twilio.denial(status, Verdict::OperationDenied, "account_mismatch");
+        let v: serde_json::Value = serde_json::from_slice(&d.body).unwrap();
+        assert_eq!(
+            (v["status"].as_u64(), v["code"].as_u64()),
+            (Some(403), Some(20403))
+        );
+    }
 
     #[test]
     fn segments() {
