@@ -102,6 +102,8 @@ pub struct RunArgs {
     pub reload_interval: Duration,
     #[arg(long, default_value = "127.0.0.1")]
     pub listen_addr: IpAddr,
+    /// Prefix-routed listener (`/stripe/…`, `/openai/…`, …). Any port flag set to 0 binds an
+    /// ephemeral port (see --addr-file); it does not disable the listener.
     #[arg(long, default_value_t = 15001)]
     pub proxy_port: u16,
     #[arg(long, default_value_t = 15002)]
@@ -112,6 +114,10 @@ pub struct RunArgs {
     pub twilio_port: u16,
     #[arg(long, default_value_t = 15005)]
     pub resend_port: u16,
+    /// Do not open the per-vendor listener of these vendors (repeatable or comma-separated:
+    /// `--no-vendor-port stripe,twilio`); the prefix-routed proxy port still serves them.
+    #[arg(long, value_delimiter = ',', value_parser = parse_listener_vendor)]
+    pub no_vendor_port: Vec<Vendor>,
     #[arg(long, default_value_t = 15020)]
     pub admin_port: u16,
     /// The admin port's address (0.0.0.0 in a pod so the kubelet can probe it; it serves no
@@ -183,17 +189,29 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
     keybrake_api::duration::parse_ttl(text).map_err(|e| e.to_string())
 }
 
+/// A vendor with its own listener (not `custom`, which is reached through the proxy port only).
+fn parse_listener_vendor(text: &str) -> Result<Vendor, String> {
+    Vendor::ALL
+        .into_iter()
+        .filter(|v| *v != Vendor::Custom)
+        .find(|v| v.as_str() == text.trim())
+        .ok_or_else(|| format!("{text:?} is not one of stripe, openai, twilio, resend"))
+}
+
 impl RunArgs {
     pub fn settings(&self) -> Settings {
         Settings {
             bind: self.listen_addr,
             proxy_port: self.proxy_port,
-            vendor_ports: vec![
+            vendor_ports: [
                 (Vendor::Stripe, self.stripe_port),
                 (Vendor::Openai, self.openai_port),
                 (Vendor::Twilio, self.twilio_port),
                 (Vendor::Resend, self.resend_port),
-            ],
+            ]
+            .into_iter()
+            .filter(|(vendor, _)| !self.no_vendor_port.contains(vendor))
+            .collect(),
             admin_port: self.admin_port,
             admin_bind: self.admin_listen_addr,
             limits: ProxyLimits {
@@ -427,6 +445,26 @@ mod tests {
             .is_err(),
             "one policy source at a time"
         );
+    }
+
+    #[test]
+    fn no_vendor_port_drops_only_those_listeners() {
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["keybrake-sidecar", "--config=a.yaml"];
+            argv.extend_from_slice(extra);
+            Cli::try_parse_from(argv).map(|c| c.run.settings().vendor_ports)
+        };
+        assert_eq!(parse(&[]).unwrap().len(), 4);
+        // Port 0 is an ephemeral port, not "off".
+        assert!(
+            parse(&["--stripe-port=0"])
+                .unwrap()
+                .contains(&(Vendor::Stripe, 0))
+        );
+        let ports = parse(&["--no-vendor-port=stripe,twilio", "--no-vendor-port", "resend"]);
+        assert_eq!(ports.unwrap(), vec![(Vendor::Openai, 15003)]);
+        assert!(parse(&["--no-vendor-port=custom"]).is_err());
+        assert!(parse(&["--no-vendor-port=paypal"]).is_err());
     }
 
     #[test]
