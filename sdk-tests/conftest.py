@@ -4,7 +4,7 @@ OpenAI, Twilio and Resend. Everything listens on 127.0.0.1 and is stopped at the
 import hashlib
 import json
 import os
-import socket
+import select
 import subprocess
 import time
 import urllib.request
@@ -42,20 +42,6 @@ def wait_for(predicate, what, timeout=30.0):
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def port_open(port):
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-            return True
-    except OSError:
-        return False
-
-
 def require_binary(path, hint):
     if not Path(path).is_file():
         pytest.fail(f"{path} is missing: run `{hint}` (scripts/test-sdk.sh does)")
@@ -79,13 +65,28 @@ class Stack:
         assert url.startswith("http://127.0.0.1:"), f"fake-vendor {vendor} did not start: {proc.stderr.read() if proc.poll() is not None else url}"
         return url
 
+    def listening_url(self, proc, prefix, what, timeout=30.0):
+        """The http:// URL of the address `proc` prints after `prefix` on stdout."""
+        deadline = time.monotonic() + timeout
+        seen = []
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
+            line = proc.stdout.readline() if ready else ""
+            if not line:
+                break
+            seen.append(line.rstrip())
+            if line.startswith(prefix):
+                return "http://" + line[len(prefix):].strip()
+        pytest.fail(f"{what} did not report its address within {timeout}s; stdout: {seen}; "
+                    f"exit: {proc.poll()}")
+
     def stripe_upstream(self):
         if STRIPE_MOCK:
             require_binary(STRIPE_MOCK, "scripts/build-stripe-mock.sh")
-            port = free_port()
-            self.spawn([STRIPE_MOCK, "-http-addr", f"127.0.0.1:{port}"])
-            wait_for(lambda: port_open(port), "stripe-mock to listen")
-            return f"http://127.0.0.1:{port}", "stripe-mock"
+            # Both listeners on ports the kernel picks: stripe-mock otherwise also opens HTTPS on
+            # the fixed port 12112, which collides between concurrent runs.
+            proc = self.spawn([STRIPE_MOCK, "-http-addr", "127.0.0.1:0", "-https-addr", "127.0.0.1:0"])
+            return self.listening_url(proc, "Listening for HTTP at address: ", "stripe-mock"), "stripe-mock"
         return self.fake("stripe", STRIPE_SECRET), "fake"
 
     def stop(self):
