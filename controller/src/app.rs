@@ -19,12 +19,16 @@ use crate::{
     auth::{Authenticator, KubeTokenReviewer},
     budget,
     enforcement::EnforcementTracker,
-    feed::{SyncGate, feed_secrets, feed_vault_keys},
+    event_publisher::EventPublisher,
+    feed::{SyncGate, VaultKeyFeed, feed_secrets, feed_vault_keys},
     index::PolicyIndex,
     injection_flags::{InjectionFlags, parse_duration},
     leader::{LeaderElector, LeaseConfig},
     metrics::Metrics,
+    peer_enforcement::{PeerReports, ScopeKeys},
+    peer_reports::{ReportConfig, publish_reports, watch_reports},
     reconcile::{Context, run_controller},
+    secret_interest::SecretInterest,
     server::{IngestHandler, StreamServer},
     serving_cert::certified_key_from_pem,
     spend::{self, SpendLedger},
@@ -32,6 +36,11 @@ use crate::{
     tls_secret::{CaDistributor, IdentitySource, PemFiles, SecretBacked, load_or_create},
     webhook::WebhookServer,
 };
+
+/// TokenReviews in flight at once. Every review borrows a pooled HTTP/1 connection to the
+/// apiserver and each stays in the pool with its buffers afterwards (~40 KB); 1,000 sidecars
+/// connecting at once otherwise open ~1,000 of them (≈45 MB at the benchmark's peak).
+const TOKEN_REVIEW_CONCURRENCY: usize = 32;
 
 /// How often the leader writes changed `status.spentTodayUsd` totals (coalescing per key).
 const SPEND_FLUSH_PERIOD: Duration = Duration::from_secs(5);
@@ -104,6 +113,10 @@ pub struct Config {
     /// How long a silent leader keeps the lease before another replica takes over.
     #[arg(long, default_value_t = 15)]
     pub lease_duration_secs: u64,
+    /// Shortest interval between two writes of this replica's enforcement report (a Lease
+    /// `<lease-name>-<identity>` the leader sums into `status.enforcement`), in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    pub enforcement_report_ms: u64,
     /// This replica's identity in the Lease (default: hostname-pid).
     #[arg(long, env = "POD_NAME")]
     pub identity: Option<String>,
@@ -247,8 +260,49 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         ),
     };
     let (vault_keys_api, secrets_api) = scoped(&client);
-    tasks.spawn(feed_vault_keys(vault_keys_api, index.clone(), gate.clone()));
-    tasks.spawn(feed_secrets(secrets_api, index.clone(), gate));
+    let scope_keys = Arc::new(ScopeKeys::default());
+    let interest = Arc::new(SecretInterest::default());
+    let (follows, followed) = tokio::sync::mpsc::unbounded_channel();
+    tasks.spawn(feed_vault_keys(VaultKeyFeed {
+        api: vault_keys_api,
+        index: index.clone(),
+        scope_keys: scope_keys.clone(),
+        interest: interest.clone(),
+        follows,
+        gate: gate.clone(),
+    }));
+    tasks.spawn(feed_secrets(
+        secrets_api,
+        index.clone(),
+        interest,
+        followed,
+        gate,
+    ));
+
+    let lease_duration = Duration::from_secs(config.lease_duration_secs.max(1));
+    let peers = Arc::new(PeerReports::new(identity.clone(), lease_duration));
+    let leases = Api::<Lease>::namespaced(client.clone(), &config.lease_namespace);
+    tasks.spawn(watch_reports(
+        leases.clone(),
+        config.lease_name.clone(),
+        peers.clone(),
+        lease_duration,
+        shutdown.clone(),
+    ));
+    // Not in `tasks`: it deletes its report on shutdown, so it is awaited like the elector.
+    let report_task = tokio::spawn(publish_reports(
+        leases,
+        ReportConfig {
+            lease_name: config.lease_name.clone(),
+            identity: identity.clone(),
+            duration: lease_duration,
+            period: Duration::from_millis(config.enforcement_report_ms),
+        },
+        scope_keys.clone(),
+        index.clone(),
+        tracker.clone(),
+        shutdown.clone(),
+    ));
 
     let elector = LeaderElector::new(
         Api::<Lease>::namespaced(client.clone(), &config.lease_namespace),
@@ -289,31 +343,31 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         client: client.clone(),
         index: index.clone(),
         tracker: tracker.clone(),
-        recorder: Recorder::new(
-            client.clone(),
-            Reporter {
-                controller: "keybrake-controller".into(),
-                instance: Some(identity.clone()),
-            },
-        ),
+        events: EventPublisher::new(client.clone(), "keybrake-controller", identity.clone()),
         metrics: metrics.clone(),
         leader: leader_rx,
         synced: synced_rx.clone(),
         gc_grace: (config.gc_grace_secs > 0).then(|| Duration::from_secs(config.gc_grace_secs)),
+        peers,
+        scope_keys,
     });
-    let (controller_keys, controller_secrets) = scoped(&client);
-    tasks.spawn(run_controller(
-        ctx,
-        controller_keys,
-        controller_secrets,
-        shutdown.clone(),
-    ));
+    let (controller_keys, _) = scoped(&client);
+    tasks.spawn(run_controller(ctx, controller_keys, shutdown.clone()));
 
+    let review_client = kube::client::ClientBuilder::try_from(
+        kube::Config::infer()
+            .await
+            .context("Kubernetes client config for TokenReviews")?,
+    )?
+    .with_layer(&tower::limit::ConcurrencyLimitLayer::new(
+        TOKEN_REVIEW_CONCURRENCY,
+    ))
+    .build();
     let server = Arc::new(StreamServer {
         index,
         tracker,
         auth: Arc::new(
-            Authenticator::new(Arc::new(KubeTokenReviewer::new(client.clone()))).with_limits(
+            Authenticator::new(Arc::new(KubeTokenReviewer::new(review_client))).with_limits(
                 Duration::from_secs(config.token_cache_secs),
                 Duration::from_secs(2),
                 10_000,
@@ -362,6 +416,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     shutdown.cancel();
     // Give the lease back so a standby takes over at once rather than after expiry.
     let _ = tokio::time::timeout(Duration::from_secs(5), leader_task).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), report_task).await;
     tasks.abort_all();
     result
 }

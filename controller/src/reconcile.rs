@@ -11,10 +11,9 @@ use kube::{
     Api, Client, Resource, ResourceExt,
     api::{ObjectMeta, Patch, PatchParams, PostParams},
     runtime::{
-        Controller,
+        Controller, WatchStreamExt,
         controller::Action,
-        events::{Event, EventType, Recorder},
-        reflector::ObjectRef,
+        reflector::{self, ObjectRef},
         watcher,
     },
 };
@@ -23,15 +22,17 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     enforcement::EnforcementTracker,
+    event_publisher::{EventPublisher, Notice},
     index::{PolicyIndex, Scope},
-    lifecycle::{self, Next, Observed},
+    lifecycle::{self, EnforcementView, Next, Observed},
     metrics::Metrics,
+    peer_enforcement::{PeerReports, ScopeKeys, combine},
     token::{TOKEN_SECRET_KEY, mint_token, token_secret_name},
 };
 
 /// Field manager for every write this controller makes.
 pub const FIELD_MANAGER: &str = "keybrake-controller";
-/// Label on minted token Secrets (the controller watches only those as owned children).
+/// Label on minted token Secrets.
 pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "keybrake-controller");
 pub const VAULT_KEY_LABEL: &str = "keybrake.dev/vault-key";
 
@@ -59,13 +60,32 @@ pub struct Context {
     pub client: Client,
     pub index: Arc<PolicyIndex>,
     pub tracker: Arc<EnforcementTracker>,
-    pub recorder: Recorder,
+    pub events: EventPublisher,
     pub metrics: Metrics,
     pub leader: watch::Receiver<bool>,
     /// True once the index holds the initial lists of VaultKeys and Secrets.
     pub synced: watch::Receiver<bool>,
     /// Expired keys are deleted this long after expiry; `None` keeps them.
     pub gc_grace: Option<Duration>,
+    /// The other replicas' enforcement reports (their streams count in status too).
+    pub peers: Arc<PeerReports>,
+    /// Keys and generations per scope, as this replica sees them (for the peers' fingerprints).
+    pub scope_keys: Arc<ScopeKeys>,
+}
+
+/// This replica's own streams' enforcement of `id` (bound to `scope`): acknowledgements are
+/// counted against the key's latest revision in this replica's index.
+pub fn local_view(
+    index: &PolicyIndex,
+    tracker: &EnforcementTracker,
+    id: &KeyId,
+    scope: &Scope,
+) -> EnforcementView {
+    let revision = match index.published(id) {
+        Some((published_scope, revision)) if published_scope == *scope => revision,
+        _ => index.scope_revision(scope),
+    };
+    tracker.view(id, scope, revision)
 }
 
 async fn reconcile(vk: Arc<VaultKey>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
@@ -109,10 +129,11 @@ async fn reconcile(vk: Arc<VaultKey>, ctx: Arc<Context>) -> Result<Action, Recon
     };
 
     let scope = Scope::new(&ns, &vk.spec.workload.service_account_name);
-    let revision = match ctx.index.published(&id) {
-        Some((published_scope, revision)) if published_scope == scope => revision,
-        _ => ctx.index.scope_revision(&scope),
-    };
+    let enforcement = combine(
+        local_view(&ctx.index, &ctx.tracker, &id, &scope),
+        ctx.peers
+            .counts(&id, &scope, ctx.scope_keys.fingerprint(&scope)),
+    );
     let observed = Observed {
         name: &name,
         spec: &vk.spec,
@@ -121,7 +142,7 @@ async fn reconcile(vk: Arc<VaultKey>, ctx: Arc<Context>) -> Result<Action, Recon
         current: vk.status.as_ref(),
         token_minted,
         grant_problem: ctx.index.problem(&id),
-        enforcement: ctx.tracker.view(&id, &scope, revision),
+        enforcement,
     };
     let desired = lifecycle::desired_status(&observed, now);
     for notice in lifecycle::notices(vk.status.as_ref(), &desired) {
@@ -222,18 +243,12 @@ async fn publish(
     reason: &str,
     note: String,
 ) {
-    let event = Event {
-        type_: if warning {
-            EventType::Warning
-        } else {
-            EventType::Normal
-        },
-        reason: reason.to_owned(),
-        note: Some(note),
-        action: "Reconcile".to_owned(),
-        secondary: None,
+    let notice = Notice {
+        warning,
+        reason,
+        note,
     };
-    if let Err(e) = ctx.recorder.publish(&event, reference).await {
+    if let Err(e) = ctx.events.publish(&notice, reference).await {
         tracing::warn!(error = %e, reason, "could not publish Event");
     }
 }
@@ -255,12 +270,15 @@ fn object_ref(id: &KeyId) -> ObjectRef<VaultKey> {
 /// Runs the controller until shutdown. Reconciles are also triggered when leadership is
 /// gained, when a key's grant changes in the index, and when its acknowledgements change
 /// (the scheduler coalesces repeated triggers for one key while a reconcile is pending).
-pub async fn run_controller(
-    ctx: Arc<Context>,
-    keys: Api<VaultKey>,
-    secrets: Api<Secret>,
-    shutdown: CancellationToken,
-) {
+/// Drops what the reconciler never reads from a cached VaultKey.
+fn slim(vk: &mut VaultKey) {
+    vk.managed_fields_mut().clear();
+    vk.annotations_mut().remove(LAST_APPLIED);
+}
+
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
+pub async fn run_controller(ctx: Arc<Context>, keys: Api<VaultKey>, shutdown: CancellationToken) {
     // Every key is looked at again whenever this replica becomes able to act: leader and
     // synced (before the initial lists, a missing Secret may only be not-yet-seen).
     let gained = futures::stream::unfold(
@@ -298,14 +316,33 @@ pub async fn run_controller(
         ))
     })
     .flatten();
+    let from_peers = futures::stream::unfold(ctx.clone(), |ctx| async move {
+        let scopes = ctx.peers.changed_scopes().await;
+        let refs: Vec<ObjectRef<VaultKey>> = scopes
+            .iter()
+            .flat_map(|scope| ctx.scope_keys.keys_of(scope))
+            .map(|id| object_ref(&id))
+            .collect();
+        Some((futures::stream::iter(refs), ctx))
+    })
+    .flatten();
     let stop = shutdown.clone();
-    Controller::new(keys, watcher::Config::default())
-        .owns(
-            secrets,
-            watcher::Config::default().labels(&format!("{}={}", MANAGED_BY.0, MANAGED_BY.1)),
-        )
+    // The store keeps every VaultKey for the reconciler; without managedFields (written by every
+    // apply, several KB per key) and kubectl's last-applied copy of the spec it is a fraction
+    // of the size. Token Secrets are not watched here: the index already reports a token Secret
+    // appearing, changing or vanishing as a change of the key (`from_index`).
+    let (store, writer) = reflector::store();
+    let objects = watcher(keys, watcher::Config::default())
+        .default_backoff()
+        .modify(slim)
+        .reflect(writer)
+        .touched_objects();
+    Controller::for_stream(objects, store)
         .reconcile_all_on(gained)
-        .reconcile_on(futures::stream::select(from_index, from_acks))
+        .reconcile_on(futures::stream::select(
+            futures::stream::select(from_index, from_acks),
+            from_peers,
+        ))
         .graceful_shutdown_on(async move { stop.cancelled().await })
         .run(reconcile, error_policy, ctx)
         .for_each(|_| async {})
