@@ -10,6 +10,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::money::Usd;
 
+/// Longest VaultKey name: its token Secret `<name>-token` must stay within Kubernetes' 253
+/// characters. The CRD's root CEL rule spells the same number.
+pub const MAX_NAME_LEN: usize = 253 - "-token".len();
+
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "keybrake.dev",
@@ -36,7 +40,9 @@ use crate::money::Usd;
         name = "Age",
         type_ = "date",
         json_path = ".metadata.creationTimestamp"
-    )
+    ),
+    // `<name>-token` (its Secret) must fit a 253-character object name: see MAX_NAME_LEN.
+    validation = Rule::new("size(self.metadata.name) <= 247").message("a VaultKey name is at most 247 characters: its token Secret is named <name>-token, and object names end at 253")
 )]
 #[x_kube(
     validation = Rule::new("!(has(self.expiresAt) && has(self.ttl))").message("set either expiresAt or ttl, not both"),
@@ -317,6 +323,17 @@ mod tests {
     use kube::CustomResourceExt;
 
     use super::*;
+
+    #[test]
+    fn the_name_rule_leaves_room_for_the_token_secret() {
+        let longest = "k".repeat(MAX_NAME_LEN);
+        assert_eq!(crate::policy::token_secret_name(&longest).len(), 253);
+        let crd = serde_json::to_string(&VaultKey::crd()).unwrap();
+        assert!(
+            crd.contains(&format!("size(self.metadata.name) <= {MAX_NAME_LEN}")),
+            "the root CEL rule must use MAX_NAME_LEN"
+        );
+    }
 
     #[test]
     fn crd_carries_the_cel_rules_and_columns() {

@@ -381,6 +381,21 @@ async fn custom_vendor_needs_base_url() {
 }
 
 #[tokio::test]
+async fn a_name_without_room_for_its_token_secret_is_refused() {
+    let ns = namespace("crd-name").await;
+    let longest = "k".repeat(keybrake_api::crd::MAX_NAME_LEN);
+    assert_eq!(keybrake_api::policy::token_secret_name(&longest).len(), 253);
+    let too_long = format!("{longest}k");
+    assert_refused(
+        &ns,
+        &design_example(&too_long),
+        "a VaultKey name is at most 247 characters: its token Secret is named <name>-token",
+    );
+    // The longest allowed name is accepted (its `<name>-token` is exactly 253).
+    kubectl_create(&ns, &design_example(&longest)).expect_success();
+}
+
+#[tokio::test]
 async fn unknown_vendor_is_refused() {
     let ns = namespace("crd-vendor").await;
     let key = with(design_example("shopify"), "/spec/vendor", json!("shopify"));
