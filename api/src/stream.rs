@@ -1,6 +1,11 @@
-//! Controller → sidecar watch stream: `GET /v1/watch` over HTTP/2 + TLS, response body
-//! `application/x-ndjson`, one [`WatchEvent`] per line. The sidecar acknowledges applied
-//! revisions with [`Ack`] lines.
+//! Controller → sidecar watch stream over HTTP/2 + TLS, response body `application/x-ndjson`,
+//! one [`WatchEvent`] per line. The sidecar acknowledges applied revisions with [`Ack`]s:
+//!
+//! - `POST /v1/watch` (what the sidecar uses): full duplex on one HTTP/2 stream. The request
+//!   body carries the acks as NDJSON lines (`{"revision":N}`), each a small DATA frame: no
+//!   request, headers or authentication per ack.
+//! - `GET /v1/watch`: the same events; acks, if any, as separate `POST /v1/ack` requests naming
+//!   the stream (header `keybrake-stream-id` of the watch response). For simple clients.
 use serde::{Deserialize, Serialize};
 
 use crate::policy::{KeyGrant, KeyId};
@@ -13,6 +18,11 @@ pub const NDJSON: &str = "application/x-ndjson";
 pub const TOKEN_AUDIENCE: &str = "keybrake";
 /// Longest line either side accepts; longer lines are a protocol error, not a buffer to grow.
 pub const MAX_LINE_BYTES: usize = 1 << 20;
+/// A snapshot line is cut into [`WatchEvent::SnapshotPart`]s once it would pass this many
+/// bytes, so a scope of any size fits the line bound.
+pub const SNAPSHOT_PART_BYTES: usize = 256 << 10;
+/// Longest ack line the controller reads from a duplex watch's request body.
+pub const MAX_ACK_LINE_BYTES: usize = 256;
 /// Query parameter a reconnecting sidecar uses to resume.
 pub const RESUME_PARAM: &str = "sinceRevision";
 
@@ -21,7 +31,16 @@ pub const RESUME_PARAM: &str = "sinceRevision";
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "camelCase")]
 pub enum WatchEvent {
-    /// First message of every stream: the complete set of keys for this subscriber.
+    /// A leading slice of a snapshot too large for one line. Zero or more parts (same
+    /// revision) precede the closing [`WatchEvent::Snapshot`]; the receiver applies the union
+    /// of all of them as one replacement when the closing line arrives, and acknowledges only
+    /// then. Never applied alone.
+    SnapshotPart {
+        revision: u64,
+        keys: Vec<KeyGrant>,
+    },
+    /// First message of every stream (after its parts, if any): the complete set of keys for
+    /// this subscriber, or the last slice of it.
     Snapshot {
         revision: u64,
         keys: Vec<KeyGrant>,
@@ -44,6 +63,7 @@ impl WatchEvent {
     pub fn revision(&self) -> u64 {
         match self {
             WatchEvent::Snapshot { revision, .. }
+            | WatchEvent::SnapshotPart { revision, .. }
             | WatchEvent::Upsert { revision, .. }
             | WatchEvent::Delete { revision, .. }
             | WatchEvent::Heartbeat { revision } => *revision,
@@ -66,6 +86,8 @@ pub trait PolicyApply: Send + Sync {
         let revision = event.revision();
         match event {
             WatchEvent::Snapshot { keys, .. } => self.replace_all(keys, revision),
+            // Assembled by the stream reader into the closing Snapshot; alone it changes nothing.
+            WatchEvent::SnapshotPart { .. } => {}
             WatchEvent::Upsert { key, .. } => self.upsert(key, revision),
             WatchEvent::Delete { id, .. } => self.remove(&id, revision),
             WatchEvent::Heartbeat { .. } => {}

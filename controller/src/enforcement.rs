@@ -1,8 +1,14 @@
-//! Acknowledgement tracking: which connected sidecar streams hold which revision, turned into
-//! per-key [`EnforcementView`]s and propagation latencies. Pure bookkeeping; the stream server
-//! feeds it and the reconciler reads it.
+//! Acknowledgement tracking: which revision each connected sidecar stream has applied, turned
+//! into per-key [`EnforcementView`]s and propagation latencies. Pure bookkeeping; the stream
+//! server feeds it and the reconciler reads it.
+//!
+//! A stream is one number (the highest revision it acknowledged); a key is enforced by a stream
+//! when that number reaches the revision at which the key last changed. Per scope, a count of
+//! streams per acknowledged revision answers "how many sidecars hold revision R" without
+//! looking at keys, and an ack touches only the changes between its old and new revision
+//! (normally one), never every key × every stream.
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     sync::{Arc, Mutex, MutexGuard},
     time::{Duration, Instant},
 };
@@ -11,7 +17,7 @@ use keybrake_api::KeyId;
 use tokio::sync::Notify;
 
 use crate::{
-    index::{Scope, ScopeState},
+    index::{Scope, ScopeFeed},
     lifecycle::EnforcementView,
 };
 
@@ -19,21 +25,99 @@ use crate::{
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct StreamId(pub u64);
 
+/// Keys whose counts merely moved (a partial ack, a sidecar came or went) are handed to the
+/// reconciler at most this often, so status is not rewritten per ack. A revision that every
+/// sidecar acknowledged is handed over at once.
+pub const PROGRESS_PERIOD: Duration = Duration::from_secs(1);
+
 struct StreamEntry {
     scope: Scope,
+    feed: Arc<ScopeFeed>,
+    /// Highest revision acknowledged; 0 until the snapshot is.
     acked: u64,
-    /// The state last written to this stream: what its acks refer to.
-    sent: Arc<ScopeState>,
+    /// Highest revision written to the stream: what its acks may refer to.
+    sent: u64,
+    /// The snapshot's revision; later changes reached this stream live and count for latency.
+    live_after: u64,
+}
+
+#[derive(Default)]
+struct ScopeAcks {
+    streams: HashSet<StreamId>,
+    /// Acknowledged revision → number of this scope's streams at it.
+    acked: BTreeMap<u64, u32>,
+}
+
+impl ScopeAcks {
+    fn add(&mut self, revision: u64) {
+        *self.acked.entry(revision).or_default() += 1;
+    }
+
+    fn remove(&mut self, revision: u64) {
+        if let Some(n) = self.acked.get_mut(&revision) {
+            *n -= 1;
+            if *n == 0 {
+                self.acked.remove(&revision);
+            }
+        }
+    }
+
+    /// The revision every stream of the scope has acknowledged (`None` without streams).
+    fn floor(&self) -> Option<u64> {
+        self.acked.keys().next().copied()
+    }
+
+    fn at_least(&self, revision: u64) -> usize {
+        self.acked.range(revision..).map(|(_, n)| *n as usize).sum()
+    }
 }
 
 #[derive(Default)]
 struct Inner {
     next_id: u64,
     streams: HashMap<StreamId, StreamEntry>,
-    by_scope: HashMap<Scope, HashSet<StreamId>>,
+    scopes: HashMap<Scope, ScopeAcks>,
     /// Per key: (revision, API-write-to-last-ack) of the latest fully acknowledged revision.
     completed: HashMap<KeyId, (u64, Duration)>,
+    /// Keys to hand to the reconciler now: a revision of theirs became fully acknowledged.
     dirty: HashSet<KeyId>,
+    /// Keys whose counts moved, handed over at most once per [`PROGRESS_PERIOD`].
+    progress: HashSet<KeyId>,
+    /// Scopes whose sidecar count changed: all their keys count as `progress`.
+    progress_scopes: HashMap<Scope, Arc<ScopeFeed>>,
+    last_progress: Option<tokio::time::Instant>,
+}
+
+impl Inner {
+    /// The scope's floor moved from `before` to `after`: the keys that changed in between are
+    /// now enforced by every sidecar.
+    fn completed_between(
+        &mut self,
+        feed: &ScopeFeed,
+        before: Option<u64>,
+        after: Option<u64>,
+        now: Instant,
+    ) {
+        let (Some(before), Some(after)) = (before, after) else {
+            return;
+        };
+        if after <= before {
+            return;
+        }
+        // From 0, a new stream's snapshot ack completes changes made before it connected: they
+        // are enforced now, but the time since they were made is no propagation latency.
+        let logged = if before == 0 {
+            Vec::new()
+        } else {
+            feed.logged_between(before, after)
+        };
+        for change in logged {
+            let latency = now.saturating_duration_since(change.observed_at);
+            self.completed
+                .insert(change.key.clone(), (change.revision, latency));
+        }
+        self.dirty.extend(feed.keys_changed_between(before, after));
+    }
 }
 
 /// Why an ack was refused.
@@ -54,10 +138,20 @@ pub struct Acknowledged {
     pub latency: Duration,
 }
 
-#[derive(Default)]
 pub struct EnforcementTracker {
     inner: Mutex<Inner>,
     changed: Notify,
+    progress_period: Duration,
+}
+
+impl Default for EnforcementTracker {
+    fn default() -> Self {
+        EnforcementTracker {
+            inner: Mutex::default(),
+            changed: Notify::new(),
+            progress_period: PROGRESS_PERIOD,
+        }
+    }
 }
 
 impl EnforcementTracker {
@@ -65,26 +159,37 @@ impl EnforcementTracker {
         Self::default()
     }
 
+    /// Hands mere progress to the reconciler at most once per `period` (default
+    /// [`PROGRESS_PERIOD`]).
+    pub fn with_progress_period(mut self, period: Duration) -> Self {
+        self.progress_period = period;
+        self
+    }
+
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A new stream: its scope's keys gain a sidecar.
-    pub fn register(&self, scope: Scope, initial: Arc<ScopeState>) -> StreamId {
+    /// A new stream of `scope`, fed from `feed`, that was sent a snapshot at `snapshot_revision`:
+    /// its scope's keys gain a sidecar.
+    pub fn register(&self, scope: Scope, feed: Arc<ScopeFeed>, snapshot_revision: u64) -> StreamId {
         let mut inner = self.lock();
         inner.next_id += 1;
         let id = StreamId(inner.next_id);
-        let keys: Vec<KeyId> = initial.keys.keys().cloned().collect();
-        inner.by_scope.entry(scope.clone()).or_default().insert(id);
+        let acks = inner.scopes.entry(scope.clone()).or_default();
+        acks.streams.insert(id);
+        acks.add(0);
+        inner.progress_scopes.insert(scope.clone(), feed.clone());
         inner.streams.insert(
             id,
             StreamEntry {
                 scope,
+                feed,
                 acked: 0,
-                sent: initial,
+                sent: snapshot_revision,
+                live_after: snapshot_revision,
             },
         );
-        inner.dirty.extend(keys);
         drop(inner);
         self.changed.notify_one();
         id
@@ -95,43 +200,38 @@ impl EnforcementTracker {
         let Some(entry) = inner.streams.remove(&id) else {
             return;
         };
-        if let Some(set) = inner.by_scope.get_mut(&entry.scope) {
-            set.remove(&id);
-            if set.is_empty() {
-                inner.by_scope.remove(&entry.scope);
+        let (before, after) = match inner.scopes.get_mut(&entry.scope) {
+            Some(acks) => {
+                let before = acks.floor();
+                acks.streams.remove(&id);
+                acks.remove(entry.acked);
+                let after = acks.floor();
+                if acks.streams.is_empty() {
+                    inner.scopes.remove(&entry.scope);
+                }
+                (before, after)
             }
-        }
-        inner.dirty.extend(entry.sent.keys.keys().cloned());
+            None => (None, None),
+        };
+        // The slowest sidecar leaving can complete what the others already acknowledged.
+        inner.completed_between(&entry.feed, before, after, Instant::now());
+        inner
+            .progress_scopes
+            .insert(entry.scope.clone(), entry.feed.clone());
         drop(inner);
         self.changed.notify_one();
     }
 
-    /// Records the state just written to stream `id`; keys that changed await acks again.
-    pub fn sent(&self, id: StreamId, state: Arc<ScopeState>) {
-        let mut inner = self.lock();
-        let Some(entry) = inner.streams.get_mut(&id) else {
-            return;
-        };
-        let old = std::mem::replace(&mut entry.sent, state.clone());
-        let changed: Vec<KeyId> = state
-            .keys
-            .iter()
-            .filter(|(k, g)| old.keys.get(*k).is_none_or(|o| o.revision != g.revision))
-            .map(|(k, _)| k.clone())
-            .chain(
-                old.keys
-                    .keys()
-                    .filter(|k| !state.keys.contains_key(*k))
-                    .cloned(),
-            )
-            .collect();
-        inner.dirty.extend(changed);
-        drop(inner);
-        self.changed.notify_one();
+    /// Records that everything up to `revision` was written to stream `id`.
+    pub fn sent(&self, id: StreamId, revision: u64) {
+        if let Some(entry) = self.lock().streams.get_mut(&id) {
+            entry.sent = entry.sent.max(revision);
+        }
     }
 
     /// Stream `id` (authenticated as `scope`) applied everything up to `revision`. Returns one
-    /// entry per key revision this ack newly covers, for the latency histogram.
+    /// entry per key revision this ack newly covers that reached the stream live (not in its
+    /// snapshot), for the latency histogram.
     pub fn ack(
         &self,
         id: StreamId,
@@ -145,7 +245,7 @@ impl EnforcementTracker {
         if entry.scope != *scope {
             return Err(AckError::WrongScope);
         }
-        if revision > entry.sent.revision.max(entry.acked) {
+        if revision > entry.sent.max(entry.acked) {
             return Err(AckError::FutureRevision(revision));
         }
         let previous = entry.acked;
@@ -153,48 +253,48 @@ impl EnforcementTracker {
             return Ok(Vec::new());
         }
         entry.acked = revision;
-        let sent = entry.sent.clone();
-        let peers: Vec<u64> = inner
-            .by_scope
-            .get(scope)
+        let feed = entry.feed.clone();
+        let live_after = entry.live_after;
+        let (before, after) = match inner.scopes.get_mut(scope) {
+            Some(acks) => {
+                let before = acks.floor();
+                acks.remove(previous);
+                acks.add(revision);
+                (before, acks.floor())
+            }
+            None => (None, None),
+        };
+        let out: Vec<Acknowledged> = feed
+            .logged_between(previous.max(live_after), revision)
             .into_iter()
-            .flatten()
-            .filter_map(|s| inner.streams.get(s).map(|e| e.acked))
+            .map(|change| Acknowledged {
+                key: change.key.clone(),
+                latency: now.saturating_duration_since(change.observed_at),
+            })
             .collect();
-        let mut out = Vec::new();
-        for (key, grant) in &sent.keys {
-            if grant.revision <= previous || grant.revision > revision {
-                continue;
-            }
-            let latency = now.saturating_duration_since(grant.observed_at);
-            out.push(Acknowledged {
-                key: key.clone(),
-                latency,
-            });
-            if peers.iter().all(|acked| *acked >= grant.revision) {
-                inner
-                    .completed
-                    .insert(key.clone(), (grant.revision, latency));
-            }
-            inner.dirty.insert(key.clone());
+        let completed = matches!((before, after), (Some(b), Some(a)) if a > b);
+        if completed {
+            inner.completed_between(&feed, before, after, now);
+        } else if previous < live_after {
+            // A snapshot ack moves every key of the scope: expanded once, at the next flush.
+            inner.progress_scopes.insert(scope.clone(), feed);
+        } else {
+            inner
+                .progress
+                .extend(feed.keys_changed_between(previous, revision));
         }
         drop(guard);
-        if !out.is_empty() {
-            self.changed.notify_one();
-        }
+        self.changed.notify_one();
         Ok(out)
     }
 
     /// Enforcement of key `key` whose latest revision in `scope` is `revision`.
     pub fn view(&self, key: &KeyId, scope: &Scope, revision: u64) -> EnforcementView {
         let inner = self.lock();
-        let streams = inner.by_scope.get(scope);
-        let sidecars = streams.map_or(0, HashSet::len);
-        let acknowledged = streams
-            .into_iter()
-            .flatten()
-            .filter(|s| inner.streams.get(s).is_some_and(|e| e.acked >= revision))
-            .count();
+        let (sidecars, acknowledged) = inner
+            .scopes
+            .get(scope)
+            .map_or((0, 0), |a| (a.streams.len(), a.at_least(revision)));
         EnforcementView {
             sidecars: u32::try_from(sidecars).unwrap_or(u32::MAX),
             acknowledged: u32::try_from(acknowledged).unwrap_or(u32::MAX),
@@ -210,16 +310,44 @@ impl EnforcementTracker {
         self.lock().streams.len()
     }
 
-    /// Waits until some key's enforcement changed, then returns (and clears) those keys. Callers
-    /// coalesce naturally: everything that changed while they were busy comes back in one batch.
+    /// Waits until some key's enforcement changed, then returns (and clears) those keys. Fully
+    /// acknowledged revisions come back at once; mere progress at most once per
+    /// [`PROGRESS_PERIOD`]. Callers coalesce naturally: everything that changed while they were
+    /// busy comes back in one batch.
     pub async fn changed_keys(&self) -> Vec<KeyId> {
         loop {
             let notified = self.changed.notified();
-            let batch: Vec<KeyId> = self.lock().dirty.drain().collect();
-            if !batch.is_empty() {
-                return batch;
+            let progress_due = {
+                let mut inner = self.lock();
+                let now = tokio::time::Instant::now();
+                let mut batch: Vec<KeyId> = inner.dirty.drain().collect();
+                let pending = !inner.progress.is_empty() || !inner.progress_scopes.is_empty();
+                let due = inner
+                    .last_progress
+                    .map_or(now, |last| last + self.progress_period);
+                if pending && due <= now {
+                    inner.last_progress = Some(now);
+                    let progress = std::mem::take(&mut inner.progress);
+                    batch.extend(progress);
+                    for (_, feed) in std::mem::take(&mut inner.progress_scopes) {
+                        batch.extend(feed.keys_changed_between(0, u64::MAX));
+                    }
+                }
+                if !batch.is_empty() {
+                    let unique: HashSet<KeyId> = batch.into_iter().collect();
+                    return unique.into_iter().collect();
+                }
+                pending.then_some(due)
+            };
+            match progress_due {
+                Some(due) => {
+                    tokio::select! {
+                        () = notified => {}
+                        () = tokio::time::sleep_until(due) => {}
+                    }
+                }
+                None => notified.await,
             }
-            notified.await;
         }
     }
 }
@@ -229,120 +357,210 @@ mod tests {
     use std::collections::BTreeMap;
 
     use keybrake_api::{
-        AgentRef, KeyGrant, KeyState, Limits, OnStale, SecretKeyRef, SecretString, TokenHash,
-        Upstream, VaultKeySpec, Vendor, WorkloadRef,
+        AgentRef, KeyState, Limits, OnStale, SecretKeyRef, Upstream, VaultKeySpec, Vendor,
+        WorkloadRef,
     };
 
     use super::*;
-    use crate::index::ScopedGrant;
+    use crate::index::{KeySource, PolicyIndex};
 
-    fn grant(id: &KeyId) -> KeyGrant {
-        let spec = VaultKeySpec {
-            vendor: Vendor::Openai,
-            upstream: Upstream {
-                secret_ref: SecretKeyRef {
-                    name: "s".into(),
-                    key: "k".into(),
+    fn source(state: KeyState) -> KeySource {
+        KeySource {
+            spec: VaultKeySpec {
+                vendor: Vendor::Openai,
+                upstream: Upstream {
+                    secret_ref: SecretKeyRef {
+                        name: "s".into(),
+                        key: "k".into(),
+                    },
+                    base_url: None,
                 },
-                base_url: None,
+                state,
+                expires_at: None,
+                ttl: None,
+                agent: AgentRef {
+                    name: "a".into(),
+                    run_id: None,
+                },
+                workload: WorkloadRef {
+                    service_account_name: "sa".into(),
+                },
+                allow: vec![],
+                customers: vec![],
+                limits: Limits::default(),
+                on_stale: OnStale::Deny,
             },
-            state: KeyState::Active,
-            expires_at: None,
-            ttl: None,
-            agent: AgentRef {
-                name: "a".into(),
-                run_id: None,
-            },
-            workload: WorkloadRef {
-                service_account_name: "sa".into(),
-            },
-            allow: vec![],
-            customers: vec![],
-            limits: Limits::default(),
-            on_stale: OnStale::Deny,
-        };
-        KeyGrant::from_spec(
-            id.clone(),
-            &spec,
-            TokenHash::of("t"),
-            SecretString::new("s"),
-            None,
-            1,
-        )
-        .unwrap()
+            created: None,
+            generation: 1,
+        }
     }
 
-    fn state(revision: u64, key: &KeyId, key_revision: u64, at: Instant) -> Arc<ScopeState> {
-        Arc::new(ScopeState {
-            revision,
-            keys: BTreeMap::from([(
-                key.clone(),
-                Arc::new(ScopedGrant {
-                    revision: key_revision,
-                    observed_at: at,
-                    grant: grant(key),
-                }),
-            )]),
-        })
+    /// An index holding `n` keys ns/k0.. of scope ns/sa.
+    fn index_with(n: usize) -> (PolicyIndex, Scope, Vec<KeyId>) {
+        let index = PolicyIndex::new(1);
+        let data = |k: &str, v: &str| BTreeMap::from([(k.to_owned(), v.as_bytes().to_vec())]);
+        index.upsert_secret("ns", "s", data("k", "sk"));
+        let keys: Vec<KeyId> = (0..n).map(|i| KeyId::new("ns", &format!("k{i}"))).collect();
+        for key in &keys {
+            let token = crate::token::token_secret_name(key.name());
+            index.upsert_secret("ns", &token, data("VAULT_KEY", "vault_key_x"));
+            index.upsert_vault_key(key.clone(), source(KeyState::Active));
+        }
+        (index, Scope::new("ns", "sa"), keys)
+    }
+
+    fn connect(t: &EnforcementTracker, index: &PolicyIndex, scope: &Scope) -> (StreamId, u64) {
+        let (feed, _rx) = index.subscribe(scope);
+        let revision = feed.snapshot(0).revision;
+        (t.register(scope.clone(), feed, revision), revision)
+    }
+
+    async fn changed(t: &EnforcementTracker) -> Vec<KeyId> {
+        let mut keys = tokio::time::timeout(Duration::from_secs(5), t.changed_keys())
+            .await
+            .expect("changed keys within 5 s");
+        keys.sort();
+        keys
     }
 
     #[tokio::test]
     async fn propagated_only_when_every_sidecar_acked() {
-        let t = EnforcementTracker::new();
-        let scope = Scope::new("ns", "sa");
-        let key = KeyId::new("ns", "k");
-        let t0 = Instant::now();
-        let s1 = t.register(scope.clone(), state(10, &key, 10, t0));
-        let s2 = t.register(scope.clone(), state(10, &key, 10, t0));
-        assert_eq!(t.changed_keys().await, vec![key.clone()]);
-        t.ack(s1, &scope, 10, t0).unwrap();
-        t.ack(s2, &scope, 10, t0).unwrap();
-        let v = t.view(&key, &scope, 10);
+        let t = EnforcementTracker::new().with_progress_period(Duration::from_millis(200));
+        let (index, scope, keys) = index_with(1);
+        let key = keys[0].clone();
+        let (s1, rev) = connect(&t, &index, &scope);
+        let (s2, _) = connect(&t, &index, &scope);
+        // Sidecars arrived: progress, handed over at once after a quiet period.
+        assert_eq!(changed(&t).await, vec![key.clone()]);
+        // Snapshot acks carry no propagation latency (the change predates the stream).
+        assert!(t.ack(s1, &scope, rev, Instant::now()).unwrap().is_empty());
+        t.ack(s2, &scope, rev, Instant::now()).unwrap();
+        let v = t.view(&key, &scope, rev);
         assert_eq!((v.sidecars, v.acknowledged), (2, 2));
+        // Every sidecar holds it: handed over at once, inside the progress period.
+        assert_eq!(changed(&t).await, vec![key.clone()]);
 
-        // Revocation at revision 11: one ack is not enough.
-        let revoked = state(11, &key, 11, t0);
-        t.sent(s1, revoked.clone());
-        t.sent(s2, revoked);
+        // Revocation: one ack is not enough.
+        index.upsert_vault_key(key.clone(), source(KeyState::Revoked));
+        let (feed, _rx) = index.subscribe(&scope);
+        let revoked = feed.grant(&key).unwrap();
+        let r2 = revoked.revision;
+        t.sent(s1, r2);
+        t.sent(s2, r2);
         let acked = t
-            .ack(s1, &scope, 11, t0 + Duration::from_millis(7))
+            .ack(
+                s1,
+                &scope,
+                r2,
+                revoked.observed_at + Duration::from_millis(7),
+            )
             .unwrap();
-        assert_eq!(acked[0].latency, Duration::from_millis(7));
-        let v = t.view(&key, &scope, 11);
+        assert_eq!(
+            acked,
+            vec![Acknowledged {
+                key: key.clone(),
+                latency: Duration::from_millis(7)
+            }]
+        );
+        let v = t.view(&key, &scope, r2);
         assert_eq!((v.sidecars, v.acknowledged), (2, 1));
         assert!(!v.is_complete());
-        t.ack(s2, &scope, 11, t0 + Duration::from_millis(30))
-            .unwrap();
-        let v = t.view(&key, &scope, 11);
+        t.ack(
+            s2,
+            &scope,
+            r2,
+            revoked.observed_at + Duration::from_millis(30),
+        )
+        .unwrap();
+        let v = t.view(&key, &scope, r2);
         assert!(v.is_complete());
         assert_eq!(v.last_propagation_ms, Some(30));
-        assert_eq!(t.changed_keys().await, vec![key.clone()]);
+        let started = Instant::now();
+        assert_eq!(changed(&t).await, vec![key.clone()]);
+        assert!(
+            started.elapsed() < Duration::from_millis(150),
+            "completion is not throttled"
+        );
+        // The partial ack's progress comes later, coalesced.
+        assert_eq!(changed(&t).await, vec![key.clone()]);
 
         // A disconnect shrinks the denominator.
         t.unregister(s2);
-        assert_eq!(t.view(&key, &scope, 11).sidecars, 1);
+        assert_eq!(t.view(&key, &scope, r2).sidecars, 1);
         assert_eq!(t.streams(), 1);
+    }
+
+    #[tokio::test]
+    async fn the_slowest_sidecar_leaving_completes_the_revision() {
+        let t = EnforcementTracker::new().with_progress_period(Duration::from_secs(3600));
+        let (index, scope, keys) = index_with(3);
+        let streams: Vec<(StreamId, u64)> = (0..3).map(|_| connect(&t, &index, &scope)).collect();
+        for (s, rev) in &streams {
+            t.ack(*s, &scope, *rev, Instant::now()).unwrap();
+        }
+        let _ = changed(&t).await;
+        index.upsert_vault_key(keys[1].clone(), source(KeyState::Revoked));
+        let r2 = index.published(&keys[1]).unwrap().1;
+        for (s, _) in &streams {
+            t.sent(*s, r2);
+        }
+        t.ack(streams[0].0, &scope, r2, Instant::now()).unwrap();
+        t.ack(streams[1].0, &scope, r2, Instant::now()).unwrap();
+        assert_eq!(t.view(&keys[1], &scope, r2).acknowledged, 2);
+        // Other keys are at older revisions: every sidecar still holds them.
+        let old = index.published(&keys[0]).unwrap().1;
+        assert_eq!(t.view(&keys[0], &scope, old).acknowledged, 3);
+        t.unregister(streams[2].0);
+        let v = t.view(&keys[1], &scope, r2);
+        assert!(v.is_complete() && v.sidecars == 2);
+        assert!(changed(&t).await.contains(&keys[1]));
+    }
+
+    #[tokio::test]
+    async fn many_streams_and_keys_track_one_revocation() {
+        let t = EnforcementTracker::new();
+        let (index, scope, keys) = index_with(500);
+        let streams: Vec<(StreamId, u64)> =
+            (0..1000).map(|_| connect(&t, &index, &scope)).collect();
+        for (s, rev) in &streams {
+            t.ack(*s, &scope, *rev, Instant::now()).unwrap();
+        }
+        let _ = changed(&t).await;
+        index.upsert_vault_key(keys[7].clone(), source(KeyState::Revoked));
+        let r2 = index.published(&keys[7]).unwrap().1;
+        let mut latencies = 0;
+        for (i, (s, _)) in streams.iter().enumerate() {
+            t.sent(*s, r2);
+            let acked = t.ack(*s, &scope, r2, Instant::now()).unwrap();
+            assert!(acked.iter().all(|a| a.key == keys[7]));
+            latencies += acked.len();
+            let v = t.view(&keys[7], &scope, r2);
+            assert_eq!(v.acknowledged as usize, i + 1);
+        }
+        assert_eq!(latencies, 1000, "one latency per sidecar");
+        assert!(t.view(&keys[7], &scope, r2).is_complete());
+        assert_eq!(changed(&t).await, vec![keys[7].clone()]);
     }
 
     #[test]
     fn acks_are_checked_against_stream_and_scope() {
         let t = EnforcementTracker::new();
-        let scope = Scope::new("ns", "sa");
-        let key = KeyId::new("ns", "k");
-        let s = t.register(scope.clone(), state(5, &key, 5, Instant::now()));
+        let (index, scope, _) = index_with(1);
+        let (s, rev) = connect(&t, &index, &scope);
         assert_eq!(
-            t.ack(s, &Scope::new("ns", "other"), 5, Instant::now()),
+            t.ack(s, &Scope::new("ns", "other"), rev, Instant::now()),
             Err(AckError::WrongScope)
         );
         assert_eq!(
-            t.ack(StreamId(999), &scope, 5, Instant::now()),
+            t.ack(StreamId(999), &scope, rev, Instant::now()),
             Err(AckError::UnknownStream)
         );
         assert_eq!(
-            t.ack(s, &scope, 6, Instant::now()),
-            Err(AckError::FutureRevision(6))
+            t.ack(s, &scope, rev + 1, Instant::now()),
+            Err(AckError::FutureRevision(rev + 1))
         );
-        assert_eq!(t.ack(s, &scope, 5, Instant::now()).unwrap().len(), 1);
-        assert!(t.ack(s, &scope, 5, Instant::now()).unwrap().is_empty());
+        assert!(t.ack(s, &scope, rev, Instant::now()).is_ok());
+        assert!(t.ack(s, &scope, rev, Instant::now()).unwrap().is_empty());
+        assert_eq!(t.view(&KeyId::new("ns", "k0"), &scope, rev).acknowledged, 1);
     }
 }

@@ -1,16 +1,23 @@
 //! The policy index: VaultKeys + the Secrets they reference → one [`KeyGrant`] per key, grouped
-//! by subscriber scope (namespace, service account). Each scope has a `tokio::sync::watch`
-//! channel holding its complete current state; stream tasks diff consecutive states into
-//! upserts and deletes. No I/O: the Kubernetes watchers feed it, the tests call it directly.
+//! by subscriber scope (namespace, service account). Each scope has a [`ScopeFeed`]: its current
+//! keys (for snapshots) and a bounded log of recent changes, each encoded as its NDJSON line
+//! once, when it is published. Streams hold only a cursor (the last revision they sent) and
+//! share those lines; a stream that fell behind the log gets a fresh snapshot instead. No I/O:
+//! the Kubernetes watchers feed it, the tests call it directly.
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet, VecDeque},
     fmt,
     sync::{Arc, Mutex, MutexGuard},
     time::Instant,
 };
 
+use bytes::Bytes;
 use jiff::Timestamp;
-use keybrake_api::{KeyGrant, KeyId, SecretString, TokenHash, VaultKeySpec, stream::WatchEvent};
+use keybrake_api::{
+    KeyGrant, KeyId, SecretString, TokenHash, VaultKeySpec,
+    stream::{MAX_LINE_BYTES, SNAPSHOT_PART_BYTES},
+};
+use serde::Serialize;
 use tokio::sync::{Notify, watch};
 
 use crate::{
@@ -50,49 +57,260 @@ pub struct ScopedGrant {
     pub grant: KeyGrant,
 }
 
-/// Everything one scope's sidecars should hold, at `revision`.
-#[derive(Debug, Default, Clone)]
-pub struct ScopeState {
+/// How many recent changes a scope keeps for its streams. A stream further behind than this
+/// (a burst such as an upstream Secret rotation touching many keys) is sent a snapshot.
+pub const CHANGE_LOG_LEN: usize = 256;
+
+/// One change of one scope, as every stream of the scope sends it.
+#[derive(Debug)]
+pub struct Change {
     pub revision: u64,
-    pub keys: BTreeMap<KeyId, Arc<ScopedGrant>>,
+    pub key: KeyId,
+    pub observed_at: Instant,
+    /// The NDJSON line, newline included, encoded once and shared by every stream.
+    pub line: Bytes,
 }
 
-impl ScopeState {
-    pub fn snapshot_event(&self, at_least: u64) -> WatchEvent {
-        WatchEvent::Snapshot {
-            revision: self.revision.max(at_least),
-            keys: self.keys.values().map(|g| g.grant.clone()).collect(),
+/// A scope's snapshot as NDJSON lines: zero or more `snapshotPart` lines and one `snapshot`.
+#[derive(Debug)]
+pub struct EncodedSnapshot {
+    /// The revision written on the lines (at least the stream's resume point).
+    pub revision: u64,
+    /// The scope revision the snapshot reflects: the stream continues from there.
+    pub cursor: u64,
+    pub keys: usize,
+    pub lines: Vec<Bytes>,
+}
+
+/// What a stream at some cursor sends next.
+#[derive(Debug)]
+pub enum Catchup {
+    /// Every change after the cursor, in revision order; `cursor` is the last one's revision.
+    Changes { lines: Vec<Bytes>, cursor: u64 },
+    /// Some change after the cursor has left the log: send a snapshot.
+    Lagged,
+}
+
+/// The wire form of the events the index encodes, borrowing instead of cloning grants. Must
+/// decode as [`keybrake_api::stream::WatchEvent`] (tested).
+#[derive(Serialize)]
+#[serde(tag = "type", rename_all = "camelCase")]
+enum WireEvent<'a> {
+    Upsert { revision: u64, key: &'a KeyGrant },
+    Delete { revision: u64, id: &'a KeyId },
+}
+
+fn encode_line(event: &WireEvent<'_>) -> Bytes {
+    let mut line = serde_json::to_vec(event).expect("grants serialize");
+    line.push(b'\n');
+    Bytes::from(line)
+}
+
+/// Room kept on every line for the envelope around one grant (type, revision, brackets).
+const ENVELOPE_BYTES: usize = 128;
+
+/// Encodes `grants` as snapshot lines at `revision`, each below the line bound: grants are
+/// packed up to [`SNAPSHOT_PART_BYTES`] per line (a grant is never split; the index refuses
+/// grants that do not fit a line on their own).
+pub fn encode_snapshot<'a>(
+    revision: u64,
+    grants: impl IntoIterator<Item = &'a KeyGrant>,
+) -> Vec<Bytes> {
+    fn finish(lines: &mut Vec<Bytes>, revision: u64, body: &[u8], last: bool) {
+        let kind = if last { "snapshot" } else { "snapshotPart" };
+        let mut line = Vec::with_capacity(body.len() + ENVELOPE_BYTES);
+        line.extend_from_slice(
+            format!(r#"{{"type":"{kind}","revision":{revision},"keys":["#).as_bytes(),
+        );
+        line.extend_from_slice(body);
+        line.extend_from_slice(b"]}\n");
+        lines.push(Bytes::from(line));
+    }
+    let mut lines = Vec::new();
+    let mut body: Vec<u8> = Vec::new();
+    let mut one = Vec::new();
+    for grant in grants {
+        one.clear();
+        serde_json::to_writer(&mut one, grant).expect("grants serialize");
+        if !body.is_empty() && body.len() + one.len() + 1 > SNAPSHOT_PART_BYTES {
+            finish(&mut lines, revision, &body, false);
+            body.clear();
+        }
+        if !body.is_empty() {
+            body.push(b',');
+        }
+        body.extend_from_slice(&one);
+    }
+    finish(&mut lines, revision, &body, true);
+    lines
+}
+
+#[derive(Debug)]
+struct FeedState {
+    revision: u64,
+    keys: BTreeMap<KeyId, Arc<ScopedGrant>>,
+    log: VecDeque<Arc<Change>>,
+    /// Every change with a revision above this one is in `log`.
+    complete_after: u64,
+    /// The snapshot encoded at `revision`, shared by every stream that starts there.
+    snapshot: Option<Arc<EncodedSnapshot>>,
+}
+
+/// Everything one scope's sidecars should hold, and how they get there from any cursor.
+#[derive(Debug)]
+pub struct ScopeFeed {
+    state: Mutex<FeedState>,
+    /// The scope's revision; streams wait on it.
+    notify: watch::Sender<u64>,
+}
+
+impl ScopeFeed {
+    fn new(revision: u64) -> Self {
+        ScopeFeed {
+            state: Mutex::new(FeedState {
+                revision,
+                keys: BTreeMap::new(),
+                log: VecDeque::new(),
+                complete_after: revision,
+                snapshot: None,
+            }),
+            notify: watch::Sender::new(revision),
         }
     }
-}
 
-/// The events that move a sidecar from `prev` to `next`: upserts in revision order, then
-/// deletes (stamped with `next.revision`). Revisions never decrease along a stream.
-pub fn diff(prev: &ScopeState, next: &ScopeState) -> Vec<WatchEvent> {
-    let mut upserts: Vec<&Arc<ScopedGrant>> = next
-        .keys
-        .iter()
-        .filter(|(id, g)| prev.keys.get(*id).is_none_or(|p| !Arc::ptr_eq(p, g)))
-        .map(|(_, g)| g)
-        .collect();
-    upserts.sort_by_key(|g| g.revision);
-    let mut events: Vec<WatchEvent> = upserts
-        .into_iter()
-        .map(|g| WatchEvent::Upsert {
-            revision: g.revision.max(prev.revision),
-            key: g.grant.clone(),
-        })
-        .collect();
-    events.extend(
-        prev.keys
-            .keys()
-            .filter(|id| !next.keys.contains_key(*id))
-            .map(|id| WatchEvent::Delete {
-                revision: next.revision.max(prev.revision),
-                id: id.clone(),
-            }),
-    );
-    events
+    fn lock(&self) -> MutexGuard<'_, FeedState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn revision(&self) -> u64 {
+        self.lock().revision
+    }
+
+    /// Wakes on every revision change of the scope.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.notify.subscribe()
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().keys.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The current grant of `key`, if the scope holds it.
+    pub fn grant(&self, key: &KeyId) -> Option<Arc<ScopedGrant>> {
+        self.lock().keys.get(key).cloned()
+    }
+
+    fn record(&self, change: Change, grant: Option<Arc<ScopedGrant>>) {
+        let revision = change.revision;
+        {
+            let mut state = self.lock();
+            match grant {
+                Some(g) => state.keys.insert(change.key.clone(), g),
+                None => state.keys.remove(&change.key),
+            };
+            state.revision = revision;
+            state.snapshot = None;
+            state.log.push_back(Arc::new(change));
+            while state.log.len() > CHANGE_LOG_LEN {
+                if let Some(gone) = state.log.pop_front() {
+                    state.complete_after = gone.revision;
+                }
+            }
+        }
+        self.notify.send_replace(revision);
+    }
+
+    /// Lines of every change after `cursor`, or [`Catchup::Lagged`].
+    pub fn changes_after(&self, cursor: u64) -> Catchup {
+        let state = self.lock();
+        if cursor < state.complete_after {
+            return Catchup::Lagged;
+        }
+        let lines: Vec<Bytes> = state
+            .log
+            .iter()
+            .rev()
+            .take_while(|c| c.revision > cursor)
+            .map(|c| c.line.clone())
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
+        Catchup::Changes {
+            lines,
+            cursor: state.revision.max(cursor),
+        }
+    }
+
+    /// Logged changes with revision in `(after, upto]`, oldest first (older ones may be gone).
+    pub fn logged_between(&self, after: u64, upto: u64) -> Vec<Arc<Change>> {
+        let state = self.lock();
+        let mut out: Vec<Arc<Change>> = state
+            .log
+            .iter()
+            .rev()
+            .skip_while(|c| c.revision > upto)
+            .take_while(|c| c.revision > after)
+            .cloned()
+            .collect();
+        out.reverse();
+        out
+    }
+
+    /// Keys whose latest change has a revision in `(after, upto]`: from the log, plus from the
+    /// current keys when the log no longer reaches back to `after`.
+    pub fn keys_changed_between(&self, after: u64, upto: u64) -> HashSet<KeyId> {
+        let state = self.lock();
+        let mut keys: HashSet<KeyId> = state
+            .log
+            .iter()
+            .filter(|c| c.revision > after && c.revision <= upto)
+            .map(|c| c.key.clone())
+            .collect();
+        if after < state.complete_after {
+            keys.extend(
+                state
+                    .keys
+                    .iter()
+                    .filter(|(_, g)| g.revision > after && g.revision <= upto)
+                    .map(|(k, _)| k.clone()),
+            );
+        }
+        keys
+    }
+
+    /// The snapshot for a stream resuming at `at_least` (0 for a new one). Encoded once per
+    /// scope revision and shared; encoding happens outside the lock.
+    pub fn snapshot(&self, at_least: u64) -> Arc<EncodedSnapshot> {
+        let (cursor, grants) = {
+            let state = self.lock();
+            if let Some(cached) = &state.snapshot
+                && cached.revision >= at_least
+            {
+                return cached.clone();
+            }
+            let grants: Vec<Arc<ScopedGrant>> = state.keys.values().cloned().collect();
+            (state.revision, grants)
+        };
+        let revision = cursor.max(at_least);
+        let snapshot = Arc::new(EncodedSnapshot {
+            revision,
+            cursor,
+            keys: grants.len(),
+            lines: encode_snapshot(revision, grants.iter().map(|g| &g.grant)),
+        });
+        if revision == cursor {
+            let mut state = self.lock();
+            if state.revision == cursor {
+                state.snapshot = Some(snapshot.clone());
+            }
+        }
+        snapshot
+    }
 }
 
 /// Why a VaultKey has no grant (sidecars then deny it as `key_unknown`). Never holds a secret.
@@ -138,7 +356,7 @@ struct Inner {
     secrets: HashMap<(String, String), SecretData>,
     published: HashMap<KeyId, (Scope, Arc<ScopedGrant>)>,
     problems: HashMap<KeyId, GrantProblem>,
-    scopes: HashMap<Scope, watch::Sender<Arc<ScopeState>>>,
+    scopes: HashMap<Scope, Arc<ScopeFeed>>,
     /// Keys whose grant or problem changed since the reconciler last looked.
     dirty: HashSet<KeyId>,
 }
@@ -182,9 +400,13 @@ impl PolicyIndex {
         inner.revision = inner.revision.max(seen);
     }
 
-    pub fn subscribe(&self, scope: &Scope) -> watch::Receiver<Arc<ScopeState>> {
+    /// The scope's feed and a subscription to it (taken under the index lock, so the feed
+    /// stays the scope's for as long as the subscription lives).
+    pub fn subscribe(&self, scope: &Scope) -> (Arc<ScopeFeed>, watch::Receiver<u64>) {
         let mut inner = self.lock();
-        inner.sender(scope).subscribe()
+        let feed = inner.feed(scope).clone();
+        let rx = feed.subscribe();
+        (feed, rx)
     }
 
     pub fn upsert_vault_key(&self, id: KeyId, source: KeySource) {
@@ -300,10 +522,8 @@ impl PolicyIndex {
 
     /// The scope's current revision (0 when the scope is unknown).
     pub fn scope_revision(&self, scope: &Scope) -> u64 {
-        self.lock()
-            .scopes
-            .get(scope)
-            .map_or(0, |tx| tx.borrow().revision)
+        let feed = self.lock().scopes.get(scope).cloned();
+        feed.map_or(0, |f| f.revision())
     }
 
     /// The service account whose sidecars `id` is bound to (`spec.workload`), if the key is
@@ -324,11 +544,24 @@ impl PolicyIndex {
     }
 }
 
+/// Refuses a grant whose line would pass the stream's line bound: sidecars would drop the
+/// stream rather than apply it, so the key is withheld (denied) and its status says why.
+fn fits_a_line(grant: KeyGrant) -> Result<KeyGrant, GrantProblem> {
+    let size = serde_json::to_vec(&grant).map_or(usize::MAX, |v| v.len());
+    if size.saturating_add(ENVELOPE_BYTES) >= MAX_LINE_BYTES {
+        return Err(GrantProblem::InvalidSpec(format!(
+            "the key's policy is {size} bytes, more than a policy stream line carries ({MAX_LINE_BYTES})"
+        )));
+    }
+    Ok(grant)
+}
+
 impl Inner {
-    fn sender(&mut self, scope: &Scope) -> &watch::Sender<Arc<ScopeState>> {
+    fn feed(&mut self, scope: &Scope) -> &Arc<ScopeFeed> {
+        let revision = self.revision;
         self.scopes
             .entry(scope.clone())
-            .or_insert_with(|| watch::Sender::new(Arc::new(ScopeState::default())))
+            .or_insert_with(|| Arc::new(ScopeFeed::new(revision)))
     }
 
     fn recompute_for_secret(&mut self, namespace: &str, name: &str) {
@@ -393,7 +626,7 @@ impl Inner {
             return;
         };
         let scope = Scope::new(id.namespace(), &src.spec.workload.service_account_name);
-        match self.build(id, src) {
+        match self.build(id, src).and_then(fits_a_line) {
             Err(problem) => {
                 if self.problems.get(id) != Some(&problem) {
                     self.dirty.insert(id.clone());
@@ -415,19 +648,26 @@ impl Inner {
                 }
                 self.revision += 1;
                 self.dirty.insert(id.clone());
+                let revision = self.revision;
+                let observed_at = Instant::now();
+                let line = encode_line(&WireEvent::Upsert {
+                    revision,
+                    key: &grant,
+                });
                 let entry = Arc::new(ScopedGrant {
-                    revision: self.revision,
-                    observed_at: Instant::now(),
+                    revision,
+                    observed_at,
                     grant,
                 });
                 self.published
                     .insert(id.clone(), (scope.clone(), entry.clone()));
-                let revision = self.revision;
-                self.sender(&scope).send_modify(|state| {
-                    let state = Arc::make_mut(state);
-                    state.revision = revision;
-                    state.keys.insert(id.clone(), entry);
-                });
+                let change = Change {
+                    revision,
+                    key: id.clone(),
+                    observed_at,
+                    line,
+                };
+                self.feed(&scope).record(change, Some(entry));
             }
         }
     }
@@ -440,13 +680,17 @@ impl Inner {
         self.revision += 1;
         let revision = self.revision;
         let now_empty = {
-            let tx = self.sender(&scope);
-            tx.send_modify(|state| {
-                let state = Arc::make_mut(state);
-                state.revision = revision;
-                state.keys.remove(id);
-            });
-            tx.borrow().keys.is_empty() && tx.receiver_count() == 0
+            let feed = self.feed(&scope);
+            feed.record(
+                Change {
+                    revision,
+                    key: id.clone(),
+                    observed_at: Instant::now(),
+                    line: encode_line(&WireEvent::Delete { revision, id }),
+                },
+                None,
+            );
+            feed.is_empty() && feed.notify.receiver_count() == 0
         };
         if now_empty {
             self.scopes.remove(&scope);
@@ -460,7 +704,25 @@ mod tests {
         AgentRef, KeyState, Limits, OnStale, SecretKeyRef, Upstream, Vendor, WorkloadRef,
     };
 
+    use keybrake_api::stream::WatchEvent;
+
     use super::*;
+
+    /// Decodes NDJSON lines as the sidecar does.
+    fn events(lines: &[Bytes]) -> Vec<WatchEvent> {
+        lines
+            .iter()
+            .flat_map(|chunk| chunk.split(|b| *b == b'\n').filter(|l| !l.is_empty()))
+            .map(|l| serde_json::from_slice(l).expect("decodes as a WatchEvent"))
+            .collect()
+    }
+
+    fn changes(feed: &ScopeFeed, cursor: u64) -> (Vec<WatchEvent>, u64) {
+        match feed.changes_after(cursor) {
+            Catchup::Changes { lines, cursor } => (events(&lines), cursor),
+            Catchup::Lagged => panic!("lagged at {cursor}"),
+        }
+    }
 
     fn source(sa: &str, secret: &str, state: KeyState) -> KeySource {
         KeySource {
@@ -517,38 +779,50 @@ mod tests {
     #[test]
     fn grant_lands_in_its_scope_only() {
         let (index, id) = seeded();
-        let rx = index.subscribe(&Scope::new("agents", "refund"));
-        let state = rx.borrow().clone();
-        let g = &state.keys[&id].grant;
-        assert_eq!(g.upstream_secret.expose(), "sk_live_1");
-        assert_eq!(g.token_sha256, TokenHash::of("vault_key_abc"));
-        assert_eq!(state.revision, 101);
+        let (feed, _rx) = index.subscribe(&Scope::new("agents", "refund"));
+        let g = feed.grant(&id).unwrap();
+        assert_eq!(g.grant.upstream_secret.expose(), "sk_live_1");
+        assert_eq!(g.grant.token_sha256, TokenHash::of("vault_key_abc"));
+        assert_eq!(feed.revision(), 101);
+        let snapshot = events(&feed.snapshot(0).lines);
+        assert!(
+            matches!(&snapshot[..], [WatchEvent::Snapshot { revision: 101, keys }] if keys.len() == 1)
+        );
         for other in [Scope::new("agents", "other"), Scope::new("other", "refund")] {
-            assert!(index.subscribe(&other).borrow().keys.is_empty(), "{other}");
+            assert!(index.subscribe(&other).0.is_empty(), "{other}");
         }
     }
 
     #[test]
     fn revocation_publishes_a_new_revision_immediately() {
         let (index, id) = seeded();
-        let mut rx = index.subscribe(&Scope::new("agents", "refund"));
-        let before = rx.borrow_and_update().clone();
+        let (feed, mut rx) = index.subscribe(&Scope::new("agents", "refund"));
+        let before = *rx.borrow_and_update();
         index.upsert_vault_key(
             id.clone(),
             source("refund", "stripe-live", KeyState::Revoked),
         );
         assert!(rx.has_changed().unwrap());
-        let after = rx.borrow_and_update().clone();
-        assert!(after.revision > before.revision);
-        let events = diff(&before, &after);
+        let after = *rx.borrow_and_update();
+        assert!(after > before);
+        let (events, cursor) = changes(&feed, before);
+        assert_eq!(cursor, after);
         assert_eq!(events.len(), 1);
         match &events[0] {
             WatchEvent::Upsert { revision, key } => {
-                assert_eq!(*revision, after.revision);
+                assert_eq!(*revision, after);
                 assert_eq!(key.state, KeyState::Revoked);
             }
             e => panic!("unexpected {e:?}"),
         }
+        // Every stream of the scope shares the one encoded line.
+        let (Catchup::Changes { lines: a, .. }, Catchup::Changes { lines: b, .. }) =
+            (feed.changes_after(before), feed.changes_after(before))
+        else {
+            panic!("lagged")
+        };
+        assert_eq!(a[0].as_ptr(), b[0].as_ptr());
+        assert!(changes(&feed, after).0.is_empty());
     }
 
     #[test]
@@ -577,31 +851,31 @@ mod tests {
             source("other-sa", "stripe-live", KeyState::Active),
         );
         index.upsert_secret("agents", "stripe-live", data("api-key", "sk_live_2"));
-        let a = index
-            .subscribe(&Scope::new("agents", "refund"))
-            .borrow()
-            .clone();
-        let b = index
-            .subscribe(&Scope::new("agents", "other-sa"))
-            .borrow()
-            .clone();
-        assert_eq!(a.keys[&id].grant.upstream_secret.expose(), "sk_live_2");
-        assert_eq!(b.keys[&id2].grant.upstream_secret.expose(), "sk_live_2");
+        let a = index.subscribe(&Scope::new("agents", "refund")).0;
+        let b = index.subscribe(&Scope::new("agents", "other-sa")).0;
+        assert_eq!(
+            a.grant(&id).unwrap().grant.upstream_secret.expose(),
+            "sk_live_2"
+        );
+        assert_eq!(
+            b.grant(&id2).unwrap().grant.upstream_secret.expose(),
+            "sk_live_2"
+        );
     }
 
     #[test]
     fn missing_upstream_secret_withdraws_the_grant_and_says_why() {
         let (index, id) = seeded();
         let scope = Scope::new("agents", "refund");
-        let mut rx = index.subscribe(&scope);
-        let before = rx.borrow_and_update().clone();
+        let (feed, mut rx) = index.subscribe(&scope);
+        let before = *rx.borrow_and_update();
         index.remove_secret("agents", "stripe-live");
-        let after = rx.borrow_and_update().clone();
-        assert!(after.keys.is_empty());
+        let after = *rx.borrow_and_update();
+        assert!(feed.is_empty());
         assert_eq!(
-            diff(&before, &after),
+            changes(&feed, before).0,
             vec![WatchEvent::Delete {
-                revision: after.revision,
+                revision: after,
                 id: id.clone()
             }]
         );
@@ -618,7 +892,7 @@ mod tests {
         );
         index.upsert_secret("agents", "stripe-live", data("api-key", "sk_live_3"));
         assert_eq!(index.problem(&id), None);
-        assert_eq!(rx.borrow().keys.len(), 1);
+        assert_eq!(feed.len(), 1);
     }
 
     #[tokio::test]
@@ -648,14 +922,14 @@ mod tests {
     #[test]
     fn moving_a_key_to_another_service_account_moves_its_grant() {
         let (index, id) = seeded();
-        let old = index.subscribe(&Scope::new("agents", "refund"));
+        let (old, _rx) = index.subscribe(&Scope::new("agents", "refund"));
         index.upsert_vault_key(
             id.clone(),
             source("billing", "stripe-live", KeyState::Active),
         );
-        assert!(old.borrow().keys.is_empty());
-        let new = index.subscribe(&Scope::new("agents", "billing"));
-        assert!(new.borrow().keys.contains_key(&id));
+        assert!(old.is_empty());
+        let (new, _rx) = index.subscribe(&Scope::new("agents", "billing"));
+        assert!(new.grant(&id).is_some());
     }
 
     #[test]
@@ -679,12 +953,110 @@ mod tests {
         let (index, _) = seeded();
         index.ensure_revision_above(5_000);
         let scope = Scope::new("agents", "refund");
-        let state = index.subscribe(&scope).borrow().clone();
-        assert_eq!(state.snapshot_event(5_000).revision(), 5_000);
+        let (feed, _rx) = index.subscribe(&scope);
+        let snapshot = feed.snapshot(5_000);
+        assert_eq!((snapshot.revision, snapshot.cursor), (5_000, 101));
+        assert_eq!(events(&snapshot.lines)[0].revision(), 5_000);
         index.upsert_vault_key(
             KeyId::new("agents", "k1"),
             source("refund", "stripe-live", KeyState::Suspended),
         );
         assert!(index.scope_revision(&scope) > 5_000);
+    }
+
+    /// Adds `n` keys k0.. to scope agents/refund of a seeded index.
+    fn with_many_keys(index: &PolicyIndex, n: usize) -> Vec<KeyId> {
+        (0..n)
+            .map(|i| {
+                let id = KeyId::new("agents", &format!("many-{i:05}"));
+                index.upsert_secret(
+                    "agents",
+                    &token_secret_name(id.name()),
+                    data(TOKEN_SECRET_KEY, &format!("vault_key_{i}")),
+                );
+                index.upsert_vault_key(
+                    id.clone(),
+                    source("refund", "stripe-live", KeyState::Active),
+                );
+                id
+            })
+            .collect()
+    }
+
+    #[test]
+    fn large_scopes_snapshot_in_parts_below_the_line_bound() {
+        let (index, _) = seeded();
+        with_many_keys(&index, 4_000);
+        let (feed, _rx) = index.subscribe(&Scope::new("agents", "refund"));
+        let snapshot = feed.snapshot(0);
+        assert_eq!(snapshot.keys, 4_001);
+        let total: usize = snapshot.lines.iter().map(Bytes::len).sum();
+        assert!(
+            total > MAX_LINE_BYTES,
+            "the scope needs more than one line ({total} bytes)"
+        );
+        assert!(snapshot.lines.len() > 1);
+        assert!(
+            snapshot
+                .lines
+                .iter()
+                .all(|l| l.len() < MAX_LINE_BYTES && l.ends_with(b"\n"))
+        );
+        let decoded = events(&snapshot.lines);
+        let (last, parts) = decoded.split_last().unwrap();
+        assert!(
+            parts
+                .iter()
+                .all(|e| matches!(e, WatchEvent::SnapshotPart { .. }))
+        );
+        assert!(matches!(last, WatchEvent::Snapshot { .. }));
+        assert!(decoded.iter().all(|e| e.revision() == snapshot.revision));
+        let mut ids: Vec<KeyId> = decoded
+            .into_iter()
+            .flat_map(|e| match e {
+                WatchEvent::Snapshot { keys, .. } | WatchEvent::SnapshotPart { keys, .. } => keys,
+                _ => vec![],
+            })
+            .map(|g| g.id)
+            .collect();
+        ids.dedup();
+        assert_eq!(ids.len(), 4_001);
+        // Encoded once per revision, shared by every stream that starts there.
+        assert!(Arc::ptr_eq(&snapshot, &feed.snapshot(0)));
+    }
+
+    #[test]
+    fn a_stream_behind_the_change_log_is_told_to_resnapshot() {
+        let (index, id) = seeded();
+        let (feed, _rx) = index.subscribe(&Scope::new("agents", "refund"));
+        let start = feed.revision();
+        let keys = with_many_keys(&index, CHANGE_LOG_LEN - 1);
+        let (events_seen, cursor) = changes(&feed, start);
+        assert_eq!(events_seen.len(), CHANGE_LOG_LEN - 1);
+        assert_eq!(cursor, feed.revision());
+        with_many_keys(&index, CHANGE_LOG_LEN + 1);
+        assert!(matches!(feed.changes_after(start), Catchup::Lagged));
+        assert!(matches!(
+            feed.changes_after(cursor),
+            Catchup::Changes { .. }
+        ));
+        // What changed since `start` is still known per key, from the current keys.
+        let changed = feed.keys_changed_between(start, feed.revision());
+        assert!(changed.contains(&keys[0]) && !changed.contains(&id));
+    }
+
+    #[test]
+    fn a_grant_too_large_for_a_line_is_withheld_with_a_reason() {
+        let (index, id) = seeded();
+        let mut big = source("refund", "stripe-live", KeyState::Active);
+        big.spec.customers = (0..40_000).map(|i| format!("cus_{i:020}")).collect();
+        index.upsert_vault_key(id.clone(), big);
+        assert!(index.published(&id).is_none());
+        let problem = index.problem(&id).unwrap();
+        assert_eq!(problem.reason(), "InvalidSpec");
+        assert!(
+            problem.to_string().contains("policy stream line"),
+            "{problem}"
+        );
     }
 }

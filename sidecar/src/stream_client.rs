@@ -1,10 +1,14 @@
-//! Controller stream client: `GET /v1/watch` over HTTP/2 + TLS with the pod's projected
+//! Controller stream client: `POST /v1/watch` over HTTP/2 + TLS with the pod's projected
 //! ServiceAccount token (audience `keybrake`), NDJSON [`WatchEvent`]s decoded with a bounded
-//! line length and applied to the policy store, each applied revision acknowledged with
-//! `POST /v1/ack` (header `keybrake-stream-id` from the watch response, body `{"revision":N}`)
-//! on the same connection. Reconnects with jittered exponential backoff, resuming with
+//! line length and applied to the policy store. The same HTTP/2 stream is full duplex: each
+//! applied revision is acknowledged with a `{"revision":N}` line on the request body (no request
+//! per ack). Reconnects with jittered exponential backoff, resuming with
 //! `sinceRevision=<last applied>`; the controller answers with a fresh snapshot whose revision is
 //! never below it.
+//!
+//! A snapshot larger than one line arrives as `snapshotPart` lines closed by the `snapshot`
+//! line; the parts are gathered and the whole applied (and acknowledged) as one replacement
+//! when the closing line arrives.
 //!
 //! Fail closed: an undecodable or oversized line ends the session without applying it; the
 //! store keeps the last policy and its staleness clock (restarted only by received events)
@@ -15,21 +19,26 @@ use std::{
     time::{Duration, Instant},
 };
 
+use std::{
+    convert::Infallible,
+    pin::Pin,
+    task::{Context, Poll},
+};
+
 use bytes::{Buf, Bytes, BytesMut};
 use http::{Request, StatusCode, header};
-use http_body_util::{BodyExt, Full};
+use http_body_util::{BodyExt, combinators::BoxBody};
+use hyper::body::Frame;
 use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
     rt::{TokioExecutor, TokioTimer},
 };
-use keybrake_api::stream::{
-    ACK_PATH, Ack, MAX_LINE_BYTES, NDJSON, PolicyApply, RESUME_PARAM, WATCH_PATH, WatchEvent,
+use keybrake_api::{
+    KeyGrant,
+    stream::{Ack, MAX_LINE_BYTES, NDJSON, PolicyApply, RESUME_PARAM, WATCH_PATH, WatchEvent},
 };
 use rand::Rng;
-use tokio::sync::watch;
-
-/// Response header of the watch naming the stream that acks refer to.
-pub const STREAM_ID_HEADER: &str = "keybrake-stream-id";
+use tokio::sync::{mpsc, watch};
 
 #[derive(Debug, Clone)]
 pub struct StreamClientConfig {
@@ -133,6 +142,50 @@ impl LineDecoder {
     }
 }
 
+/// Gathers `snapshotPart` lines into the closing `snapshot`.
+#[derive(Debug, Default)]
+pub struct SnapshotAssembler {
+    /// Revision and keys of the parts received so far.
+    pending: Option<(u64, Vec<KeyGrant>)>,
+}
+
+impl SnapshotAssembler {
+    /// `Ok(None)` while a snapshot is being gathered; otherwise the event to apply (a closing
+    /// snapshot carries every part's keys). Parts of another revision, or anything but parts
+    /// and the closing line in between, are a protocol error.
+    pub fn push(&mut self, event: WatchEvent) -> Result<Option<WatchEvent>, StreamClientError> {
+        let mismatch = |what: &str| {
+            StreamClientError::Protocol(format!("{what} inside a snapshot that was being sent"))
+        };
+        match (event, self.pending.take()) {
+            (WatchEvent::SnapshotPart { revision, keys }, None) => {
+                self.pending = Some((revision, keys));
+                Ok(None)
+            }
+            (WatchEvent::SnapshotPart { revision, keys }, Some((at, mut gathered))) => {
+                if revision != at {
+                    return Err(mismatch("a part of another revision"));
+                }
+                gathered.extend(keys);
+                self.pending = Some((at, gathered));
+                Ok(None)
+            }
+            (WatchEvent::Snapshot { revision, keys }, Some((at, mut gathered))) => {
+                if revision != at {
+                    return Err(mismatch("a closing line of another revision"));
+                }
+                gathered.extend(keys);
+                Ok(Some(WatchEvent::Snapshot {
+                    revision,
+                    keys: gathered,
+                }))
+            }
+            (event, None) => Ok(Some(event)),
+            (_, Some(_)) => Err(mismatch("an update")),
+        }
+    }
+}
+
 /// Exponential backoff with full jitter: attempt n waits a uniform delay in
 /// `[0, min(max, initial × 2^n)]`, so a fleet of sidecars does not reconnect in lockstep.
 #[derive(Debug, Clone)]
@@ -169,7 +222,7 @@ impl Backoff {
     }
 }
 
-type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
+type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, BoxBody<Bytes, Infallible>>;
 
 pub struct StreamClient {
     config: StreamClientConfig,
@@ -178,7 +231,9 @@ pub struct StreamClient {
     state: watch::Sender<ClientState>,
 }
 
-pub(crate) fn tls_config(ca_file: Option<&PathBuf>) -> Result<rustls::ClientConfig, StreamClientError> {
+pub(crate) fn tls_config(
+    ca_file: Option<&PathBuf>,
+) -> Result<rustls::ClientConfig, StreamClientError> {
     let mut roots = rustls::RootCertStore::empty();
     match ca_file {
         Some(path) => {
@@ -294,10 +349,14 @@ impl StreamClient {
         let token = self.read_token()?;
         let base = self.config.controller_url.trim_end_matches('/');
         let since = self.state.borrow().revision;
-        let request = Request::get(format!("{base}{WATCH_PATH}?{RESUME_PARAM}={since}"))
+        // The request body stays open for the session: it carries the acks.
+        let (ack_sink, ack_lines) = mpsc::channel::<Bytes>(8);
+        let ack_body = AckBody(ack_lines);
+        let request = Request::post(format!("{base}{WATCH_PATH}?{RESUME_PARAM}={since}"))
             .header(header::AUTHORIZATION, format!("Bearer {token}"))
             .header(header::ACCEPT, NDJSON)
-            .body(Full::new(Bytes::new()))
+            .header(header::CONTENT_TYPE, NDJSON)
+            .body(BodyExt::boxed(ack_body))
             .map_err(|e| StreamClientError::Connect(e.to_string()))?;
         let response =
             tokio::time::timeout(self.config.connect_timeout, self.http.request(request))
@@ -317,54 +376,12 @@ impl StreamClient {
             .unwrap_or_default();
             return Err(StreamClientError::Status { status, body });
         }
-        let stream_id = response
-            .headers()
-            .get(STREAM_ID_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
-        let (ack_tx, ack_task) = self.spawn_acker(base, token, stream_id);
+        let (ack_tx, ack_task) = spawn_acker(ack_sink);
         let result = self
             .read_events(response.into_body(), &ack_tx, applied_snapshot)
             .await;
         ack_task.abort();
         result
-    }
-
-    /// Acks run beside the reader so a slow ack never delays applying the next event; only the
-    /// latest revision matters, so a watch channel coalesces them.
-    fn spawn_acker(
-        &self,
-        base: &str,
-        token: String,
-        stream_id: Option<String>,
-    ) -> (watch::Sender<u64>, tokio::task::JoinHandle<()>) {
-        let (tx, mut rx) = watch::channel(0u64);
-        let http = self.http.clone();
-        let url = format!("{base}{ACK_PATH}");
-        let task = tokio::spawn(async move {
-            let Some(stream_id) = stream_id else {
-                tracing::warn!("controller sent no stream id; acknowledgements disabled");
-                return;
-            };
-            while rx.changed().await.is_ok() {
-                let revision = *rx.borrow_and_update();
-                let body = serde_json::to_vec(&Ack { revision }).unwrap_or_default();
-                let Ok(request) = Request::post(&url)
-                    .header(header::AUTHORIZATION, format!("Bearer {token}"))
-                    .header(header::CONTENT_TYPE, "application/json")
-                    .header(STREAM_ID_HEADER, &stream_id)
-                    .body(Full::new(Bytes::from(body)))
-                else {
-                    return;
-                };
-                match http.request(request).await {
-                    Ok(res) if res.status().is_success() => {}
-                    Ok(res) => tracing::warn!(status = %res.status(), revision, "ack refused"),
-                    Err(e) => tracing::warn!(error = %e, revision, "ack failed"),
-                }
-            }
-        });
-        (tx, task)
     }
 
     async fn read_events(
@@ -374,6 +391,7 @@ impl StreamClient {
         applied_snapshot: &mut bool,
     ) -> Result<(), StreamClientError> {
         let mut decoder = LineDecoder::new(MAX_LINE_BYTES);
+        let mut snapshot = SnapshotAssembler::default();
         loop {
             let frame = match tokio::time::timeout(self.config.idle_timeout, body.frame()).await {
                 Err(_) => return Err(StreamClientError::Timeout),
@@ -387,6 +405,9 @@ impl StreamClient {
             for line in decoder.push(&data)? {
                 let event: WatchEvent = serde_json::from_slice(&line)
                     .map_err(|e| StreamClientError::Protocol(format!("undecodable event: {e}")))?;
+                let Some(event) = snapshot.push(event)? else {
+                    continue;
+                };
                 let is_snapshot = matches!(event, WatchEvent::Snapshot { .. });
                 if !*applied_snapshot && !is_snapshot {
                     return Err(StreamClientError::Protocol(
@@ -418,6 +439,45 @@ impl StreamClient {
     }
 }
 
+/// A duplex watch's request body: the ack lines, for as long as the session lasts.
+struct AckBody(mpsc::Receiver<Bytes>);
+
+impl http_body::Body for AckBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|line| line.map(|l| Ok(Frame::data(l))))
+    }
+}
+
+/// Acks run beside the reader so a slow ack never delays applying the next event; only the
+/// latest revision matters, so a watch channel coalesces them into the request body.
+fn spawn_acker(sink: mpsc::Sender<Bytes>) -> (watch::Sender<u64>, tokio::task::JoinHandle<()>) {
+    let (tx, mut rx) = watch::channel(0u64);
+    let task = tokio::spawn(async move {
+        while rx.changed().await.is_ok() {
+            let revision = *rx.borrow_and_update();
+            if sink.send(ack_line(revision)).await.is_err() {
+                tracing::warn!(revision, "the controller stopped reading acks");
+                return;
+            }
+        }
+    });
+    (tx, task)
+}
+
+fn ack_line(revision: u64) -> Bytes {
+    let mut line = serde_json::to_vec(&Ack { revision }).unwrap_or_default();
+    line.push(b'\n');
+    Bytes::from(line)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -445,6 +505,55 @@ mod tests {
             d.push(b"12345\n"),
             Err(StreamClientError::Protocol(_))
         ));
+    }
+
+    fn grant(name: &str) -> KeyGrant {
+        serde_json::from_value(serde_json::json!({
+            "id": format!("agents/{name}"),
+            "tokenSha256": "0".repeat(64),
+            "vendor": "stripe",
+            "baseUrl": "http://127.0.0.1:9",
+            "upstreamSecret": "sk_test",
+            "state": "Active",
+            "agent": {"name": "a"},
+        }))
+        .expect("a grant")
+    }
+
+    #[test]
+    fn snapshot_parts_are_applied_as_one_snapshot() {
+        let mut a = SnapshotAssembler::default();
+        let heartbeat = WatchEvent::Heartbeat { revision: 3 };
+        assert_eq!(a.push(heartbeat.clone()).unwrap(), Some(heartbeat));
+        for name in ["k1", "k2"] {
+            let part = WatchEvent::SnapshotPart {
+                revision: 9,
+                keys: vec![grant(name)],
+            };
+            assert_eq!(a.push(part).unwrap(), None);
+        }
+        let closing = WatchEvent::Snapshot {
+            revision: 9,
+            keys: vec![grant("k3")],
+        };
+        match a.push(closing).unwrap() {
+            Some(WatchEvent::Snapshot { revision: 9, keys }) => {
+                let names: Vec<&str> = keys.iter().map(|k| k.id.name()).collect();
+                assert_eq!(names, ["k1", "k2", "k3"]);
+            }
+            other => panic!("{other:?}"),
+        }
+        // Anything else inside a snapshot is a protocol error (fail closed, reconnect).
+        let part = |revision| WatchEvent::SnapshotPart {
+            revision,
+            keys: vec![],
+        };
+        let mut a = SnapshotAssembler::default();
+        a.push(part(9)).unwrap();
+        assert!(a.push(WatchEvent::Heartbeat { revision: 9 }).is_err());
+        let mut a = SnapshotAssembler::default();
+        a.push(part(9)).unwrap();
+        assert!(a.push(part(10)).is_err());
     }
 
     #[test]
