@@ -137,6 +137,17 @@ async fn setup(prefix: &str) -> TestNamespace<'static> {
     fixtures::namespace_with_crds(prefix).await
 }
 
+/// A sidecar streaming from `controller` as service account `agent` of `ns`.
+async fn agent_sidecar(
+    ns: &TestNamespace<'_>,
+    controller: &ControllerProcess,
+    tls: &Tls,
+    stale_after: Duration,
+) -> TestSidecar {
+    let token = sa_token(ns, "agent").await;
+    TestSidecar::start(&controller.stream_url, &tls.ca(), &token, stale_after).await
+}
+
 /// A fake Stripe accepting `secret`, and the upstream Secret holding it.
 async fn stripe_upstream(ns: &TestNamespace<'_>, secret: &str) -> FakeVendor {
     let upstream = FakeVendor::start(FakeKind::Stripe, secret).await.unwrap();
@@ -338,13 +349,7 @@ async fn controller_suspend_resume_unrevoke_refused_and_expiry() {
     let controller =
         fixtures::ready_controller(&ns, &tls, "life-a", free_port(), &["--gc-grace-secs", "2"])
             .await;
-    let sidecar = TestSidecar::start(
-        &controller.stream_url,
-        &tls.ca(),
-        &sa_token(&ns, "agent").await,
-        Duration::from_secs(30),
-    )
-    .await;
+    let sidecar = agent_sidecar(&ns, &controller, &tls, Duration::from_secs(30)).await;
 
     create_key(&ns, &vault_key("life", "agent", &upstream.url(), json!({}))).await;
     let token = minted_token(&ns, "life").await;
@@ -680,13 +685,7 @@ async fn controller_killed_sidecar_keeps_policy_until_stale_then_resyncs() {
     let tls = Tls::new();
     let port = free_port();
     let mut controller = fixtures::ready_controller(&ns, &tls, "fault-a", port, &[]).await;
-    let sidecar = TestSidecar::start(
-        &controller.stream_url,
-        &tls.ca(),
-        &sa_token(&ns, "agent").await,
-        STALE,
-    )
-    .await;
+    let sidecar = agent_sidecar(&ns, &controller, &tls, STALE).await;
     create_key(
         &ns,
         &vault_key("deny", "agent", &upstream.url(), json!({"onStale": "Deny"})),
@@ -782,13 +781,7 @@ async fn controller_two_replicas_revocation_propagates_when_the_leader_dies() {
     );
 
     // The sidecar streams from the follower; the leader mints and writes status.
-    let sidecar = TestSidecar::start(
-        &follower.stream_url,
-        &tls.ca(),
-        &sa_token(&ns, "agent").await,
-        Duration::from_secs(30),
-    )
-    .await;
+    let sidecar = agent_sidecar(&ns, &follower, &tls, Duration::from_secs(30)).await;
     create_key(&ns, &vault_key("ha", "agent", &upstream.url(), json!({}))).await;
     let token = minted_token(&ns, "ha").await;
     sidecar.wait_verdict(&token, "allow", DEADLINE).await;
@@ -836,13 +829,7 @@ async fn controller_upstream_secret_rotation_applies_to_the_next_call() {
     put_upstream_secret(&ns, fixtures::UPSTREAM_SECRET, "sk_test_old").await;
     let tls = Tls::new();
     let controller = fixtures::ready_controller(&ns, &tls, "rotate-a", free_port(), &[]).await;
-    let sidecar = TestSidecar::start(
-        &controller.stream_url,
-        &tls.ca(),
-        &sa_token(&ns, "agent").await,
-        Duration::from_secs(30),
-    )
-    .await;
+    let sidecar = agent_sidecar(&ns, &controller, &tls, Duration::from_secs(30)).await;
     create_key(&ns, &vault_key("rot", "agent", &upstream.url(), json!({}))).await;
     let token = minted_token(&ns, "rot").await;
     let before = sidecar.wait_verdict(&token, "allow", DEADLINE).await;
