@@ -17,11 +17,12 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
 # Order = order in the document.
-SECTIONS=(dataplane controlplane audit)
+SECTIONS=(dataplane controlplane audit auditoverhead)
 declare -A TITLE=(
   [dataplane]="Data plane: sidecar vs nginx vs direct (issue 3)"
   [controlplane]="Control plane: revocation propagation"
   [audit]="Audit ingest"
+  [auditoverhead]="Audit overhead on a proxied call"
 )
 
 DOC="docs/BENCHMARKS.md"

@@ -20,6 +20,9 @@ use crate::{
 #[derive(Clone, Debug)]
 pub struct ShipperConfig {
     pub batch_rows: usize,
+    /// How long a batch of fewer than `batch_rows / 2` rows waits for more before it is sent
+    /// (see [`QueueReceiver::recv_batch_lingering`]).
+    pub linger: Duration,
     /// First retry delay after a failed send; doubles up to `retry_max`.
     pub retry_min: Duration,
     pub retry_max: Duration,
@@ -29,6 +32,7 @@ impl Default for ShipperConfig {
     fn default() -> Self {
         ShipperConfig {
             batch_rows: 500,
+            linger: Duration::from_millis(20),
             retry_min: Duration::from_millis(200),
             retry_max: Duration::from_secs(10),
         }
@@ -77,7 +81,11 @@ impl<T: Transport> Shipper<T> {
                 if !queue_open {
                     break;
                 }
-                let Some(batch) = self.queue.recv_batch(self.config.batch_rows).await else {
+                let Some(batch) = self
+                    .queue
+                    .recv_batch_lingering(self.config.batch_rows, self.config.linger)
+                    .await
+                else {
                     break;
                 };
                 match self.deliver(&batch).await {

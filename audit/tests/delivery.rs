@@ -184,6 +184,7 @@ async fn kill_the_collector_mid_run_every_row_arrives_once_in_order() {
     .unwrap();
     let config = ShipperConfig {
         batch_rows: 50,
+        linger: Duration::from_millis(5),
         retry_min: Duration::from_millis(20),
         retry_max: Duration::from_millis(200),
     };

@@ -293,7 +293,10 @@ async fn deliver_from_memory<T: Transport>(
     metrics: AuditMetrics,
     in_hand: Arc<AtomicU64>,
 ) {
-    while let Some(batch) = receiver.recv_batch(config.batch_rows).await {
+    while let Some(batch) = receiver
+        .recv_batch_lingering(config.batch_rows, config.linger)
+        .await
+    {
         in_hand.store(batch.len() as u64, Ordering::Relaxed);
         let mut backoff = config.retry_min;
         loop {
