@@ -104,6 +104,8 @@ pub async fn publish_reports(
     let mut tick = tokio::time::interval(config.period.max(Duration::from_millis(100)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last: Option<(ReplicaReport, Instant)> = None;
+    // Failures are logged when they start and when they stop, not once per period.
+    let mut failing = false;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -128,8 +130,21 @@ pub async fn publish_reports(
             )
             .await
         {
-            Ok(_) => last = Some((report, Instant::now())),
-            Err(e) => tracing::warn!(error = %e, "could not publish the enforcement report"),
+            Ok(_) => {
+                if std::mem::replace(&mut failing, false) {
+                    tracing::info!("enforcement report published again");
+                }
+                last = Some((report, Instant::now()));
+            }
+            Err(e) if !failing => {
+                failing = true;
+                tracing::warn!(
+                    error = %e,
+                    "could not publish the enforcement report; the leader will not count this \
+                     replica's sidecars until it succeeds (RBAC: leases create/patch)"
+                );
+            }
+            Err(e) => tracing::debug!(error = %e, "enforcement report still not published"),
         }
     }
     if last.is_some()
