@@ -12,11 +12,17 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let shutdown = CancellationToken::new();
     if config.exit_on_stdin_close {
-        let stop = shutdown.clone();
-        std::thread::spawn(move || {
-            let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
-            stop.cancel();
-        });
+        if stdin_is_a_pipe() {
+            let stop = shutdown.clone();
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
+                stop.cancel();
+            });
+        } else {
+            // /dev/null, a file or a terminal reads as closed (or never closes): exiting on it
+            // would stop a controller started without a parent holding a pipe.
+            tracing::warn!("--exit-on-stdin-close ignored: standard input is not a pipe");
+        }
     }
     let signal = shutdown.clone();
     tokio::spawn(async move {
@@ -29,4 +35,13 @@ async fn main() -> anyhow::Result<()> {
         signal.cancel();
     });
     run(config, shutdown).await
+}
+
+/// Whether standard input is a pipe or a socket, the only kinds whose end means "the parent
+/// is gone".
+fn stdin_is_a_pipe() -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    std::fs::metadata("/proc/self/fd/0")
+        .map(|m| m.file_type().is_fifo() || m.file_type().is_socket())
+        .unwrap_or(false)
 }

@@ -152,6 +152,19 @@ impl ControllerProcess {
         stream_port: u16,
         extra: &[&str],
     ) -> Self {
+        Self::spawn_with_stdin(ns, tls, identity, stream_port, extra, Stdio::piped())
+    }
+
+    /// [`Self::spawn_with`] with the given stdin (piped by default: the controller exits when
+    /// this process's end closes, `--exit-on-stdin-close`).
+    pub fn spawn_with_stdin(
+        ns: &TestNamespace<'_>,
+        tls: &ControllerTls,
+        identity: &str,
+        stream_port: u16,
+        extra: &[&str],
+        stdin: Stdio,
+    ) -> Self {
         let log = tls.dir.path().join(format!("{identity}.log"));
         let stderr = std::fs::File::create(&log).expect("log file");
         let mut child = Command::new(controller_binary())
@@ -179,7 +192,7 @@ impl ControllerProcess {
                 "--exit-on-stdin-close",
             ])
             .args(extra)
-            .stdin(Stdio::piped())
+            .stdin(stdin)
             .stdout(Stdio::piped())
             .stderr(Stdio::from(stderr))
             .spawn()

@@ -872,3 +872,54 @@ async fn controller_upstream_secret_rotation_applies_to_the_next_call() {
     );
     sidecar.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn controller_exit_on_stdin_close_acts_only_on_a_pipe() {
+    let ns = setup("ctl-stdin").await;
+    let tls = Tls::new();
+    // stdin = /dev/null reads as closed at once: the flag must not stop the controller.
+    let mut detached = ControllerProcess::spawn_with_stdin(
+        &ns,
+        &tls,
+        "stdin-null",
+        free_port(),
+        &[],
+        std::process::Stdio::null(),
+    );
+    detached.wait_ready().await;
+    assert!(
+        detached
+            .metrics()
+            .await
+            .contains("keybrake_controller_leader"),
+        "serves /metrics"
+    );
+    assert!(
+        detached.child.try_wait().unwrap().is_none(),
+        "exited with stdin on /dev/null:\n{}",
+        detached.log_text()
+    );
+    assert!(
+        detached
+            .log_text()
+            .contains("--exit-on-stdin-close ignored"),
+        "{}",
+        detached.log_text()
+    );
+    detached.kill();
+
+    // A pipe: closing this end stops it, cleanly.
+    let mut piped = ControllerProcess::spawn(&ns, &tls, "stdin-pipe", free_port());
+    piped.wait_ready().await;
+    drop(piped.child.stdin.take());
+    let status = poll(
+        "the controller to exit after stdin closed",
+        DEADLINE,
+        || {
+            let exited = piped.child.try_wait().ok().flatten();
+            async move { exited }
+        },
+    )
+    .await;
+    assert!(status.success(), "{status:?}:\n{}", piped.log_text());
+}
