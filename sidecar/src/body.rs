@@ -38,6 +38,10 @@ where
     B: Body<Data = Bytes>,
     B::Error: Into<BoxError>,
 {
+    if body.is_end_stream() {
+        // GETs and other bodiless requests: no timer, no collection.
+        return Ok(Bytes::new());
+    }
     if body.size_hint().lower() > max as u64 {
         return Err(BodyError::TooLarge(max));
     }
@@ -261,9 +265,11 @@ pub struct StreamTimeout(&'static str);
 /// The upstream's body, passed through frame by frame (never buffered).
 pub struct ObservedBody<B> {
     inner: B,
-    idle: Pin<Box<Sleep>>,
+    /// One timer for both limits: it fires at the earlier of the idle deadline (pushed back by
+    /// every frame) and the total deadline.
+    timer: Pin<Box<Sleep>>,
     idle_for: Duration,
-    total: Pin<Box<Sleep>>,
+    total_deadline: Instant,
     observer: Option<Box<dyn StreamObserver>>,
     bytes: u64,
     /// The observer may change the bytes: no exact size is promised to the agent.
@@ -279,11 +285,12 @@ impl<B> ObservedBody<B> {
         total_deadline: Instant,
         observer: Box<dyn StreamObserver>,
     ) -> Self {
+        let first = (Instant::now() + idle_for).min(total_deadline);
         ObservedBody {
             inner,
-            idle: Box::pin(tokio::time::sleep(idle_for)),
+            timer: Box::pin(tokio::time::sleep_until(first)),
             idle_for,
-            total: Box::pin(tokio::time::sleep_until(total_deadline)),
+            total_deadline,
             observer: Some(observer),
             bytes: 0,
             rewrites: false,
@@ -303,6 +310,13 @@ impl<B> ObservedBody<B> {
             observer.finish(how, self.bytes);
         }
     }
+
+    fn total_timeout(&mut self) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.end(StreamEnd::TotalTimeout);
+        Poll::Ready(Some(Err(Box::new(StreamTimeout(
+            "exceeded the total timeout",
+        )))))
+    }
 }
 
 impl<B> Body for ObservedBody<B>
@@ -321,12 +335,6 @@ where
         if this.observer.is_none() {
             return Poll::Ready(None);
         }
-        if this.total.as_mut().poll(cx).is_ready() {
-            this.end(StreamEnd::TotalTimeout);
-            return Poll::Ready(Some(Err(Box::new(StreamTimeout(
-                "exceeded the total timeout",
-            )))));
-        }
         if this.inner_done {
             this.end(StreamEnd::Complete);
             return Poll::Ready(None);
@@ -334,8 +342,14 @@ where
         loop {
             match Pin::new(&mut this.inner).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
-                    let deadline = Instant::now() + this.idle_for;
-                    this.idle.as_mut().reset(deadline);
+                    // An upstream that never pauses never lets the timer be polled: check the
+                    // total deadline here too.
+                    let now = Instant::now();
+                    if now >= this.total_deadline {
+                        return this.total_timeout();
+                    }
+                    let deadline = (now + this.idle_for).min(this.total_deadline);
+                    this.timer.as_mut().reset(deadline);
                     let data = match frame.into_data() {
                         Ok(data) => data,
                         // Trailers pass untouched.
@@ -371,7 +385,10 @@ where
                     return Poll::Ready(None);
                 }
                 Poll::Pending => {
-                    if this.idle.as_mut().poll(cx).is_ready() {
+                    if this.timer.as_mut().poll(cx).is_ready() {
+                        if Instant::now() >= this.total_deadline {
+                            return this.total_timeout();
+                        }
                         this.end(StreamEnd::IdleTimeout);
                         return Poll::Ready(Some(Err(Box::new(StreamTimeout(
                             "went idle too long",

@@ -18,6 +18,9 @@ pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 
 /// The header every sidecar response carries.
 pub const VERDICT_HEADER: &str = "keybrake-verdict";
+/// [`VERDICT_HEADER`] as a ready `HeaderName` (inserting by `&str` validates the name again on
+/// every call).
+pub static VERDICT_HEADER_NAME: HeaderName = HeaderName::from_static(VERDICT_HEADER);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -101,6 +104,8 @@ pub struct UpstreamBase {
     authority: Authority,
     /// The base URL's path without its trailing `/` (usually empty).
     path_prefix: Box<str>,
+    /// `Host` for requests to this upstream (the client would otherwise format it per call).
+    host: HeaderValue,
 }
 
 impl UpstreamBase {
@@ -116,11 +121,25 @@ impl UpstreamBase {
             return None;
         }
         let path = path_and_query.as_ref().map_or("", |pq| pq.path());
+        let scheme = parts.scheme?;
+        let authority = parts.authority?;
+        // What the client would send: the host, plus the port unless it is the scheme's default.
+        let default_port = if scheme == Scheme::HTTPS { 443 } else { 80 };
+        let host = match authority.port_u16() {
+            Some(port) if port != default_port => format!("{}:{port}", authority.host()),
+            _ => authority.host().to_owned(),
+        };
         Some(UpstreamBase {
-            scheme: parts.scheme?,
-            authority: parts.authority?,
+            host: HeaderValue::from_str(&host).ok()?,
+            scheme,
+            authority,
             path_prefix: path.trim_end_matches('/').into(),
         })
+    }
+
+    /// The `Host` header value for this upstream.
+    pub fn host(&self) -> &HeaderValue {
+        &self.host
     }
 
     /// Base + vendor path + query. `None` if that is not a valid URI.
@@ -172,10 +191,11 @@ fn connection_listed(headers: &HeaderMap, name: &HeaderName) -> bool {
 /// vendor secret in the vendor's auth slot.
 pub fn upstream_request_headers(from: &HeaderMap, authorization: HeaderValue) -> HeaderMap {
     let mut out = HeaderMap::with_capacity(from.len() + 1);
+    let has_connection = from.contains_key(header::CONNECTION);
     for (name, value) in from {
         let n = name.as_str();
         if HOP_BY_HOP.contains(name)
-            || connection_listed(from, name)
+            || (has_connection && connection_listed(from, name))
             || n.starts_with("keybrake-")
             || name == header::AUTHORIZATION
             || name == header::HOST
@@ -194,6 +214,11 @@ pub fn upstream_request_headers(from: &HeaderMap, authorization: HeaderValue) ->
 
 /// Strips hop-by-hop headers from an upstream response (framing is hyper's business).
 pub fn clean_response_headers(headers: &mut HeaderMap) {
+    // Usually there is nothing to remove: one pass over the few headers instead of a lookup
+    // per hop-by-hop name.
+    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+        return;
+    }
     let listed: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()

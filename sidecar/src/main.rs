@@ -9,9 +9,16 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     cli::init_logging(args.run.log_format);
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = args.run.worker_threads {
-        runtime.worker_threads(n.max(1));
-    }
+    let mut runtime = match args.run.worker_threads {
+        // One core: everything runs on this thread, with no cross-thread wake-ups or work
+        // stealing between a worker and the thread that blocks on the runtime.
+        Some(n) if n <= 1 => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            builder.worker_threads(n);
+            builder
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
     runtime.enable_all().build()?.block_on(cli::run(args.run))
 }

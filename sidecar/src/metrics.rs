@@ -13,11 +13,15 @@ use crate::store::PolicyStore;
 /// One key's labelled series, resolved on first use and then reused: `with_label_values`
 /// hashes every label on each call, which is measurable on the request path. Lives on the
 /// key's store entry, so a policy change (a new entry, maybe a new agent name) resolves anew.
+/// The per-verdict slots are allocated on the key's first call: most of 10,000 loaded keys
+/// are never used by one sidecar, and their empty slots would cost ~200 bytes each.
 #[derive(Debug, Default)]
 pub struct KeyCounters {
-    calls: [OnceLock<IntCounter>; Verdict::ALL.len()],
+    calls: OnceLock<Box<VerdictCounters>>,
     cost_usd: OnceLock<Counter>,
 }
+
+type VerdictCounters = [OnceLock<IntCounter>; Verdict::ALL.len()];
 
 /// `keybrake_calls_total` series of calls that matched no key: empty key labels, by vendor
 /// (or `none` when no vendor was routed) and verdict.
@@ -118,7 +122,7 @@ impl Metrics {
 
     /// One call of a known key, counted through the key's cached series.
     pub fn count_key_call(&self, counters: &KeyCounters, grant: &KeyGrant, verdict: Verdict) {
-        counters.calls[verdict as usize]
+        counters.calls.get_or_init(Box::default)[verdict as usize]
             .get_or_init(|| {
                 self.calls.with_label_values(&[
                     grant.id.namespace(),

@@ -20,7 +20,9 @@ use crate::{
         read_bounded,
     },
     decide::{self, Denied},
-    forward::{UpstreamClient, VERDICT_HEADER, clean_response_headers, upstream_request_headers},
+    forward::{
+        UpstreamClient, VERDICT_HEADER_NAME, clean_response_headers, upstream_request_headers,
+    },
     ledger::{Reservation, SpendLedger},
     metrics::Metrics,
     path::{PathError, check_path, split_vendor_prefix},
@@ -58,6 +60,11 @@ impl Default for ProxyLimits {
     }
 }
 
+/// A refused request's unread body is read and discarded up to this many bytes, so that the
+/// agent's keep-alive connection survives the refusal; a longer body is dropped and hyper closes
+/// the connection instead of reading it all.
+pub const REFUSED_BODY_DRAIN_BYTES: u64 = 64 * 1024;
+
 /// Which listener a request came in on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Route {
@@ -87,6 +94,7 @@ struct Call {
     method: Method,
     entry: Option<Arc<KeyEntry>>,
     operation: Option<&'static str>,
+    /// Audit-only fields: filled only when the audit sink takes rows.
     template: Option<String>,
     customer: Option<String>,
     estimate: Option<Usd>,
@@ -98,43 +106,58 @@ impl Proxy {
         route: Route,
         req: Request<Incoming>,
     ) -> Result<Response<ProxyBody>, Infallible> {
+        let (parts, body) = req.into_parts();
         let mut call = Call {
             started_at: Timestamp::now(),
             clock: tokio::time::Instant::now(),
             vendor: None,
-            method: req.method().clone(),
+            method: parts.method.clone(),
             entry: None,
             operation: None,
             template: None,
             customer: None,
             estimate: None,
         };
-        Ok(match self.decide_and_forward(route, req, &mut call).await {
-            Ok(response) => response,
-            Err(refusal) => self.refuse(&call, refusal),
-        })
+        // The body stays here until the decision needs it, so a refusal can still drain it.
+        let mut unread = Some(body);
+        Ok(
+            match self
+                .decide_and_forward(route, &parts, &mut unread, &mut call)
+                .await
+            {
+                Ok(response) => response,
+                Err(refusal) => {
+                    if let Some(body) = unread {
+                        drain_refused_body(body, self.limits.body_read_timeout);
+                    }
+                    self.refuse(&call, refusal)
+                }
+            },
+        )
     }
 
     async fn decide_and_forward(
         &self,
         route: Route,
-        req: Request<Incoming>,
+        parts: &http::request::Parts,
+        unread: &mut Option<Incoming>,
         call: &mut Call,
     ) -> Result<Response<ProxyBody>, Refusal> {
         // 1. Never an open proxy: origin-form targets only, no CONNECT.
-        if req.method() == Method::CONNECT {
+        if parts.method == Method::CONNECT {
             return Err(Refusal::protocol(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "connect_refused",
             ));
         }
-        if req.uri().scheme().is_some() || req.uri().authority().is_some() {
+        let uri = &parts.uri;
+        if uri.scheme().is_some() || uri.authority().is_some() {
             return Err(Refusal::protocol(
                 StatusCode::BAD_REQUEST,
                 "absolute_form_refused",
             ));
         }
-        let uri = req.uri().clone();
+        let wants_rows = self.audit.wants_rows();
         let (vendor, path) = match route {
             Route::Vendor(v) => (v, uri.path()),
             Route::Prefixed => split_vendor_prefix(uri.path())
@@ -145,7 +168,6 @@ impl Proxy {
         let path_check: Result<&str, PathError> = check_path(path).map(|()| path);
 
         // 2. The vault key, from the vendor's own slot; only its hash is looked up.
-        let (parts, body) = req.into_parts();
         let credential = extract_credential(module.auth_slot(), &parts.headers)
             .map_err(|e| Refusal::policy(Denied::new(Verdict::KeyUnknown, e.reason())))?;
         let entry = self
@@ -172,14 +194,16 @@ impl Proxy {
         let matched = decide::check_operation(grant, module, &parts.method, path_check)
             .map_err(Refusal::policy)?;
         call.operation = matched.operation.map(|op| op.name);
-        call.template = Some(matched.template.to_owned());
+        if wants_rows {
+            call.template = Some(matched.template.to_owned());
+        }
         let path = path_check.expect("check_operation refuses bad paths");
         module
             .check_account(path, &grant.upstream_secret, &credential)
             .map_err(|reason| Refusal::policy(Denied::new(Verdict::OperationDenied, reason)))?;
 
         let body = read_bounded(
-            body,
+            unread.take().expect("the body is read once"),
             self.limits.max_body_bytes,
             self.limits.body_read_timeout,
         )
@@ -192,9 +216,15 @@ impl Proxy {
             headers: &parts.headers,
             body: &body,
         };
-        let scope = module.customer_scope(matched.operation, &view);
-        call.customer = scope.audit_value();
-        decide::check_customers(grant, &scope).map_err(Refusal::policy)?;
+        // The customer matters to an allowlist and to the audit row; without either, the
+        // vendor module need not dig it out of the request.
+        if wants_rows || !grant.customers.is_empty() {
+            let scope = module.customer_scope(matched.operation, &view);
+            if wants_rows {
+                call.customer = scope.audit_value();
+            }
+            decide::check_customers(grant, &scope).map_err(Refusal::policy)?;
+        }
         if let Some(per_minute) = grant.limits.calls_per_minute {
             let mut bucket = entry.runtime.rate.lock().unwrap_or_else(|e| e.into_inner());
             if !bucket.try_take(per_minute, std::time::Instant::now()) {
@@ -231,30 +261,34 @@ impl Proxy {
         }
 
         // 4. Forward with the secret in the vendor's slot.
-        let target = entry
+        let (target, host) = entry
             .upstream
             .as_ref()
-            .and_then(|base| base.join(path, uri.query()))
+            .and_then(|base| Some((base.join(path, uri.query())?, base.host().clone())))
             .ok_or(Refusal::upstream(
                 StatusCode::BAD_GATEWAY,
                 "bad_upstream_url",
                 reservation.clone(),
             ))?;
-        let authorization =
-            upstream_authorization(module.auth_slot(), &grant.upstream_secret, &credential)
+        let authorization = match &entry.upstream_authorization {
+            Some(cached) => cached.clone(),
+            None => upstream_authorization(module.auth_slot(), &grant.upstream_secret, &credential)
                 .map_err(|_| {
                     Refusal::upstream(
                         StatusCode::BAD_GATEWAY,
                         "bad_upstream_secret",
                         reservation.clone(),
                     )
-                })?;
+                })?,
+        };
         let mut upstream = Request::builder()
             .method(parts.method.clone())
             .uri(target)
             .body(Full::new(upstream_body))
             .expect("method and URI are already valid");
-        *upstream.headers_mut() = upstream_request_headers(&parts.headers, authorization);
+        let headers = upstream.headers_mut();
+        *headers = upstream_request_headers(&parts.headers, authorization);
+        headers.insert(header::HOST, host);
 
         let timer = self.metrics.upstream_timer(vendor).start_timer();
         let sent = tokio::time::timeout(
@@ -285,15 +319,27 @@ impl Proxy {
         let (mut head, upstream_body) = response.into_parts();
         clean_response_headers(&mut head.headers);
         head.headers.insert(
-            VERDICT_HEADER,
+            VERDICT_HEADER_NAME.clone(),
             HeaderValue::from_static(Verdict::Allow.as_str()),
         );
-        let request_id = module
-            .request_id_header()
-            .and_then(|h| head.headers.get(h))
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
-        let capture = if head.status.is_success() {
+        let row = wants_rows.then(|| {
+            let request_id = module
+                .request_id_header()
+                .and_then(|h| head.headers.get(h))
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            self.row(
+                call,
+                Verdict::Allow,
+                None,
+                i32::from(head.status.as_u16()),
+                request_id,
+            )
+        });
+        // A call known to cost nothing needs the response body only for its audit row
+        // (customer, request id): without one, nothing is captured or parsed.
+        let free = preflight.reserve == Usd::ZERO && preflight.estimate == Some(Usd::ZERO);
+        let capture = if head.status.is_success() && (row.is_some() || !free) {
             ResponseCapture::new(module.capture(&preflight))
         } else {
             ResponseCapture::None
@@ -304,15 +350,7 @@ impl Proxy {
             head.headers.remove(header::CONTENT_LENGTH);
         }
         let observer = Box::new(Completion {
-            row: self.audit.wants_rows().then(|| {
-                self.row(
-                    call,
-                    Verdict::Allow,
-                    None,
-                    i32::from(head.status.as_u16()),
-                    request_id,
-                )
-            }),
+            row,
             entry: entry.clone(),
             module,
             operation: matched.operation,
@@ -350,7 +388,7 @@ impl Proxy {
             HeaderValue::from_static(denial.content_type),
         );
         headers.insert(
-            VERDICT_HEADER,
+            VERDICT_HEADER_NAME.clone(),
             HeaderValue::from_static(refusal.denied.verdict.as_str()),
         );
         for (name, value) in denial.headers {
@@ -559,6 +597,33 @@ impl StreamObserver for Completion {
         row.duration_ms = clock.elapsed().as_millis() as i64;
         audit.submit(row);
     }
+}
+
+/// Reads and discards a refused request's body in the background (the refusal is answered at
+/// once), up to [`REFUSED_BODY_DRAIN_BYTES`] and within `timeout`, so the agent can reuse its
+/// keep-alive connection. A longer, slower or broken body is dropped unread: hyper then closes
+/// the connection rather than read an unbounded body nobody wants.
+fn drain_refused_body(body: Incoming, timeout: Duration) {
+    use http_body::Body as _;
+    if body.is_end_stream() || body.size_hint().lower() > REFUSED_BODY_DRAIN_BYTES {
+        return;
+    }
+    tokio::spawn(async move {
+        let mut body = body;
+        let mut seen: u64 = 0;
+        let drained = tokio::time::timeout(timeout, async {
+            while let Some(frame) = body.frame().await {
+                let Ok(frame) = frame else { return };
+                if let Some(data) = frame.data_ref() {
+                    seen += data.len() as u64;
+                    if seen > REFUSED_BODY_DRAIN_BYTES {
+                        return;
+                    }
+                }
+            }
+        });
+        let _ = drained.await;
+    });
 }
 
 /// Bytes as a response body (used by the admin server too).

@@ -5,6 +5,7 @@
 //! can outside the lock. Per-key runtime state (the rate bucket) survives policy updates.
 use std::{
     collections::HashMap,
+    hash::BuildHasherDefault,
     sync::{
         Arc, Mutex, RwLock,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -12,9 +13,15 @@ use std::{
     time::{Duration, Instant},
 };
 
+use http::HeaderValue;
 use keybrake_api::{KeyGrant, KeyId, TokenHash, stream::PolicyApply};
 
-use crate::{forward::UpstreamBase, metrics::KeyCounters, ratelimit::TokenBucket};
+use crate::{
+    forward::UpstreamBase,
+    metrics::KeyCounters,
+    ratelimit::TokenBucket,
+    vendors::{AuthSlot, Credential, module_for, upstream_authorization},
+};
 
 /// State a key keeps across policy updates.
 #[derive(Debug, Default)]
@@ -32,11 +39,66 @@ pub struct KeyEntry {
     /// `grant.base_url`, parsed; `None` if it is not an absolute URL (calls then fail with
     /// `bad_upstream_url`).
     pub upstream: Option<UpstreamBase>,
+    /// The upstream credential header, built once when it does not depend on what the agent
+    /// presents (everything but a Twilio secret without its account SID). Marked sensitive.
+    pub upstream_authorization: Option<HeaderValue>,
 }
+
+impl KeyEntry {
+    pub fn new(grant: KeyGrant, runtime: Arc<KeyRuntime>) -> Self {
+        KeyEntry {
+            upstream: UpstreamBase::parse(&grant.base_url),
+            upstream_authorization: fixed_upstream_authorization(&grant),
+            grant,
+            runtime,
+            counters: KeyCounters::default(),
+        }
+    }
+}
+
+fn fixed_upstream_authorization(grant: &KeyGrant) -> Option<HeaderValue> {
+    let slot = module_for(grant.vendor).auth_slot();
+    let fixed = match slot {
+        AuthSlot::Bearer | AuthSlot::BearerOrBasicUser => true,
+        AuthSlot::BasicPassword => grant.upstream_secret.expose().contains(':'),
+    };
+    let nobody = Credential {
+        token: "".into(),
+        basic_username: None,
+    };
+    fixed
+        .then(|| upstream_authorization(slot, &grant.upstream_secret, &nobody).ok())
+        .flatten()
+}
+
+/// Hashes a [`TokenHash`] by its first eight bytes. They are SHA-256 output, already uniform,
+/// so SipHash on every lookup buys nothing. Flooding is not a concern: the map holds only keys
+/// the policy source loaded, and an agent choosing which token to present cannot lengthen the
+/// probe sequences those keys formed.
+#[derive(Default)]
+struct TokenHashHasher(u64);
+
+impl std::hash::Hasher for TokenHashHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        let mut word = [0u8; 8];
+        let n = bytes.len().min(8);
+        word[..n].copy_from_slice(&bytes[..n]);
+        self.0 ^= u64::from_le_bytes(word);
+    }
+
+    /// The slice length `[u8; 32]` hashes first: the same for every key.
+    fn write_usize(&mut self, _: usize) {}
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+type ByTokenHash = HashMap<TokenHash, Arc<KeyEntry>, BuildHasherDefault<TokenHashHasher>>;
 
 #[derive(Default)]
 struct Index {
-    by_hash: HashMap<TokenHash, Arc<KeyEntry>>,
+    by_hash: ByTokenHash,
     by_id: HashMap<KeyId, TokenHash>,
 }
 
@@ -51,15 +113,8 @@ impl Index {
             self.by_id.remove(&clash.grant.id);
         }
         self.by_id.insert(grant.id.clone(), grant.token_sha256);
-        self.by_hash.insert(
-            grant.token_sha256,
-            Arc::new(KeyEntry {
-                upstream: UpstreamBase::parse(&grant.base_url),
-                grant,
-                runtime,
-                counters: KeyCounters::default(),
-            }),
-        );
+        self.by_hash
+            .insert(grant.token_sha256, Arc::new(KeyEntry::new(grant, runtime)));
     }
 }
 
@@ -260,6 +315,19 @@ pub(crate) mod tests {
         assert!(store.lookup(&TokenHash::of("t2")).is_none());
         assert_eq!(store.len(), 1);
         assert_eq!(store.revision(), 8);
+    }
+
+    #[test]
+    fn token_hasher_spreads_keys_by_their_leading_bytes() {
+        use std::hash::BuildHasher;
+        let build = BuildHasherDefault::<TokenHashHasher>::default();
+        let a = build.hash_one(TokenHash::of("t1"));
+        let b = build.hash_one(TokenHash::of("t2"));
+        assert_ne!(a, b);
+        assert_eq!(
+            a,
+            u64::from_le_bytes(TokenHash::of("t1").as_bytes()[..8].try_into().unwrap())
+        );
     }
 
     #[test]
