@@ -200,7 +200,7 @@ fn plan(
 
     let (annotations, labels) = pod_marks();
     Ok(Plan {
-        sidecar: sidecar_container(config),
+        sidecar: sidecar_container(config, spec.termination_grace_period_seconds),
         volumes,
         agent_env: agent_env_plan,
         annotations,

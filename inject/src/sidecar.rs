@@ -17,10 +17,49 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use crate::config::InjectionConfig;
 use crate::names;
 
+/// Kubernetes' `terminationGracePeriodSeconds` when the pod sets none.
+pub const DEFAULT_GRACE_SECS: i64 = 30;
+/// What the sidecar spends releasing budget leases at shutdown (fixed in the sidecar).
+const LEASE_RELEASE_SECS: i64 = 2;
+/// Left for process exit and the kubelet's own bookkeeping.
+const SHUTDOWN_MARGIN_SECS: i64 = 3;
+
+/// How the sidecar splits the pod's grace period after SIGTERM: drain in-flight calls, release
+/// budget leases, flush audit rows (what is not delivered is already on the spool volume).
+/// Together they end [`SHUTDOWN_MARGIN_SECS`] before the kubelet's SIGKILL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShutdownBudget {
+    pub drain_secs: i64,
+    pub audit_flush_secs: i64,
+}
+
+impl ShutdownBudget {
+    /// The split for a pod whose `terminationGracePeriodSeconds` is `grace_secs` (default 30 s:
+    /// drain 20 s + leases 2 s + flush 5 s). Below about 8 s nothing fits; every step still gets
+    /// one second.
+    pub fn for_grace(grace_secs: Option<i64>) -> Self {
+        let grace = grace_secs.unwrap_or(DEFAULT_GRACE_SECS);
+        let audit_flush_secs = if grace >= 20 { 5 } else { (grace / 4).max(1) };
+        let drain_secs =
+            (grace - audit_flush_secs - LEASE_RELEASE_SECS - SHUTDOWN_MARGIN_SECS).max(1);
+        ShutdownBudget {
+            drain_secs,
+            audit_flush_secs,
+        }
+    }
+
+    /// Seconds from SIGTERM until the sidecar has exited at the latest (margin excluded).
+    pub fn total_secs(&self) -> i64 {
+        self.drain_secs + LEASE_RELEASE_SECS + self.audit_flush_secs
+    }
+}
+
 /// Command-line flags the sidecar is started with. Kept here, in one list, so the sidecar's
-/// parser and this injector can be checked against each other.
-pub fn sidecar_args(config: &InjectionConfig) -> Vec<String> {
+/// parser and this injector can be checked against each other. `grace_secs` is the pod's
+/// `terminationGracePeriodSeconds` (see [`ShutdownBudget`]).
+pub fn sidecar_args(config: &InjectionConfig, grace_secs: Option<i64>) -> Vec<String> {
     let p = &config.ports;
+    let shutdown = ShutdownBudget::for_grace(grace_secs);
     vec![
         format!("--controller-url={}", config.controller_url),
         format!("--token-file={}/{}", names::TOKEN_DIR, names::TOKEN_FILE),
@@ -36,6 +75,8 @@ pub fn sidecar_args(config: &InjectionConfig) -> Vec<String> {
         // The kubelet probes on the pod IP, so admin listens on all addresses; it serves no secrets.
         "--admin-listen-addr=0.0.0.0".to_string(),
         format!("--admin-port={}", p.admin),
+        format!("--drain-timeout={}s", shutdown.drain_secs),
+        format!("--audit-flush-timeout={}s", shutdown.audit_flush_secs),
     ]
 }
 
@@ -78,7 +119,7 @@ fn http_probe(path: &str, port: u16, period: i32, failures: i32) -> Probe {
     }
 }
 
-pub fn sidecar_container(config: &InjectionConfig) -> Container {
+pub fn sidecar_container(config: &InjectionConfig, grace_secs: Option<i64>) -> Container {
     let mount = |name: &str, path: &str, read_only: bool| VolumeMount {
         name: name.into(),
         mount_path: path.into(),
@@ -90,7 +131,7 @@ pub fn sidecar_container(config: &InjectionConfig) -> Container {
         image: Some(config.sidecar_image.clone()),
         image_pull_policy: config.image_pull_policy.clone(),
         restart_policy: Some("Always".into()),
-        args: Some(sidecar_args(config)),
+        args: Some(sidecar_args(config, grace_secs)),
         env: Some(sidecar_env()),
         ports: Some(vec![ContainerPort {
             name: Some(names::ADMIN_PORT_NAME.into()),
@@ -193,7 +234,7 @@ mod tests {
 
     #[test]
     fn is_a_native_sidecar_gated_on_ready() {
-        let c = sidecar_container(&config());
+        let c = sidecar_container(&config(), None);
         assert_eq!(c.restart_policy.as_deref(), Some("Always"));
         let probe = c.startup_probe.unwrap().http_get.unwrap();
         assert_eq!(probe.path.as_deref(), Some("/ready"));
@@ -202,7 +243,7 @@ mod tests {
 
     #[test]
     fn runs_locked_down() {
-        let sc = sidecar_container(&config()).security_context.unwrap();
+        let sc = sidecar_container(&config(), None).security_context.unwrap();
         assert_eq!(sc.run_as_non_root, Some(true));
         assert_eq!(sc.read_only_root_filesystem, Some(true));
         assert_eq!(sc.allow_privilege_escalation, Some(false));
@@ -211,7 +252,7 @@ mod tests {
 
     #[test]
     fn args_carry_controller_paths_and_ports() {
-        let args = sidecar_args(&config());
+        let args = sidecar_args(&config(), None);
         for expected in [
             "--controller-url=https://keybrake-controller-streams.keybrake-system.svc:8443",
             "--token-file=/var/run/secrets/keybrake/token/token",
@@ -223,6 +264,34 @@ mod tests {
         ] {
             assert!(args.iter().any(|a| a == expected), "missing {expected}");
         }
+    }
+
+    #[test]
+    fn shutdown_fits_the_pods_grace_period() {
+        // Default grace (30 s): drain 20 s, leases 2 s, flush 5 s, 3 s to spare.
+        let default = ShutdownBudget::for_grace(None);
+        assert_eq!((default.drain_secs, default.audit_flush_secs), (20, 5));
+        let args = sidecar_args(&config(), None);
+        assert!(
+            args.contains(&"--drain-timeout=20s".to_string()),
+            "{args:?}"
+        );
+        assert!(
+            args.contains(&"--audit-flush-timeout=5s".to_string()),
+            "{args:?}"
+        );
+        for grace in [8, 10, 15, 20, 30, 60, 300] {
+            let budget = ShutdownBudget::for_grace(Some(grace));
+            assert!(
+                budget.total_secs() + SHUTDOWN_MARGIN_SECS <= grace,
+                "grace {grace}: {budget:?}"
+            );
+            assert!(budget.drain_secs >= 1 && budget.audit_flush_secs >= 1);
+        }
+        // A longer grace goes to draining calls.
+        assert_eq!(ShutdownBudget::for_grace(Some(120)).drain_secs, 110);
+        let args = sidecar_args(&config(), Some(120));
+        assert!(args.contains(&"--drain-timeout=110s".to_string()));
     }
 
     #[test]
@@ -252,7 +321,7 @@ mod tests {
             .into_iter()
             .map(|v| v.name)
             .collect();
-        for m in sidecar_container(&config).volume_mounts.unwrap() {
+        for m in sidecar_container(&config, None).volume_mounts.unwrap() {
             assert!(volumes.contains(&m.name), "{} has no volume", m.name);
         }
     }

@@ -160,7 +160,10 @@ pub struct RunArgs {
     pub upstream_idle_timeout: Duration,
     #[arg(long, default_value = "600s", value_parser = parse_duration)]
     pub upstream_total_timeout: Duration,
-    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    /// At SIGTERM, how long in-flight calls get to finish. With the lease release (2 s) and
+    /// --audit-flush-timeout it must end before the pod's terminationGracePeriodSeconds
+    /// (default 30 s; the injector derives both from the pod's value, docs/runbook.md).
+    #[arg(long, default_value = "20s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
     /// Extra PEM CA bundle trusted for upstreams, on top of the platform roots.
     #[arg(long)]
@@ -336,6 +339,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     served
 }
 
+/// At shutdown, how long returning budget leases to the controller may take.
+pub const LEASE_RELEASE_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Serves the proxy in front of `store` (fed by any policy source) until SIGINT/SIGTERM, then
 /// stops accepting and drains in-flight calls.
 pub async fn serve(
@@ -430,9 +436,12 @@ mod tests {
             "--resend-port=15005",
             "--admin-listen-addr=0.0.0.0",
             "--admin-port=15020",
+            "--drain-timeout=20s",
+            "--audit-flush-timeout=5s",
         ])
         .unwrap();
         assert_eq!(cli.run.staleness_bound, Duration::from_secs(30));
+        assert_eq!(cli.run.drain_timeout, Duration::from_secs(20));
         let settings = cli.run.settings();
         assert_eq!(settings.admin_bind.to_string(), "0.0.0.0");
         assert_eq!(settings.bind.to_string(), "127.0.0.1");
@@ -445,6 +454,16 @@ mod tests {
             .is_err(),
             "one policy source at a time"
         );
+    }
+
+    #[test]
+    fn default_shutdown_fits_the_default_grace_period() {
+        let run = Cli::try_parse_from(["keybrake-sidecar", "--config=a.yaml"])
+            .unwrap()
+            .run;
+        let shutdown = run.drain_timeout + LEASE_RELEASE_TIMEOUT + run.audit_flush_timeout;
+        // Kubernetes' default terminationGracePeriodSeconds, with a few seconds to spare.
+        assert!(shutdown <= Duration::from_secs(27), "{shutdown:?}");
     }
 
     #[test]
@@ -461,7 +480,11 @@ mod tests {
                 .unwrap()
                 .contains(&(Vendor::Stripe, 0))
         );
-        let ports = parse(&["--no-vendor-port=stripe,twilio", "--no-vendor-port", "resend"]);
+        let ports = parse(&[
+            "--no-vendor-port=stripe,twilio",
+            "--no-vendor-port",
+            "resend",
+        ]);
         assert_eq!(ports.unwrap(), vec![(Vendor::Openai, 15003)]);
         assert!(parse(&["--no-vendor-port=custom"]).is_err());
         assert!(parse(&["--no-vendor-port=paypal"]).is_err());
