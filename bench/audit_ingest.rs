@@ -122,15 +122,29 @@ async fn write_all<S: AuditSink>(
     Ok(elapsed)
 }
 
-fn report(name: &str, n: usize, batch: usize, runs: &mut [Duration]) {
+/// One table line: its median rows/s, and the line with `{ratio}` left to fill in.
+struct Line {
+    median: f64,
+    text: String,
+}
+
+fn report(name: &str, n: usize, batch: usize, runs: &mut [Duration]) -> Line {
     runs.sort();
     let rate = |d: &Duration| n as f64 / d.as_secs_f64();
     let median = rate(&runs[runs.len() / 2]);
     let all: Vec<String> = runs.iter().map(|d| format!("{:.0}", rate(d))).collect();
-    println!(
-        "| {name} | {n} | {batch} | {median:.0} | {} |",
-        all.join(", ")
-    );
+    Line {
+        median,
+        text: format!(
+            "| {name} | {n} | {batch} | {median:.0} | {{ratio}} | {} |",
+            all.join(", ")
+        ),
+    }
+}
+
+fn print_line(line: &Line, baseline: Option<f64>) {
+    let ratio = baseline.map_or("—".to_owned(), |b| format!("{:.2}", line.median / b));
+    println!("{}", line.text.replace("{ratio}", &ratio));
 }
 
 #[tokio::main]
@@ -144,15 +158,18 @@ async fn main() -> anyhow::Result<()> {
     )?;
     let dir = tempfile::tempdir()?;
 
-    println!("| sink | rows | batch | median rows/s | each run rows/s |");
-    println!("| --- | ---: | ---: | ---: | --- |");
+    println!("| sink | rows | batch | median rows/s | ÷ PK-only baseline | each run rows/s |");
+    println!("| --- | ---: | ---: | ---: | ---: | --- |");
 
     let mut times = Vec::new();
     for run in 0..runs {
         let sink = SqliteSink::open(dir.path().join(format!("bench-{run}.db"))).await?;
         times.push(write_all(&sink, &rows(n), batch).await?);
     }
-    report("SQLite (WAL, synchronous=NORMAL)", n, batch, &mut times);
+    print_line(
+        &report("SQLite (WAL, synchronous=NORMAL)", n, batch, &mut times),
+        None,
+    );
 
     let mut times = Vec::new();
     for run in 0..runs {
@@ -174,11 +191,14 @@ async fn main() -> anyhow::Result<()> {
             bail!("ingest inserted {} of {n}", report.inserted);
         }
     }
-    report("ingest NDJSON -> SQLite", n, batch, &mut times);
+    print_line(
+        &report("ingest NDJSON -> SQLite", n, batch, &mut times),
+        None,
+    );
 
     let connections = env_usize("AUDIT_BENCH_PG_CONNECTIONS", PG_DEFAULT_CONNECTIONS).max(1);
     let all_indexes = format!("PostgreSQL (binary COPY, {connections} connections, 5 indexes)");
-    pg_line(
+    let two = pg_line(
         &pg_url,
         "kb_audit_bench",
         &all_indexes,
@@ -190,7 +210,7 @@ async fn main() -> anyhow::Result<()> {
         runs,
     )
     .await?;
-    pg_line(
+    let one = pg_line(
         &pg_url,
         "kb_audit_bench_one",
         "PostgreSQL (binary COPY, 1 connection, 5 indexes)",
@@ -202,7 +222,7 @@ async fn main() -> anyhow::Result<()> {
         runs,
     )
     .await?;
-    pg_line(
+    let v4 = pg_line(
         &pg_url,
         "kb_audit_bench_v4",
         &format!("PostgreSQL (binary COPY, {connections} connections, 5 indexes), UUIDv4 ids"),
@@ -216,7 +236,7 @@ async fn main() -> anyhow::Result<()> {
     .await?;
     // Baseline in the same run: the same sink and table with only the primary key, to show
     // what the playbook's four secondary indexes cost.
-    pg_line(
+    let bare = pg_line(
         &pg_url,
         "kb_audit_bench_bare",
         &format!("baseline: PostgreSQL COPY, {connections} connections, primary key only"),
@@ -228,6 +248,10 @@ async fn main() -> anyhow::Result<()> {
         runs,
     )
     .await?;
+    for line in [&two, &one, &v4] {
+        print_line(line, Some(bare.median));
+    }
+    print_line(&bare, Some(bare.median));
     Ok(())
 }
 
@@ -245,7 +269,7 @@ async fn pg_line(
     n: usize,
     batch: usize,
     runs: usize,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Line> {
     let url = fresh_database(admin_url, db).await?;
     let sink = PostgresSink::connect_with(&url, connections).await?;
     if primary_key_only {
@@ -262,8 +286,7 @@ async fn pg_line(
     for _ in 0..runs {
         times.push(write_all(&sink, &rows_with(n, ids), batch).await?);
     }
-    report(name, n, batch, &mut times);
-    Ok(())
+    Ok(report(name, n, batch, &mut times))
 }
 
 async fn fresh_database(admin_url: &str, db: &str) -> anyhow::Result<String> {
