@@ -352,11 +352,12 @@ pub async fn serve(
     let audit = AuditPipeline::start(args.audit_config()?, metrics.audit.clone())
         .await
         .context("starting the audit pipeline")?;
+    let ledger = ledger_for(args)?;
     let deps = Deps {
         store,
         metrics,
         audit: audit.sink(),
-        ledger: ledger_for(args)?,
+        ledger: ledger.clone(),
     };
     let sidecar = Sidecar::start(&args.settings(), deps).await?;
     if let Some(path) = &args.addr_file {
@@ -369,6 +370,7 @@ pub async fn serve(
     wait_for_signal().await;
     tracing::info!("shutting down: draining in-flight calls");
     sidecar.shutdown().await;
+    ledger.release_all(Duration::from_secs(2)).await;
     audit.shutdown().await;
     Ok(())
 }

@@ -9,6 +9,8 @@
 //!   for a slice only when it has none left. No answer in time: `daily_cap` (fail closed).
 use std::{
     collections::HashMap,
+    future::Future,
+    pin::Pin,
     sync::{
         Mutex,
         atomic::{AtomicU64, Ordering},
@@ -53,9 +55,14 @@ pub struct BudgetWait {
 
 impl BudgetWait {
     /// True if an answer arrived within the limit.
-    pub async fn answered(mut self) -> bool {
+    pub async fn answered(self) -> bool {
+        let deadline = tokio::time::Instant::now() + self.limit;
+        self.answered_by(deadline).await
+    }
+
+    async fn answered_by(mut self, deadline: tokio::time::Instant) -> bool {
         matches!(
-            tokio::time::timeout(self.limit, self.answered.changed()).await,
+            tokio::time::timeout_at(deadline, self.answered.changed()).await,
             Ok(Ok(()))
         )
     }
@@ -91,11 +98,18 @@ pub trait SpendLedger: Send + Sync {
 
     /// Spend booked (plus held) today, for status and the audit row.
     fn spent_today(&self, key: &KeyId, now: Timestamp) -> Usd;
+
+    /// Shutdown: gives back whatever budget this ledger holds, waiting at most `limit`.
+    fn release_all(&self, limit: Duration) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        let _ = limit;
+        Box::pin(async {})
+    }
 }
 
 impl dyn SpendLedger {
-    /// Reserves, and when the budget is short only for want of a slice, waits (bounded) for
-    /// the slice requested on the spot and tries once more.
+    /// Reserves, and when the budget is short only for want of a slice, waits for the slice
+    /// requested on the spot (several answers may come: a refill already in flight, then the
+    /// request for this call), within the first wait's limit in all.
     pub async fn reserve_waiting(
         &self,
         key: &KeyId,
@@ -103,16 +117,19 @@ impl dyn SpendLedger {
         daily_cap: Usd,
         now: Timestamp,
     ) -> Result<Reservation, DailyCapReached> {
-        match self.try_reserve(key, estimate, daily_cap, now) {
-            Ok(r) => Ok(r),
-            Err(Shortfall { wait: Some(wait) }) => {
-                if wait.answered().await {
-                    self.reserve(key, estimate, daily_cap, now)
-                } else {
-                    Err(DailyCapReached)
+        let mut deadline = None;
+        loop {
+            match self.try_reserve(key, estimate, daily_cap, now) {
+                Ok(r) => return Ok(r),
+                Err(Shortfall { wait: Some(wait) }) => {
+                    let by =
+                        *deadline.get_or_insert_with(|| tokio::time::Instant::now() + wait.limit);
+                    if !wait.answered_by(by).await {
+                        return Err(DailyCapReached);
+                    }
                 }
+                Err(Shortfall { wait: None }) => return Err(DailyCapReached),
             }
-            Err(Shortfall { wait: None }) => Err(DailyCapReached),
         }
     }
 }
@@ -212,6 +229,9 @@ impl Default for LeaseSettings {
     }
 }
 
+/// How long a refusal (or a failed request) stands before calls ask the controller again.
+const REFUSAL_HOLD: Duration = Duration::from_secs(1);
+
 /// A lease as this sidecar holds it.
 #[derive(Debug, Clone)]
 struct LocalLease {
@@ -256,6 +276,9 @@ struct KeyBudget {
     last_activity: Instant,
     /// The controller's committed total at the last answer, minus that lease's headroom then.
     others_committed: Usd,
+    /// After a refusal (or a failed request), calls needing at least this much are refused at
+    /// once until then, rather than asking again at the call rate.
+    refused: Option<(Usd, Instant)>,
 }
 
 impl KeyBudget {
@@ -269,6 +292,7 @@ impl KeyBudget {
             answered: watch::Sender::new(0),
             last_activity: now,
             others_committed: Usd::ZERO,
+            refused: None,
         }
     }
 
@@ -402,6 +426,7 @@ impl LeasedLedger {
         let headroom = state.lease.as_ref().map_or(Usd::ZERO, LocalLease::headroom);
         let own = state.lease.as_ref().map_or(Usd::ZERO, |l| l.granted);
         state.others_committed = grant.committed.saturating_sub(own.max(headroom));
+        state.refused = (headroom < request.want).then(|| (request.want, now + REFUSAL_HOLD));
         state.want = Usd::ZERO;
         state.answered.send_modify(|n| *n += 1);
     }
@@ -412,6 +437,7 @@ impl LeasedLedger {
         if let Some(state) = keys.get_mut(key) {
             state.want = Usd::ZERO;
             state.asking = false;
+            state.refused = Some((Usd::ZERO, Instant::now() + REFUSAL_HOLD));
             state.answered.send_modify(|n| *n += 1);
         }
     }
@@ -520,6 +546,12 @@ impl SpendLedger for LeasedLedger {
                 return Ok(reservation);
             }
         }
+        if let Some((at_least, until)) = state.refused
+            && instant < until
+            && amount.max(Usd::from_micros(1)) >= at_least
+        {
+            return Err(Shortfall { wait: None });
+        }
         state.want = state.want.max(amount).max(Usd::from_micros(1));
         let wait = BudgetWait {
             answered: state.answered.subscribe(),
@@ -561,6 +593,26 @@ impl SpendLedger for LeasedLedger {
         self.lock()
             .get(key)
             .map_or(Usd::ZERO, KeyBudget::known_spend)
+    }
+
+    /// Retires every lease and waits (polling, bounded by `limit`) until the budget client has
+    /// released them all, so their unspent rest returns to the other sidecars.
+    fn release_all(&self, limit: Duration) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        Box::pin(async move {
+            self.retire_all();
+            self.tick(Instant::now());
+            let deadline = tokio::time::Instant::now() + limit;
+            while !self.keys_with_leases().is_empty() && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let left = self.keys_with_leases().len();
+            if left > 0 {
+                tracing::warn!(
+                    keys = left,
+                    "shutdown: budget leases not released in time; their rest stays committed for today"
+                );
+            }
+        })
     }
 }
 
@@ -813,5 +865,88 @@ mod tests {
             .collect();
         let held: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
         assert_eq!(held, 100, "exactly the lease's worth");
+    }
+
+    #[tokio::test]
+    async fn a_waiting_call_outlasts_a_refill_answered_too_small_then_a_refusal_stands() {
+        let (leased, _needs) = LeasedLedger::new(LeaseSettings::default());
+        let leased = Arc::new(leased);
+        let l: Arc<dyn SpendLedger> = leased.clone();
+        let k = KeyId::new("ns", "k");
+        let now = Timestamp::now();
+        let cap = usd("100");
+        assert!(l.reserve(&k, Some(usd("0.1")), cap, now).is_err());
+        answer_all(&leased, &k, |_| grant("L1", "1.00", 60_000, "1.00"));
+        // Used 0.60 of 1.00: a refill (wanting nothing in particular) goes out.
+        l.reserve(&k, Some(usd("0.6")), cap, now).unwrap();
+        let refill = leased.next_request(&k).expect("refill");
+        assert_eq!(refill.want, Usd::ZERO);
+        // A call needing 0.50 arrives while the refill is in flight.
+        let waiting = {
+            let (l, k) = (l.clone(), k.clone());
+            tokio::spawn(async move { l.reserve_waiting(&k, Some(usd("0.5")), cap, now).await })
+        };
+        let wants = |want: &str| leased.lock().get(&k).is_some_and(|s| s.want == usd(want));
+        for _ in 0..10_000 {
+            if wants("0.5") {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert!(wants("0.5"), "the call registered its need");
+        // The refill's answer adds nothing; the call keeps waiting for its own request.
+        leased.apply_grant(&refill, &grant("L1", "1.00", 60_000, "90"), Instant::now());
+        let own = loop {
+            if let Some(r) = leased.next_request(&k).filter(|r| r.want == usd("0.5")) {
+                break r;
+            }
+            tokio::task::yield_now().await;
+        };
+        leased.apply_grant(&own, &grant("L1", "1.50", 60_000, "90.5"), Instant::now());
+        assert!(waiting.await.unwrap().is_ok());
+        // A refusal stands for a moment: the next calls are refused at once, not re-asked.
+        assert!(l.reserve(&k, Some(usd("0.5")), cap, now).is_err());
+        let ask = leased.next_request(&k).expect("the call's request");
+        leased.apply_grant(&ask, &grant("L1", "1.50", 60_000, "100"), Instant::now());
+        assert!(leased.next_request(&k).is_none());
+        let started = Instant::now();
+        assert!(
+            l.reserve_waiting(&k, Some(usd("0.5")), cap, now)
+                .await
+                .is_err()
+        );
+        assert!(started.elapsed() < Duration::from_millis(100));
+        assert!(
+            leased.next_request(&k).is_none(),
+            "nothing asked while refused"
+        );
+    }
+
+    #[tokio::test]
+    async fn shutdown_releases_every_lease_with_its_use() {
+        let (leased, mut needs) = LeasedLedger::new(LeaseSettings::default());
+        let leased = Arc::new(leased);
+        let k = KeyId::new("ns", "k");
+        let now = Timestamp::now();
+        assert!(leased.reserve(&k, Some(usd("1")), usd("100"), now).is_err());
+        let _ = needs.recv().await;
+        answer_all(&leased, &k, |_| grant("L1", "10", 60_000, "10"));
+        leased.reserve(&k, Some(usd("3")), usd("100"), now).unwrap();
+        // A budget client that answers releases.
+        let client = leased.clone();
+        let released = tokio::spawn(async move {
+            let key = needs.recv().await.unwrap();
+            answer_all(&client, &key, |r| {
+                assert!(r.release);
+                grant("L1", "0", 0, "3")
+            })
+        });
+        leased.release_all(Duration::from_secs(5)).await;
+        assert!(leased.keys_with_leases().is_empty());
+        let sent = released.await.unwrap();
+        assert_eq!(
+            (sent[0].lease.as_deref(), sent[0].used),
+            (Some("L1"), usd("3"))
+        );
     }
 }
