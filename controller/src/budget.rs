@@ -395,10 +395,9 @@ impl BudgetService {
             Ok(r) => r,
             Err(res) => return res,
         };
-        // Only keys bound to the caller's (namespace, service account), as on the stream.
         let key = &request.key;
         let bound = self.0.index.bound_service_account(key);
-        if key.namespace() != scope.namespace || bound.as_deref() != Some(&*scope.service_account) {
+        if !may_lease(key, &scope, bound.as_deref()) {
             return text(StatusCode::FORBIDDEN, "key is not in the caller's scope\n");
         }
         match self.grant(&request).await {
@@ -419,6 +418,13 @@ impl BudgetService {
             }
         }
     }
+}
+
+/// Only keys bound to the caller's (namespace, service account) — the keys its stream
+/// carries — may be leased. `bound` is the key's `spec.workload.serviceAccountName` as this
+/// replica knows it (`None`: unknown key).
+fn may_lease(key: &KeyId, scope: &Scope, bound: Option<&str>) -> bool {
+    key.namespace() == scope.namespace && bound == Some(scope.service_account.as_str())
 }
 
 fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
@@ -700,6 +706,26 @@ mod tests {
             ..book
         };
         assert_eq!(book_patch(&empty)["leases"], serde_json::json!([]));
+    }
+
+    #[test]
+    fn only_keys_in_the_callers_scope_are_leased() {
+        let scope = Scope::new("agents", "refund");
+        let key = KeyId::new("agents", "k");
+        assert!(may_lease(&key, &scope, Some("refund")));
+        assert!(
+            !may_lease(&key, &scope, Some("billing")),
+            "another SA's key"
+        );
+        assert!(
+            !may_lease(&key, &scope, None),
+            "a key this replica does not know"
+        );
+        let foreign = KeyId::new("other", "k");
+        assert!(
+            !may_lease(&foreign, &scope, Some("refund")),
+            "another namespace"
+        );
     }
 
     #[test]
