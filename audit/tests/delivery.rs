@@ -255,8 +255,8 @@ async fn kill_the_collector_mid_run_every_row_arrives_once_in_order() {
 
 #[tokio::test]
 async fn a_row_the_collector_refuses_does_not_wedge_delivery() {
-    // A negative amount serializes but the collector cannot parse it back (400): only that
-    // row is dropped; its neighbours arrive.
+    // A row the collector refuses (400: an id over its length limit): only that row is
+    // dropped; its neighbours arrive.
     let dir = tempfile::tempdir().unwrap();
     let sink = SqliteSink::open(dir.path().join("collector.db"))
         .await
@@ -285,7 +285,7 @@ async fn a_row_the_collector_refuses_does_not_wedge_delivery() {
     let shipper =
         tokio::spawn(Shipper::new(transport, receiver, spool, ShipperConfig::default()).run());
     let mut rows = numbered_rows(0..9);
-    rows[4].cost_usd_parsed = Some(keybrake_api::Usd::from_micros(-1));
+    rows[4].id = "x".repeat(keybrake_audit::ingest::MAX_ID_LEN + 1);
     record_all(&audit, rows);
     drop(audit);
     let report = tokio::time::timeout(Duration::from_secs(30), shipper)
