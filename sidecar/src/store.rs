@@ -14,7 +14,7 @@ use std::{
 };
 
 use http::HeaderValue;
-use keybrake_api::{KeyGrant, KeyId, TokenHash, stream::PolicyApply};
+use keybrake_api::{KeyGrant, KeyId, TokenHash, Vendor, stream::PolicyApply};
 
 use crate::{
     forward::UpstreamBase,
@@ -46,14 +46,37 @@ pub struct KeyEntry {
 
 impl KeyEntry {
     pub fn new(grant: KeyGrant, runtime: Arc<KeyRuntime>) -> Self {
+        Self::sharing(grant, runtime, &mut SharedDerivations::default())
+    }
+
+    fn sharing(grant: KeyGrant, runtime: Arc<KeyRuntime>, shared: &mut SharedDerivations) -> Self {
+        let upstream = shared
+            .upstreams
+            .entry(grant.base_url.clone())
+            .or_insert_with(|| UpstreamBase::parse(&grant.base_url))
+            .clone();
+        let upstream_authorization = shared
+            .authorizations
+            .entry((grant.vendor, grant.upstream_secret.expose().to_owned()))
+            .or_insert_with(|| fixed_upstream_authorization(&grant))
+            .clone();
         KeyEntry {
-            upstream: UpstreamBase::parse(&grant.base_url),
-            upstream_authorization: fixed_upstream_authorization(&grant),
+            upstream,
+            upstream_authorization,
             grant,
             runtime,
             counters: KeyCounters::default(),
         }
     }
+}
+
+/// Values derived from a key's upstream, computed once per snapshot: thousands of keys usually
+/// share a few upstreams and secrets, and a clone shares the parsed bytes where a fresh parse
+/// would hold a copy per key. Dropped when the snapshot is applied.
+#[derive(Default)]
+struct SharedDerivations {
+    upstreams: HashMap<String, Option<UpstreamBase>>,
+    authorizations: HashMap<(Vendor, String), Option<HeaderValue>>,
 }
 
 fn fixed_upstream_authorization(grant: &KeyGrant) -> Option<HeaderValue> {
@@ -103,7 +126,8 @@ struct Index {
 }
 
 impl Index {
-    fn insert(&mut self, grant: KeyGrant, runtime: Arc<KeyRuntime>) {
+    fn insert(&mut self, entry: KeyEntry) {
+        let grant = &entry.grant;
         if let Some(old_hash) = self.by_id.remove(&grant.id) {
             self.by_hash.remove(&old_hash);
         }
@@ -113,8 +137,7 @@ impl Index {
             self.by_id.remove(&clash.grant.id);
         }
         self.by_id.insert(grant.id.clone(), grant.token_sha256);
-        self.by_hash
-            .insert(grant.token_sha256, Arc::new(KeyEntry::new(grant, runtime)));
+        self.by_hash.insert(grant.token_sha256, Arc::new(entry));
     }
 }
 
@@ -218,6 +241,7 @@ impl PolicyStore {
 impl PolicyApply for PolicyStore {
     fn replace_all(&self, keys: Vec<KeyGrant>, revision: u64) {
         let mut next = Index::default();
+        let mut shared = SharedDerivations::default();
         {
             let current = self.read();
             for grant in keys {
@@ -227,7 +251,7 @@ impl PolicyApply for PolicyStore {
                     .and_then(|h| current.by_hash.get(h))
                     .map(|e| e.runtime.clone())
                     .unwrap_or_default();
-                next.insert(grant, runtime);
+                next.insert(KeyEntry::sharing(grant, runtime, &mut shared));
             }
         }
         *self.write() = next;
@@ -237,7 +261,7 @@ impl PolicyApply for PolicyStore {
 
     fn upsert(&self, key: KeyGrant, revision: u64) {
         let runtime = self.runtime_for(&key.id);
-        self.write().insert(key, runtime);
+        self.write().insert(KeyEntry::new(key, runtime));
         self.set_revision(revision);
     }
 
@@ -327,6 +351,37 @@ pub(crate) mod tests {
         assert_eq!(
             a,
             u64::from_le_bytes(TokenHash::of("t1").as_bytes()[..8].try_into().unwrap())
+        );
+    }
+
+    #[test]
+    fn a_snapshot_shares_derived_upstream_values_between_keys() {
+        let store = PolicyStore::new(Freshness::AlwaysFresh);
+        store.replace_all(vec![grant("a", "t1"), grant("b", "t2")], 1);
+        let a = store.lookup(&TokenHash::of("t1")).unwrap();
+        let b = store.lookup(&TokenHash::of("t2")).unwrap();
+        let (auth_a, auth_b) = (
+            a.upstream_authorization.as_ref().unwrap(),
+            b.upstream_authorization.as_ref().unwrap(),
+        );
+        assert_eq!(auth_a, "Bearer sk_test");
+        assert!(auth_a.is_sensitive());
+        // One parse, shared: both point at the same bytes.
+        assert_eq!(auth_a.as_bytes().as_ptr(), auth_b.as_bytes().as_ptr());
+        let (host_a, host_b) = (
+            a.upstream.as_ref().unwrap().host(),
+            b.upstream.as_ref().unwrap().host(),
+        );
+        assert_eq!(host_a, "127.0.0.1:9");
+        assert_eq!(host_a.as_bytes().as_ptr(), host_b.as_bytes().as_ptr());
+        // Another secret gets its own header.
+        let mut other = grant("c", "t3");
+        other.upstream_secret = keybrake_api::SecretString::new("sk_test_other");
+        store.upsert(other, 2);
+        let c = store.lookup(&TokenHash::of("t3")).unwrap();
+        assert_eq!(
+            c.upstream_authorization.as_ref().unwrap(),
+            "Bearer sk_test_other"
         );
     }
 
