@@ -370,7 +370,7 @@ pub async fn serve(
     wait_for_signal().await;
     tracing::info!("shutting down: draining in-flight calls");
     sidecar.shutdown().await;
-    ledger.release_all(Duration::from_secs(2)).await;
+    ledger.release_all(LEASE_RELEASE_TIMEOUT).await;
     audit.shutdown().await;
     Ok(())
 }
