@@ -141,6 +141,9 @@ can no update secrets -n agents
 can no delete secrets -n agents
 can no update vaultkeys.keybrake.dev -n agents
 can no update leases.coordination.k8s.io/other-lease -n "$namespace"
+can yes patch leases.coordination.k8s.io/"$release-controller-replica-0" -n "$namespace"
+can yes watch leases.coordination.k8s.io -n "$namespace"
+can no patch leases.coordination.k8s.io -n agents
 can no patch mutatingwebhookconfigurations.admissionregistration.k8s.io/someone-elses
 can no update configmaps/app-config -n agents
 can no create pods -n agents
