@@ -126,7 +126,8 @@ pub struct Config {
     /// Watch and reconcile only this namespace (default: all namespaces).
     #[arg(long, env = "KEYBRAKE_WATCH_NAMESPACE")]
     pub watch_namespace: Option<String>,
-    /// Exit when standard input closes (test harnesses: the controller dies with its parent).
+    /// Exit when standard input closes, pipe or socket only (test harnesses: the controller dies
+    /// with its parent); on /dev/null, a file or a terminal it warns and is ignored.
     #[arg(long)]
     pub exit_on_stdin_close: bool,
     /// Audit sink for `POST /v1/audit`: `sqlite:///path/audit.db`, `postgres://…` or `stdout`.
@@ -207,6 +208,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 ttl: Duration::from_secs(config.budget_lease_secs.max(1)),
                 ..Default::default()
             },
+            metrics.clone(),
         )),
     }));
     let tracker = Arc::new(EnforcementTracker::new());

@@ -33,6 +33,7 @@ use kube::{
 
 use crate::{
     index::{PolicyIndex, Scope},
+    metrics::Metrics,
     server::{Body, IngestHandler},
 };
 
@@ -298,6 +299,7 @@ struct Inner {
     client: Client,
     index: Arc<PolicyIndex>,
     policy: LeasePolicy,
+    metrics: Metrics,
     /// One request per key at a time on this replica, so its own requests never race each
     /// other's writes (other replicas' are caught by the precondition).
     per_key: Mutex<HashMap<KeyId, Arc<tokio::sync::Mutex<()>>>>,
@@ -316,11 +318,17 @@ enum ServeError {
 }
 
 impl BudgetService {
-    pub fn new(client: Client, index: Arc<PolicyIndex>, policy: LeasePolicy) -> Self {
+    pub fn new(
+        client: Client,
+        index: Arc<PolicyIndex>,
+        policy: LeasePolicy,
+        metrics: Metrics,
+    ) -> Self {
         BudgetService(Arc::new(Inner {
             client,
             index,
             policy,
+            metrics,
             per_key: Mutex::default(),
         }))
     }
@@ -383,24 +391,41 @@ impl BudgetService {
                 .await
             {
                 Ok(_) => return Ok(grant),
-                Err(kube::Error::Api(s)) if s.code == 409 => continue,
+                Err(kube::Error::Api(s)) if s.code == 409 => {
+                    self.count("conflict_retry");
+                    continue;
+                }
                 Err(e) => return Err(e.into()),
             }
         }
         Err(ServeError::Contended)
     }
 
+    fn count(&self, result: &str) {
+        self.0
+            .metrics
+            .budget_grants
+            .with_label_values(&[result])
+            .inc();
+    }
+
     async fn serve(self, scope: Scope, request: Request<Incoming>) -> Response<Body> {
         let request = match read_request(request).await {
             Ok(r) => r,
-            Err(res) => return res,
+            Err(res) => {
+                self.count("rejected");
+                return res;
+            }
         };
         let key = &request.key;
         let bound = self.0.index.bound_service_account(key);
         if !may_lease(key, &scope, bound.as_deref()) {
+            self.count("rejected");
             return text(StatusCode::FORBIDDEN, "key is not in the caller's scope\n");
         }
-        match self.grant(&request).await {
+        let answer = self.grant(&request).await;
+        self.count(answer_result(&request, &answer));
+        match answer {
             Ok(grant) => {
                 let mut res = Response::new(
                     Full::new(Bytes::from(serde_json::to_vec(&grant).unwrap_or_default())).boxed(),
@@ -417,6 +442,25 @@ impl BudgetService {
                 text(StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n"))
             }
         }
+    }
+}
+
+/// The `result` label of `keybrake_controller_budget_grants_total` for one answer. `refused`:
+/// the answer does not cover the pending call (no lease, or a top-up too small for `want`).
+fn answer_result(
+    request: &BudgetRequest,
+    answer: &Result<BudgetGrant, ServeError>,
+) -> &'static str {
+    match answer {
+        Ok(_) if request.release => "released",
+        Ok(grant)
+            if grant.ttl_ms == 0 || grant.granted.saturating_sub(request.used) < request.want =>
+        {
+            "refused"
+        }
+        Ok(_) => "granted",
+        Err(ServeError::Budget(_)) => "rejected",
+        Err(ServeError::Kube(_) | ServeError::Contended) => "error",
     }
 }
 
@@ -726,6 +770,49 @@ mod tests {
             !may_lease(&foreign, &scope, Some("refund")),
             "another namespace"
         );
+    }
+
+    #[test]
+    fn grants_and_refusals_are_counted_by_result() {
+        let metrics = Metrics::new();
+        let count = |result: &str| metrics.budget_grants.with_label_values(&[result]).get();
+        let policy = LeasePolicy::default();
+        let cap = usd("10");
+        let now = at("2026-12-01T10:00:00Z");
+        let mut next = ids();
+        let mut answer = |book: Option<&BudgetBook>, request: &BudgetRequest| {
+            let (book, grant) = decide(book, cap, request, now, &policy, &mut next);
+            let result = answer_result(request, &Ok(grant));
+            metrics.budget_grants.with_label_values(&[result]).inc();
+            book
+        };
+        let want_all = ask(None, "0", "10");
+        let book = answer(None, &want_all);
+        assert_eq!((count("granted"), count("refused")), (1, 0));
+        // The cap is all leased: a second sidecar's call is refused.
+        let book = answer(Some(&book), &want_all);
+        assert_eq!((count("granted"), count("refused")), (1, 1));
+        // A top-up that cannot cover the pending call keeps the lease but is a refusal too.
+        let book = answer(Some(&book), &ask(Some("l1"), "9", "2"));
+        assert_eq!((count("granted"), count("refused")), (1, 2));
+        let mut release = ask(Some("l1"), "9", "0");
+        release.release = true;
+        answer(Some(&book), &release);
+        assert_eq!(count("released"), 1);
+        assert_eq!(
+            answer_result(
+                &want_all,
+                &Err(BudgetError::NoCap(want_all.key.clone()).into())
+            ),
+            "rejected"
+        );
+        assert_eq!(
+            answer_result(&want_all, &Err(ServeError::Contended)),
+            "error"
+        );
+        let text = metrics.encode();
+        assert!(text.contains("keybrake_controller_budget_grants_total{result=\"granted\"} 1"));
+        assert!(text.contains("keybrake_controller_budget_grants_total{result=\"refused\"} 2"));
     }
 
     #[test]

@@ -16,7 +16,19 @@ pub struct Metrics {
     pub audit_sink_errors: IntCounter,
     pub leader: IntGauge,
     pub webhook_injections: IntCounterVec,
+    pub budget_grants: IntCounterVec,
 }
+
+/// `result` values of `keybrake_controller_budget_grants_total`: one per answer of
+/// `POST /v1/budget` (a bounded set: no per-key labels).
+pub const BUDGET_RESULTS: [&str; 6] = [
+    "granted",
+    "refused",
+    "released",
+    "conflict_retry",
+    "rejected",
+    "error",
+];
 
 impl Metrics {
     pub fn new() -> Self {
@@ -85,6 +97,19 @@ impl Metrics {
             &["result"],
         )
         .expect("valid metric");
+        let budget_grants = IntCounterVec::new(
+            Opts::new(
+                "keybrake_controller_budget_grants_total",
+                "Budget-slice lease requests (POST /v1/budget) by result; conflict_retry counts \
+                 status writes retried after another writer's change.",
+            ),
+            &["result"],
+        )
+        .expect("valid metric");
+        // Every result exported from start-up at 0, so rate() and absence checks work at once.
+        for result in BUDGET_RESULTS {
+            budget_grants.with_label_values(&[result]);
+        }
         for c in [
             Box::new(reconciles.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(reconcile_errors.clone()),
@@ -95,6 +120,7 @@ impl Metrics {
             Box::new(audit_sink_errors.clone()),
             Box::new(leader.clone()),
             Box::new(webhook_injections.clone()),
+            Box::new(budget_grants.clone()),
         ] {
             registry.register(c).expect("unique metric names");
         }
@@ -109,6 +135,7 @@ impl Metrics {
             audit_sink_errors,
             leader,
             webhook_injections,
+            budget_grants,
         }
     }
 
@@ -155,6 +182,8 @@ mod tests {
             "keybrake_controller_audit_sink_errors_total 0",
             "keybrake_controller_leader 0",
             "keybrake_webhook_injections_total{result=\"injected\"} 1",
+            "keybrake_controller_budget_grants_total{result=\"granted\"} 0",
+            "keybrake_controller_budget_grants_total{result=\"conflict_retry\"} 0",
         ] {
             assert!(text.contains(name), "missing {name}");
         }

@@ -131,6 +131,12 @@ fn metrics_table_is_the_agreed_list() {
         ),
         ("keybrake_controller_leader", Gauge, &[], Controller),
         (
+            "keybrake_controller_budget_grants_total",
+            Counter,
+            &["result"],
+            Controller,
+        ),
+        (
             "keybrake_webhook_injections_total",
             Counter,
             &["result"],
