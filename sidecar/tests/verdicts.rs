@@ -122,7 +122,8 @@ fn assert_envelope(vendor: Vendor, verdict: Verdict, status: u16, body: &Value) 
         Vendor::Twilio => {
             assert_eq!(body["status"], status, "{body}");
             assert!(body["code"].as_u64().unwrap() >= 20000);
-            assert!(body["more_info"].as_str().unwrap().contains(code));
+            let more_info = format!("https://www.twilio.com/docs/errors/{}", body["code"]);
+            assert_eq!(body["more_info"], more_info.as_str(), "{body}");
             assert!(body["message"].as_str().unwrap().contains(code));
         }
         Vendor::Resend => {

@@ -183,7 +183,7 @@ impl VendorModule for Twilio {
         }
     }
 
-    fn denial(&self, status: StatusCode, verdict: Verdict, message: &str) -> Denial {
+    fn denial(&self, status: StatusCode, _verdict: Verdict, message: &str) -> Denial {
         // twilio-python raises TwilioRestException(status, code, msg) for any status >= 400.
         let code = match status.as_u16() {
             401 => 20003,
@@ -193,10 +193,11 @@ impl VendorModule for Twilio {
             503 => 20503,
             _ => 20001,
         };
+        // `more_info` is Twilio's page for the code, as in Twilio's own envelope; the verdict
+        // travels in the message and the `keybrake-verdict` header.
         let body = format!(
-            r#"{{"code":{code},"message":{message},"more_info":"https://github.com/keybrake/keybrake/blob/main/docs/verdicts.md#{verdict}","status":{status}}}"#,
+            r#"{{"code":{code},"message":{message},"more_info":"https://www.twilio.com/docs/errors/{code}","status":{status}}}"#,
             message = json_string(message),
-            verdict = verdict.as_str(),
             status = status.as_u16(),
         );
         Denial {
@@ -388,5 +389,6 @@ mod tests {
         assert_eq!(v["code"], 20003);
         assert_eq!(v["status"], 401);
         assert_eq!(v["message"], "unknown");
+        assert_eq!(v["more_info"], "https://www.twilio.com/docs/errors/20003");
     }
 }
