@@ -4,8 +4,9 @@ OpenAI, Twilio and Resend. Everything listens on 127.0.0.1 and is stopped at the
 import hashlib
 import json
 import os
-import select
+import queue
 import subprocess
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -67,11 +68,23 @@ class Stack:
 
     def listening_url(self, proc, prefix, what, timeout=30.0):
         """The http:// URL of the address `proc` prints after `prefix` on stdout."""
+        # A reader thread, not select(): select() on the pipe misses lines the text wrapper
+        # has already buffered (stripe-mock prints its banner and addresses in one burst).
+        lines = queue.Queue()
+
+        def pump():
+            for line in iter(proc.stdout.readline, ""):
+                lines.put(line)
+            lines.put("")  # end of output
+
+        threading.Thread(target=pump, daemon=True).start()
         deadline = time.monotonic() + timeout
         seen = []
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
-            line = proc.stdout.readline() if ready else ""
+        while True:
+            try:
+                line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
             if not line:
                 break
             seen.append(line.rstrip())
