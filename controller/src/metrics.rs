@@ -110,6 +110,9 @@ impl Metrics {
         for result in BUDGET_RESULTS {
             budget_grants.with_label_values(&[result]);
         }
+        for kind in crate::reconcile::ReconcileError::KINDS {
+            reconcile_errors.with_label_values(&[kind]);
+        }
         for c in [
             Box::new(reconciles.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(reconcile_errors.clone()),
@@ -162,6 +165,15 @@ impl Default for Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_reconcile_error_kind_is_exported_from_start() {
+        let text = Metrics::new().encode();
+        for kind in crate::reconcile::ReconcileError::KINDS {
+            let series = format!("keybrake_controller_reconcile_errors_total{{kind=\"{kind}\"}} 0");
+            assert!(text.contains(&series), "missing {series} in:\n{text}");
+        }
+    }
 
     #[test]
     fn exposes_the_shared_metric_names() {

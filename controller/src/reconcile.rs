@@ -47,6 +47,9 @@ pub enum ReconcileError {
 }
 
 impl ReconcileError {
+    /// Every value [`ReconcileError::kind`] returns (the metric's `kind` label).
+    pub const KINDS: [&'static str; 3] = ["kube", "mint", "invalid"];
+
     pub fn kind(&self) -> &'static str {
         match self {
             ReconcileError::Kube(_) => "kube",
