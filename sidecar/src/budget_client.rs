@@ -12,10 +12,7 @@ use std::{
 use bytes::Bytes;
 use http::{Request, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
-use hyper_util::{
-    client::legacy::{Client, connect::HttpConnector},
-    rt::{TokioExecutor, TokioTimer},
-};
+use hyper_util::client::legacy::{Client, connect::HttpConnector};
 use keybrake_api::{
     KeyId,
     budget::{BUDGET_PATH, BudgetGrant, BudgetRequest},
@@ -24,7 +21,7 @@ use tokio::sync::mpsc;
 
 use crate::{
     ledger::{LeaseSettings, LeasedLedger},
-    stream_client::{StreamClientConfig, StreamClientError, tls_config},
+    stream_client::{StreamClientConfig, StreamClientError, controller_client},
 };
 
 type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
@@ -54,23 +51,7 @@ pub fn start(
     config: &StreamClientConfig,
     settings: LeaseSettings,
 ) -> Result<Arc<LeasedLedger>, StreamClientError> {
-    let tls = tls_config(config.ca_file.as_ref())?;
-    let mut connector = HttpConnector::new();
-    connector.enforce_http(false);
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(config.connect_timeout));
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_only()
-        .enable_http2()
-        .wrap_connector(connector);
-    let http = Client::builder(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .pool_timer(TokioTimer::new())
-        .http2_only(true)
-        .http2_keep_alive_interval(Some(Duration::from_secs(10)))
-        .http2_keep_alive_timeout(Duration::from_secs(20))
-        .build(https);
+    let http = controller_client(config)?;
     let asker = Arc::new(Asker {
         http,
         url: format!(

@@ -266,28 +266,41 @@ pub(crate) fn tls_config(
         .map(|b| b.with_root_certificates(roots).with_no_client_auth())
 }
 
+/// The HTTP/2-over-TLS client every sidecar → controller channel uses (watch stream, budget
+/// leases): the controller's CA, TCP_NODELAY, keep-alive pings.
+pub(crate) fn controller_client<B>(
+    config: &StreamClientConfig,
+) -> Result<Client<hyper_rustls::HttpsConnector<HttpConnector>, B>, StreamClientError>
+where
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let tls = tls_config(config.ca_file.as_ref())?;
+    let mut connector = HttpConnector::new();
+    connector.enforce_http(false);
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(config.connect_timeout));
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_only()
+        .enable_http2()
+        .wrap_connector(connector);
+    Ok(Client::builder(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .pool_timer(TokioTimer::new())
+        .http2_only(true)
+        .http2_keep_alive_interval(Some(Duration::from_secs(10)))
+        .http2_keep_alive_timeout(Duration::from_secs(20))
+        .build(https))
+}
+
 impl StreamClient {
     pub fn new(
         config: StreamClientConfig,
         store: Arc<dyn PolicyApply>,
     ) -> Result<Self, StreamClientError> {
-        let tls = tls_config(config.ca_file.as_ref())?;
-        let mut connector = HttpConnector::new();
-        connector.enforce_http(false);
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(config.connect_timeout));
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_only()
-            .enable_http2()
-            .wrap_connector(connector);
-        let http = Client::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .http2_only(true)
-            .http2_keep_alive_interval(Some(Duration::from_secs(10)))
-            .http2_keep_alive_timeout(Duration::from_secs(20))
-            .build(https);
+        let http = controller_client(&config)?;
         Ok(StreamClient {
             config,
             store,
