@@ -187,13 +187,14 @@ impl VendorModule for Stripe {
     fn denial(&self, status: StatusCode, verdict: Verdict, message: &str) -> Denial {
         // Stripe's SDKs pick the exception from the status (401 AuthenticationError, 403
         // PermissionError, 402 CardError, 429 RateLimitError) and read error.code/message.
+        // No doc_url: Stripe sends one only for its own error codes, and these are Keybrake's.
         let kind = match verdict {
             Verdict::PerCallCap | Verdict::DailyCap => "card_error",
             Verdict::PolicyStale => "api_error",
             _ => "invalid_request_error",
         };
         let body = format!(
-            r#"{{"error":{{"type":"{kind}","code":"{code}","message":{message},"doc_url":"https://github.com/keybrake/keybrake/blob/main/docs/verdicts.md"}}}}"#,
+            r#"{{"error":{{"type":"{kind}","code":"{code}","message":{message}}}}}"#,
             code = verdict.as_str(),
             message = json_string(message),
         );
