@@ -207,14 +207,33 @@ pub async fn agent_call(
     path: &str,
     vault_key: &str,
 ) -> (u16, String) {
-    let http: Client<HttpConnector, Full<Bytes>> =
-        Client::builder(TokioExecutor::new()).build_http();
     let request = hyper::Request::builder()
         .method(method)
         .uri(format!("http://{proxy}{path}"))
         .header("authorization", format!("Bearer {vault_key}"))
         .body(Full::new(Bytes::new()))
         .expect("request");
+    status_and_verdict(request).await
+}
+
+/// Like [`agent_call`], a POST with a form-encoded body (Stripe, Twilio).
+pub async fn agent_form_call(
+    proxy: SocketAddr,
+    path: &str,
+    vault_key: &str,
+    form: &str,
+) -> (u16, String) {
+    let request = hyper::Request::post(format!("http://{proxy}{path}"))
+        .header("authorization", format!("Bearer {vault_key}"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(Full::new(Bytes::from(form.to_owned())))
+        .expect("request");
+    status_and_verdict(request).await
+}
+
+async fn status_and_verdict(request: hyper::Request<Full<Bytes>>) -> (u16, String) {
+    let http: Client<HttpConnector, Full<Bytes>> =
+        Client::builder(TokioExecutor::new()).build_http();
     let res = http
         .request(request)
         .await

@@ -10,9 +10,6 @@
 //! (3 × cap).
 use std::time::{Duration, Instant};
 
-use http_body_util::{BodyExt, Full};
-use hyper::body::Bytes;
-use hyper_util::{client::legacy::Client, rt::TokioExecutor};
 use keybrake_api::{Usd, VaultKey, budget::MAX_LEASES};
 use keybrake_e2e::{
     fixtures::{self, SidecarProcess},
@@ -34,27 +31,8 @@ const DEADLINE: Duration = Duration::from_secs(90);
 
 /// One Stripe charge through `sidecar`; returns (status, verdict).
 async fn charge(sidecar: std::net::SocketAddr, vault_key: &str) -> (u16, String) {
-    let http: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
-    let request = hyper::Request::post(format!("http://{sidecar}/stripe/v1/charges"))
-        .header("authorization", format!("Bearer {vault_key}"))
-        .header("content-type", "application/x-www-form-urlencoded")
-        .body(Full::new(Bytes::from(format!(
-            "amount={CHARGE_CENTS}&currency=usd"
-        ))))
-        .expect("request");
-    let res = http
-        .request(request)
-        .await
-        .expect("call through the sidecar");
-    let status = res.status().as_u16();
-    let verdict = res
-        .headers()
-        .get("keybrake-verdict")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_owned();
-    let _ = res.into_body().collect().await;
-    (status, verdict)
+    let form = format!("amount={CHARGE_CENTS}&currency=usd");
+    fixtures::agent_form_call(sidecar, "/stripe/v1/charges", vault_key, &form).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
