@@ -38,14 +38,16 @@ use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
     rt::TokioExecutor,
 };
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::{coordination::v1::Lease, core::v1::Secret};
 use keybrake_api::VaultKey;
-use kube::api::{Patch, PatchParams, PostParams};
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::json;
 
 use crate::{
     TestNamespace, install_crds,
-    processes::{ControllerProcess, ControllerTls, plain_client, poll, workspace_binary},
+    processes::{
+        ControllerProcess, ControllerTls, DEADLINE, free_port, plain_client, poll, workspace_binary,
+    },
 };
 
 /// How long a fixture waits for the controller or the sidecar (token minted, status written,
@@ -196,6 +198,33 @@ pub async fn ready_controller(
     let controller = ControllerProcess::spawn_with(ns, tls, identity, stream_port, extra_args);
     controller.wait_ready().await;
     controller
+}
+
+/// Two ready controller replicas (identities `ids`) on their own stream ports; returns them as
+/// (leader, follower) once the election Lease names a holder.
+pub async fn two_ready_replicas(
+    ns: &TestNamespace<'_>,
+    tls: &ControllerTls,
+    ids: [&str; 2],
+) -> (ControllerProcess, ControllerProcess) {
+    let a = ControllerProcess::spawn(ns, tls, ids[0], free_port());
+    let b = ControllerProcess::spawn(ns, tls, ids[1], free_port());
+    a.wait_ready().await;
+    b.wait_ready().await;
+    let leases: Api<Lease> = ns.api();
+    let holder = poll("a lease holder", DEADLINE, || {
+        let leases = leases.clone();
+        async move {
+            leases
+                .get_opt("keybrake-controller")
+                .await
+                .ok()??
+                .spec?
+                .holder_identity
+        }
+    })
+    .await;
+    if holder == a.identity { (a, b) } else { (b, a) }
 }
 
 /// One agent call to `http://{proxy}{path}` (path includes the vendor prefix on the proxy

@@ -749,24 +749,7 @@ async fn controller_two_replicas_revocation_propagates_when_the_leader_dies() {
     let ns = setup("ctl-ha").await;
     let upstream = stripe_upstream(&ns, "sk_test_upstream").await;
     let tls = Tls::new();
-    let a = ControllerProcess::spawn(&ns, &tls, "ha-a", free_port());
-    let b = ControllerProcess::spawn(&ns, &tls, "ha-b", free_port());
-    a.wait_ready().await;
-    b.wait_ready().await;
-    let leases: Api<Lease> = ns.api();
-    let leader = poll("a lease holder", DEADLINE, || {
-        let leases = leases.clone();
-        async move {
-            leases
-                .get_opt("keybrake-controller")
-                .await
-                .ok()??
-                .spec?
-                .holder_identity
-        }
-    })
-    .await;
-    let (mut leader, follower) = if leader == a.identity { (a, b) } else { (b, a) };
+    let (mut leader, follower) = fixtures::two_ready_replicas(&ns, &tls, ["ha-a", "ha-b"]).await;
     assert!(
         leader
             .metrics()
@@ -805,7 +788,7 @@ async fn controller_two_replicas_revocation_propagates_when_the_leader_dies() {
             .then_some(())
     })
     .await;
-    let lease = leases.get("keybrake-controller").await.unwrap();
+    let lease = ns.api::<Lease>().get("keybrake-controller").await.unwrap();
     assert_eq!(
         lease.spec.unwrap().holder_identity.as_deref(),
         Some(follower.identity.as_str())

@@ -11,9 +11,9 @@ use keybrake_e2e::{
         self, SidecarProcess, condition, create_key, put_upstream_secret, sa_token, set_state,
         wait_status,
     },
-    processes::{ControllerProcess, ControllerTls, DEADLINE, free_port, poll},
+    processes::{ControllerProcess, ControllerTls},
 };
-use kube::{Api, ResourceExt, api::ListParams};
+use kube::{ResourceExt, api::ListParams};
 use serde_json::json;
 
 const KEY: &str = "ha-count";
@@ -51,24 +51,7 @@ async fn enforcement_counts_sidecars_on_every_replica() {
     let ns = fixtures::namespace_with_crds("ha-enf").await;
     put_upstream_secret(&ns, fixtures::UPSTREAM_SECRET, UPSTREAM_VALUE).await;
     let tls = ControllerTls::new();
-    let a = ControllerProcess::spawn(&ns, &tls, "enf-a", free_port());
-    let b = ControllerProcess::spawn(&ns, &tls, "enf-b", free_port());
-    a.wait_ready().await;
-    b.wait_ready().await;
-    let leases: Api<Lease> = ns.api();
-    let holder = poll("a lease holder", DEADLINE, || {
-        let leases = leases.clone();
-        async move {
-            leases
-                .get_opt("keybrake-controller")
-                .await
-                .ok()??
-                .spec?
-                .holder_identity
-        }
-    })
-    .await;
-    let (leader, mut follower) = if holder == a.identity { (a, b) } else { (b, a) };
+    let (leader, mut follower) = fixtures::two_ready_replicas(&ns, &tls, ["enf-a", "enf-b"]).await;
 
     let dirs = tempfile::tempdir().unwrap();
     let on_leader = sidecar(&ns, &leader, &tls, &dirs.path().join("l")).await;
@@ -84,7 +67,8 @@ async fn enforcement_counts_sidecars_on_every_replica() {
     wait_enforced(&ns, Phase::Active, "2/2").await;
 
     // The follower's report: a Lease of its own, labelled, renewed, holding no secret.
-    let reports = leases
+    let reports = ns
+        .api::<Lease>()
         .list(&ListParams::default().labels("keybrake.dev/enforcement-report=keybrake-controller"))
         .await
         .unwrap();
