@@ -125,9 +125,9 @@ async fn per_call_cap_uses_the_preflight_amount() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_upstream_call_releases_its_reservation() {
     // A port nothing listens on: bind, note the port, close.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("http://{}", closed.local_addr().unwrap());
-    drop(closed);
+    // Port 1 (privileged, never bound by tests): a just-freed ephemeral port could be taken by
+    // another test's listener running in parallel, which once answered instead of refusing.
+    let url = "http://127.0.0.1:1".to_owned();
     let limits = Limits {
         daily_usd_cap: Some(usd("1.00")),
         ..Limits::default()
