@@ -30,11 +30,11 @@ fmt:
 
 ## crds: regenerate crds/ from the Rust types.
 crds:
-	$(CARGO) run -q -p keybrake-api --bin crdgen > crds/vaultkey.yaml
+	$(CARGO) run -q -p keybrake-api --bin crdgen -- crds/vaultkey.yaml
 
 crd-check:
 	@mkdir -p target
-	@$(CARGO) run -q -p keybrake-api --bin crdgen > target/vaultkey.generated.yaml
+	@$(CARGO) run -q -p keybrake-api --bin crdgen -- target/vaultkey.generated.yaml
 	@diff -u crds/vaultkey.yaml target/vaultkey.generated.yaml \
 	  || { echo "crds/vaultkey.yaml is stale: run 'make crds' and commit it"; exit 1; }
 
