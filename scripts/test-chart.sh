@@ -61,6 +61,10 @@ for name in default production; do
   fi
 done
 
+# The runbook URL reaches the dashboard's link as well as the alerts (production values set it).
+grep -q '"url": "https://docs.example.com/keybrake/runbook.md"' "$tmp/production.yaml" \
+  || fail "monitoring.runbookUrl is not applied to the dashboard's runbook link"
+
 step "helm package carries the copied files"
 "$HELM" package "$CHART" --destination "$tmp" >/dev/null
 package=$(ls "$tmp"/keybrake-*.tgz)

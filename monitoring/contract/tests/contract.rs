@@ -212,9 +212,10 @@ fn recording_rules_and_their_table_agree() {
 }
 
 /// Alerts that concern the whole installation, not one key: their summary need not name one.
-const GLOBAL_ALERTS: [&str; 2] = [
+const GLOBAL_ALERTS: [&str; 3] = [
     "KeybrakeRevokePropagationSlow",
     "KeybrakeControllerNoLeader",
+    "KeybrakeControllerAbsent",
 ];
 
 #[test]
