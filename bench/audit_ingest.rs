@@ -298,8 +298,13 @@ async fn fresh_database(admin_url: &str, db: &str) -> anyhow::Result<String> {
     client
         .batch_execute(&format!("CREATE DATABASE {db}"))
         .await?;
-    let (prefix, _) = admin_url
+    // Keep the parameters (sslmode=disable from scripts/with-postgres.sh).
+    let (path, query) = admin_url.split_once('?').unwrap_or((admin_url, ""));
+    let (prefix, _) = path
         .rsplit_once('/')
         .context("postgres URL without a database path")?;
-    Ok(format!("{prefix}/{db}"))
+    Ok(match query {
+        "" => format!("{prefix}/{db}"),
+        query => format!("{prefix}/{db}?{query}"),
+    })
 }

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Run a command against a throwaway PostgreSQL cluster: initdb in a temp dir, start it on a free
-# loopback port, export KEYBRAKE_TEST_POSTGRES_URL, run "$@", then stop the cluster and delete it.
+# loopback port with TLS, export KEYBRAKE_TEST_POSTGRES_URL (plain TCP: sslmode=disable) and
+# KEYBRAKE_TEST_POSTGRES_CA (the server certificate's CA), run "$@", then stop and delete it.
 # Installs Debian's postgresql package when the server binaries are missing.
 # Usage: scripts/with-postgres.sh cargo test -p keybrake-audit
 set -euo pipefail
@@ -68,18 +69,38 @@ trap cleanup EXIT INT TERM
 as_pg "$PG_BIN/initdb" -D "$DATA" -U keybrake --auth=trust --encoding=UTF8 --no-locale >"$WORK/initdb.log" 2>&1 \
   || { cat "$WORK/initdb.log" >&2; exit 1; }
 
+# TLS (ssl=on) with a throwaway CA and a certificate for 127.0.0.1 only (tests check that other
+# names are refused). The exported URL says sslmode=disable, so plain-TCP users are unaffected;
+# TLS tests add sslmode=require&sslrootcert=$KEYBRAKE_TEST_POSTGRES_CA.
+TLS="$WORK/tls"
+mkdir -p "$TLS"
+command -v openssl >/dev/null || { echo "with-postgres: openssl missing: apt-get install -y openssl" >&2; exit 1; }
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 -subj "/CN=keybrake test CA" \
+  -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" \
+  -keyout "$TLS/ca.key" -out "$TLS/ca.crt" >"$TLS/openssl.log" 2>&1 \
+  && openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -subj "/CN=127.0.0.1" \
+    -keyout "$TLS/server.key" -out "$TLS/server.csr" >>"$TLS/openssl.log" 2>&1 \
+  && printf 'subjectAltName=IP:127.0.0.1\nbasicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n' >"$TLS/server.ext" \
+  && openssl x509 -req -in "$TLS/server.csr" -CA "$TLS/ca.crt" -CAkey "$TLS/ca.key" -set_serial "0x$(openssl rand -hex 8)" \
+    -days 2 -extfile "$TLS/server.ext" -out "$TLS/server.crt" >>"$TLS/openssl.log" 2>&1 \
+  || { cat "$TLS/openssl.log" >&2; exit 1; }
+chmod 600 "$TLS/server.key"
+[ "$(id -u)" -eq 0 ] && chown postgres "$TLS/server.key"
+TLS_OPTS="-c ssl=on -c ssl_cert_file=$TLS/server.crt -c ssl_key_file=$TLS/server.key"
+
 started=0
 for _ in 1 2 3 4 5; do
   PORT=$(free_port)
   if as_pg "$PG_BIN/pg_ctl" -D "$DATA" -l "$LOG" -w -t 60 \
-      -o "-p $PORT -c listen_addresses=127.0.0.1 -k $WORK ${KEYBRAKE_PG_OPTS:-}" start >/dev/null; then
+      -o "-p $PORT -c listen_addresses=127.0.0.1 -k $WORK $TLS_OPTS ${KEYBRAKE_PG_OPTS:-}" start >/dev/null; then
     started=1
     break
   fi
 done
 [ "$started" -eq 1 ] || { echo "with-postgres: could not start PostgreSQL" >&2; exit 1; }
 
-export KEYBRAKE_TEST_POSTGRES_URL="postgres://keybrake@127.0.0.1:$PORT/postgres"
+export KEYBRAKE_TEST_POSTGRES_URL="postgres://keybrake@127.0.0.1:$PORT/postgres?sslmode=disable"
+export KEYBRAKE_TEST_POSTGRES_CA="$TLS/ca.crt"
 echo "with-postgres: PostgreSQL $("$PG_BIN/postgres" --version | awk '{print $3}') at $KEYBRAKE_TEST_POSTGRES_URL" >&2
 
 set +e

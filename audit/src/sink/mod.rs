@@ -10,6 +10,7 @@ use crate::{
 };
 
 mod pg_numeric;
+pub mod pg_tls;
 pub mod postgres;
 pub mod sqlite;
 pub mod stdout;
@@ -41,6 +42,14 @@ pub enum SinkError {
     Sqlite(#[from] rusqlite::Error),
     #[error("postgres audit sink: {0}")]
     Postgres(#[from] tokio_postgres::Error),
+    /// Not a `#[source]`: the text is complete, so `{}` and `{:#}` print it once.
+    #[error("postgres audit sink: {0}")]
+    PostgresTls(pg_tls::PgTlsError),
+    /// `server` is `host:port (sslmode=...)`, never the URL (it may carry a password).
+    /// `cause` is the driver error with all its causes (tokio-postgres's own `Display` stops
+    /// at "error performing TLS handshake", which would hide the reason from a log line).
+    #[error("postgres audit sink: connecting to {server}: {cause}")]
+    PostgresConnect { server: String, cause: String },
     #[error("stdout audit sink: {0}")]
     Io(#[from] std::io::Error),
     #[error("audit sink worker thread failed: {0}")]
@@ -49,6 +58,12 @@ pub enum SinkError {
     NotQueryable(&'static str),
     #[error("unexpected column type {type_name} in column {column}")]
     ColumnType { column: String, type_name: String },
+}
+
+impl From<pg_tls::PgTlsError> for SinkError {
+    fn from(e: pg_tls::PgTlsError) -> Self {
+        SinkError::PostgresTls(e)
+    }
 }
 
 /// A destination for audit rows. Writes are batched and idempotent on [`AuditRow::id`].

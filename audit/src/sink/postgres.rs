@@ -10,13 +10,18 @@ use futures::pin_mut;
 use keybrake_api::audit::AuditRow;
 use tokio::sync::Mutex;
 use tokio_postgres::{
-    Client, NoTls,
+    Client, Config, NoTls,
     binary_copy::BinaryCopyInWriter,
+    config::{Host, SslMode},
     error::SqlState,
     types::{ToSql, Type},
 };
 
-use super::{AuditSink, SinkError, WriteOutcome, pg_numeric::NumericText};
+use super::{
+    AuditSink, SinkError, WriteOutcome,
+    pg_numeric::NumericText,
+    pg_tls::{PgUrl, RootCerts, RustlsConnector},
+};
 use crate::{
     queries::Param,
     row::{Value, cap_usage_micros, cost_micros, timestamp_text},
@@ -65,7 +70,7 @@ pub const DEFAULT_CONNECTIONS: usize = 2;
 pub const SPLIT_MIN_ROWS: usize = 1_000;
 
 pub struct PostgresSink {
-    url: String,
+    target: Target,
     /// One slot per connection; `None` after a connection broke (the next use reconnects).
     clients: Vec<Mutex<Option<Client>>>,
 }
@@ -81,21 +86,19 @@ impl PostgresSink {
     /// of at least [`SPLIT_MIN_ROWS`] rows is split across them, one transaction per part;
     /// concurrent batches take different connections.
     pub async fn connect_with(url: &str, connections: usize) -> Result<PostgresSink, SinkError> {
+        let target = Target::parse(url)?;
         let mut clients = Vec::with_capacity(connections.max(1));
-        clients.push(Mutex::new(Some(open_client(url, true).await?)));
+        clients.push(Mutex::new(Some(open_client(&target, true).await?)));
         for _ in 1..connections.max(1) {
-            clients.push(Mutex::new(Some(open_client(url, false).await?)));
+            clients.push(Mutex::new(Some(open_client(&target, false).await?)));
         }
-        Ok(PostgresSink {
-            url: url.to_owned(),
-            clients,
-        })
+        Ok(PostgresSink { target, clients })
     }
 
     /// Applies pending migrations again (a no-op when up to date); returns how many ran.
     pub async fn migrate(&self) -> Result<usize, SinkError> {
         let mut guard = self.clients[0].lock().await;
-        let client = ensure(&mut guard, &self.url).await?;
+        let client = ensure(&mut guard, &self.target).await?;
         let result = migrate(client).await;
         forget_if_broken(&mut guard);
         result
@@ -118,7 +121,7 @@ impl PostgresSink {
             .map(|b| b.as_ref() as &(dyn ToSql + Sync))
             .collect();
         let mut guard = self.clients[0].lock().await;
-        let client = ensure(&mut guard, &self.url).await?;
+        let client = ensure(&mut guard, &self.target).await?;
         let result = client.query(sql, &refs).await;
         forget_if_broken(&mut guard);
         let rows = result?;
@@ -173,7 +176,7 @@ impl AuditSink for PostgresSink {
         let outcomes = futures::future::join_all(rows.chunks(part_rows).enumerate().map(
             |(preferred, part)| async move {
                 let mut guard = self.take_connection(preferred).await;
-                let client = ensure(&mut guard, &self.url).await?;
+                let client = ensure(&mut guard, &self.target).await?;
                 let result = copy_batch(client, part).await;
                 forget_if_broken(&mut guard);
                 result
@@ -270,15 +273,83 @@ async fn copy_rows(
     Ok(())
 }
 
+/// Where and how to connect, parsed once from the URL (see [`super::pg_tls`]). Not `Debug`:
+/// the configuration holds the password.
+struct Target {
+    config: Config,
+    roots: RootCerts,
+    /// `host:port (sslmode=...)` for error messages; no user, no password.
+    server: String,
+}
+
+impl Target {
+    fn parse(url: &str) -> Result<Target, SinkError> {
+        let url = PgUrl::parse(url)?;
+        let config: Config = url.driver_url.parse()?;
+        let server = format!(
+            "{} (sslmode={}{})",
+            servers(&config),
+            url.ssl_mode,
+            if url.ssl_mode_given {
+                ""
+            } else {
+                ", the default: add sslmode=disable to the URL for a server without TLS"
+            }
+        );
+        Ok(Target {
+            config,
+            roots: url.roots,
+            server,
+        })
+    }
+}
+
+/// `host:port` of every server the configuration names, comma-separated.
+fn servers(config: &Config) -> String {
+    let ports = config.get_ports();
+    config
+        .get_hosts()
+        .iter()
+        .enumerate()
+        .map(|(i, host)| {
+            let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
+            match host {
+                Host::Tcp(name) => format!("{name}:{port}"),
+                Host::Unix(dir) => format!("{}/.s.PGSQL.{port}", dir.display()),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// Opens one connection; `migrate` applies pending migrations first (once per sink is enough,
 /// but a reconnect checks again: the database may have been replaced).
-async fn open_client(url: &str, migrate_schema: bool) -> Result<Client, SinkError> {
-    let (mut client, connection) = tokio_postgres::connect(url, NoTls).await?;
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::warn!(error = %e, "postgres audit sink connection closed");
-        }
-    });
+async fn open_client(target: &Target, migrate_schema: bool) -> Result<Client, SinkError> {
+    let connected = if target.config.get_ssl_mode() == SslMode::Disable {
+        target
+            .config
+            .connect(NoTls)
+            .await
+            .map(|(client, connection)| {
+                tokio::spawn(watch_connection(connection));
+                client
+            })
+    } else {
+        // Re-read on every (re)connect: a rotated CA file takes effect without a restart.
+        let tls = RustlsConnector::new(&target.roots)?;
+        target
+            .config
+            .connect(tls)
+            .await
+            .map(|(client, connection)| {
+                tokio::spawn(watch_connection(connection));
+                client
+            })
+    };
+    let mut client = connected.map_err(|error| SinkError::PostgresConnect {
+        server: target.server.clone(),
+        cause: with_causes(&error),
+    })?;
     if migrate_schema {
         migrate(&mut client).await?;
     }
@@ -286,9 +357,35 @@ async fn open_client(url: &str, migrate_schema: bool) -> Result<Client, SinkErro
     Ok(client)
 }
 
-async fn ensure<'a>(slot: &'a mut Option<Client>, url: &str) -> Result<&'a mut Client, SinkError> {
+/// `error: cause: cause...` on one line.
+fn with_causes(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut next = error.source();
+    while let Some(cause) = next {
+        let shown = cause.to_string();
+        if !text.ends_with(&shown) {
+            text.push_str(": ");
+            text.push_str(&shown);
+        }
+        next = cause.source();
+    }
+    text
+}
+
+async fn watch_connection<F: std::future::Future<Output = Result<(), tokio_postgres::Error>>>(
+    connection: F,
+) {
+    if let Err(e) = connection.await {
+        tracing::warn!(error = %e, "postgres audit sink connection closed");
+    }
+}
+
+async fn ensure<'a>(
+    slot: &'a mut Option<Client>,
+    target: &Target,
+) -> Result<&'a mut Client, SinkError> {
     if slot.as_ref().is_none_or(Client::is_closed) {
-        *slot = Some(open_client(url, true).await?);
+        *slot = Some(open_client(target, true).await?);
     }
     Ok(slot.as_mut().expect("just connected"))
 }

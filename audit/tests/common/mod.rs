@@ -31,13 +31,16 @@ pub async fn fresh_postgres_database(name: &str) -> String {
         .batch_execute(&format!("CREATE DATABASE {db}"))
         .await
         .unwrap();
-    let (prefix, _) = admin_url
-        .split('?')
-        .next()
-        .unwrap()
+    let (path, query) = admin_url.split_once('?').unwrap_or((&admin_url, ""));
+    let (prefix, _) = path
         .rsplit_once('/')
         .expect("postgres URL has a database path");
-    format!("{prefix}/{db}")
+    // Keep the parameters (sslmode=disable from scripts/with-postgres.sh).
+    if query.is_empty() {
+        format!("{prefix}/{db}")
+    } else {
+        format!("{prefix}/{db}?{query}")
+    }
 }
 
 pub fn t0() -> Timestamp {

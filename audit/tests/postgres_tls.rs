@@ -1,0 +1,198 @@
+//! The PostgreSQL sink over TLS against the real server of scripts/with-postgres.sh, which
+//! listens with ssl=on and a certificate for 127.0.0.1 signed by KEYBRAKE_TEST_POSTGRES_CA.
+mod common;
+
+use common::*;
+use keybrake_audit::{AuditSink, SinkError, WriteOutcome, row::Value, sink::PostgresSink};
+
+const CA_ENV: &str = "KEYBRAKE_TEST_POSTGRES_CA";
+const PASSWORD: &str = "hunter2-never-printed";
+
+fn test_ca() -> String {
+    std::env::var(CA_ENV).unwrap_or_else(|_| {
+        panic!(
+            "{CA_ENV} is not set: this test needs the TLS-enabled PostgreSQL of \
+             `scripts/with-postgres.sh cargo test -p keybrake-audit --test postgres_tls`"
+        )
+    })
+}
+
+/// `url` (from [`fresh_postgres_database`]) with its parameters replaced by `params`, and the
+/// host replaced by `host` and a password added when asked.
+fn with_params(url: &str, host: Option<&str>, params: &str) -> String {
+    let base = url.split_once('?').map_or(url, |(base, _)| base);
+    // postgres://keybrake@127.0.0.1:PORT/db
+    let (user, rest) = base
+        .strip_prefix("postgres://")
+        .and_then(|s| s.split_once('@'))
+        .expect("postgres://user@host:port/db");
+    let (host_port, db) = rest.split_once('/').unwrap();
+    let (default_host, port) = host_port.rsplit_once(':').unwrap();
+    let host = host.unwrap_or(default_host);
+    let base = format!("postgres://{user}:{PASSWORD}@{host}:{port}/{db}");
+    if params.is_empty() {
+        base
+    } else {
+        format!("{base}?{params}")
+    }
+}
+
+/// What `SHOW`-style introspection says about our own connection: the TLS version or NULL.
+async fn tls_version(sink: &PostgresSink) -> Value {
+    sink.query(
+        "SELECT version FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+        &[],
+    )
+    .await
+    .unwrap()[0][0]
+        .clone()
+}
+
+/// The error's text as an operator sees it (`Display` with every cause, and `Debug`): names
+/// the server, never the password.
+fn refusal(result: Result<PostgresSink, SinkError>) -> String {
+    let err = match result {
+        Ok(_) => panic!("connection was expected to be refused"),
+        Err(e) => e,
+    };
+    let shown = format!("{:#}", anyhow::Error::from(err));
+    assert!(!shown.contains(PASSWORD), "password leaked: {shown}");
+    eprintln!("refused as expected: {shown}");
+    shown
+}
+
+#[tokio::test]
+async fn verified_tls_connection_copies_rows() {
+    let ca = test_ca();
+    let url = fresh_postgres_database("tls_copy").await;
+    let tls_url = with_params(&url, None, &format!("sslmode=verify-full&sslrootcert={ca}"));
+    let sink = PostgresSink::connect(&tls_url).await.unwrap();
+    let version = tls_version(&sink).await;
+    assert!(
+        version.as_str().is_some_and(|v| v.starts_with("TLSv1.")),
+        "{version:?}"
+    );
+    let rows = playbook_rows();
+    assert_eq!(
+        sink.write_batch(&rows).await.unwrap(),
+        WriteOutcome {
+            inserted: rows.len() as u64,
+            duplicates: 0
+        }
+    );
+    // A second write over TLS exercises the replay path (COPY into staging + merge) too.
+    assert_eq!(
+        sink.write_batch(&rows).await.unwrap(),
+        WriteOutcome {
+            inserted: 0,
+            duplicates: rows.len() as u64
+        }
+    );
+    let count = sink
+        .query("SELECT COUNT(*) FROM agent_call_audit", &[])
+        .await
+        .unwrap();
+    assert_eq!(count[0][0], Value::Int(rows.len() as i64));
+}
+
+#[tokio::test]
+async fn tls_is_the_default_when_the_url_says_nothing() {
+    let ca = test_ca();
+    let url = fresh_postgres_database("tls_default").await;
+    let sink = PostgresSink::connect(&with_params(&url, None, &format!("sslrootcert={ca}")))
+        .await
+        .unwrap();
+    assert!(tls_version(&sink).await.as_str().is_some());
+}
+
+#[tokio::test]
+async fn sslmode_disable_still_connects_in_plain_tcp() {
+    let url = fresh_postgres_database("tls_disable").await;
+    let sink = PostgresSink::connect(&with_params(&url, None, "sslmode=disable"))
+        .await
+        .unwrap();
+    assert_eq!(tls_version(&sink).await, Value::Null);
+    sink.write_batch(&playbook_rows()).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_certificate_from_another_ca_is_refused() {
+    test_ca();
+    let url = fresh_postgres_database("tls_wrong_ca").await;
+    let dir = tempfile::tempdir().unwrap();
+    let other_ca = dir.path().join("other-ca.pem");
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    std::fs::write(&other_ca, params.self_signed(&key).unwrap().pem()).unwrap();
+
+    for mode in ["require", "verify-full", "prefer"] {
+        let shown = refusal(
+            PostgresSink::connect(&with_params(
+                &url,
+                None,
+                &format!("sslmode={mode}&sslrootcert={}", other_ca.display()),
+            ))
+            .await,
+        );
+        assert!(
+            shown.contains("TLS with PostgreSQL server 127.0.0.1 failed")
+                && shown.contains(&format!(
+                    "does not verify against the CA file {}",
+                    other_ca.display()
+                ))
+                && shown.contains("UnknownIssuer")
+                && shown.contains(&format!("sslmode={mode}")),
+            "sslmode={mode}: {shown}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_private_ca_is_not_trusted_by_default() {
+    test_ca();
+    let url = fresh_postgres_database("tls_platform").await;
+    let shown = refusal(PostgresSink::connect(&with_params(&url, None, "")).await);
+    // Either the platform store is empty here, or it does not hold our test CA: both refuse
+    // and both tell the operator to name a CA file.
+    assert!(shown.contains("sslrootcert=/path/to/ca.pem"), "{shown}");
+    assert!(shown.contains("sslmode=require, the default"), "{shown}");
+}
+
+#[tokio::test]
+async fn the_host_name_is_verified() {
+    let ca = test_ca();
+    let url = fresh_postgres_database("tls_name").await;
+    // The server certificate names 127.0.0.1 only; localhost reaches the same server.
+    let shown = refusal(
+        PostgresSink::connect(&with_params(
+            &url,
+            Some("localhost"),
+            &format!("sslmode=verify-full&sslrootcert={ca}"),
+        ))
+        .await,
+    );
+    assert!(
+        shown.contains("TLS with PostgreSQL server localhost failed")
+            && shown.contains("not valid for this host name"),
+        "{shown}"
+    );
+}
+
+#[tokio::test]
+async fn an_unreadable_ca_file_is_a_clear_error() {
+    test_ca();
+    let url = fresh_postgres_database("tls_no_file").await;
+    let shown = refusal(
+        PostgresSink::connect(&with_params(
+            &url,
+            None,
+            "sslrootcert=/nonexistent/keybrake-ca.pem",
+        ))
+        .await,
+    );
+    assert!(
+        shown.contains("cannot read sslrootcert file /nonexistent/keybrake-ca.pem"),
+        "{shown}"
+    );
+}
