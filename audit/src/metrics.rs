@@ -9,6 +9,8 @@ pub struct AuditMetrics {
     pub spool_bytes: IntGauge,
     /// Rows lost: queue full, spool full, or an unreadable spool line.
     pub dropped_rows: IntCounter,
+    /// 1 while the delivery thread runs at idle CPU priority (`SCHED_IDLE`), 0 if the OS refused.
+    pub delivery_idle_priority: IntGauge,
 }
 
 impl AuditMetrics {
@@ -17,6 +19,7 @@ impl AuditMetrics {
         registry.register(Box::new(metrics.queue_depth.clone()))?;
         registry.register(Box::new(metrics.spool_bytes.clone()))?;
         registry.register(Box::new(metrics.dropped_rows.clone()))?;
+        registry.register(Box::new(metrics.delivery_idle_priority.clone()))?;
         Ok(metrics)
     }
 
@@ -36,6 +39,11 @@ impl AuditMetrics {
             dropped_rows: IntCounter::new(
                 "keybrake_audit_dropped_rows_total",
                 "Audit rows lost because the queue or the spool was full, or a spool line was unreadable",
+            )
+            .expect("valid metric"),
+            delivery_idle_priority: IntGauge::new(
+                "keybrake_audit_delivery_idle_priority",
+                "1 while audit delivery runs at idle CPU priority (SCHED_IDLE), 0 if the OS refused it",
             )
             .expect("valid metric"),
         }
@@ -59,6 +67,7 @@ mod tests {
         assert_eq!(
             names,
             [
+                "keybrake_audit_delivery_idle_priority",
                 "keybrake_audit_dropped_rows_total",
                 "keybrake_audit_queue_depth",
                 "keybrake_audit_spool_bytes"

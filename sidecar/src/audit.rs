@@ -2,8 +2,9 @@
 //! must never block the request path.
 //!
 //! [`AuditPipeline`] is the real one: rows go into keybrake-audit's bounded queue (a full queue
-//! drops the row and counts it in `keybrake_audit_dropped_rows_total`); a background task drains
-//! the queue in batches to the [`AuditTarget`]:
+//! drops the row and counts it in `keybrake_audit_dropped_rows_total`); the request path does
+//! nothing else. Delivery runs on its own thread at idle CPU priority
+//! ([`crate::audit_thread`]), draining the queue in batches to the [`AuditTarget`]:
 //! - standalone mode: a sink (`sqlite:///path`, `postgres://…`, `stdout`) written directly;
 //! - controller mode: the controller's `POST /v1/audit` over HTTP/2 + TLS, bearer = the projected
 //!   ServiceAccount token. With a spool directory, batches the controller cannot take go to disk
@@ -11,7 +12,9 @@
 //!
 //! Shutdown ([`AuditPipeline::shutdown`]) closes the queue and waits, bounded, for it to drain.
 use std::{
+    future::Future,
     path::PathBuf,
+    pin::Pin,
     sync::{
         Arc, RwLock,
         atomic::{AtomicU64, Ordering},
@@ -28,7 +31,9 @@ use keybrake_audit::{
     spool::{Spool, SpoolConfig, SpoolError},
     transport::{HttpTransport, SinkTransport, TokenFile, Transport, TransportError},
 };
-use tokio::{sync::mpsc, task::JoinHandle};
+use tokio::sync::mpsc;
+
+use crate::audit_thread::{DeliveryThread, DeliveryThreadError};
 
 pub trait AuditSink: Send + Sync {
     /// Queues one row. Never blocks; a full queue drops (and counts) the row.
@@ -114,6 +119,8 @@ pub enum AuditSetupError {
     },
     #[error("audit transport: {0}")]
     Transport(#[from] TransportError),
+    #[error(transparent)]
+    Thread(#[from] DeliveryThreadError),
 }
 
 /// The request path's end of the pipeline. Closing it (at shutdown) drops the queue's sender so
@@ -147,7 +154,7 @@ impl QueuedAudit {
 pub struct AuditPipeline {
     sink: Arc<dyn AuditSink>,
     queued: Option<Arc<QueuedAudit>>,
-    delivery: Option<JoinHandle<()>>,
+    delivery: Option<DeliveryThread>,
     flush_timeout: Duration,
     metrics: AuditMetrics,
     /// Rows taken off the queue but not yet delivered, when there is no spool to hold them.
@@ -155,38 +162,14 @@ pub struct AuditPipeline {
 }
 
 impl AuditPipeline {
-    /// Opens the destination (and the spool) and starts the delivery task. Must run inside a
-    /// Tokio runtime.
+    /// Starts the delivery thread, which opens the destination (and the spool) and then drains
+    /// the queue. Returns once the destination is open, with its error if it could not be.
     pub async fn start(
         config: AuditConfig,
         metrics: AuditMetrics,
     ) -> Result<AuditPipeline, AuditSetupError> {
         let in_hand = Arc::new(AtomicU64::new(0));
-        let transport: Option<SpawnDelivery> = match &config.target {
-            AuditTarget::None => None,
-            AuditTarget::Sink(sink) => {
-                let sink = AnySink::open(sink).await?;
-                Some(delivery(SinkTransport(sink), &config, &metrics, &in_hand)?)
-            }
-            AuditTarget::Controller {
-                base_url,
-                ca_file,
-                token_file,
-            } => {
-                let ca_pem = std::fs::read(ca_file).map_err(|source| AuditSetupError::Ca {
-                    path: ca_file.clone(),
-                    source,
-                })?;
-                let transport = HttpTransport::new(
-                    base_url,
-                    &ca_pem,
-                    Arc::new(TokenFile(token_file.clone())),
-                    config.send_timeout,
-                )?;
-                Some(delivery(transport, &config, &metrics, &in_hand)?)
-            }
-        };
-        let Some(spawn_delivery) = transport else {
+        if config.target == AuditTarget::None {
             return Ok(AuditPipeline {
                 sink: Arc::new(NoopAudit),
                 queued: None,
@@ -195,8 +178,13 @@ impl AuditPipeline {
                 metrics,
                 in_hand,
             });
-        };
+        }
         let (queue, receiver) = queue::channel(config.queue_capacity, metrics.clone());
+        let delivery = DeliveryThread::start(metrics.delivery_idle_priority.clone(), {
+            let (config, metrics, in_hand) = (config.clone(), metrics.clone(), in_hand.clone());
+            move || open_and_deliver(config, metrics, in_hand, receiver)
+        })
+        .await?;
         let queued = Arc::new(QueuedAudit {
             queue: RwLock::new(Some(queue)),
             metrics: metrics.clone(),
@@ -204,7 +192,7 @@ impl AuditPipeline {
         Ok(AuditPipeline {
             sink: queued.clone(),
             queued: Some(queued),
-            delivery: Some(spawn_delivery(receiver)),
+            delivery: Some(delivery),
             flush_timeout: config.flush_timeout,
             metrics,
             in_hand,
@@ -227,10 +215,9 @@ impl AuditPipeline {
         let Some(mut delivery) = self.delivery.take() else {
             return;
         };
-        match tokio::time::timeout(self.flush_timeout, &mut delivery).await {
-            Ok(_) => tracing::info!("audit queue flushed"),
-            Err(_) => {
-                delivery.abort();
+        match delivery.wait(self.flush_timeout).await {
+            true => tracing::info!("audit queue flushed"),
+            false => {
                 let left = self.metrics.queue_depth.get().max(0) as u64
                     + self.in_hand.load(Ordering::Relaxed);
                 self.metrics.dropped_rows.inc_by(left);
@@ -244,42 +231,69 @@ impl AuditPipeline {
     }
 }
 
-type SpawnDelivery = Box<dyn FnOnce(QueueReceiver) -> JoinHandle<()>>;
+type DeliveryJob = Pin<Box<dyn Future<Output = ()>>>;
 
-/// Prepares the delivery task for `transport`: the keybrake-audit shipper when a spool is
-/// configured, else a retry-from-memory loop.
+/// Runs on the delivery thread: opens the destination there (its connection tasks then live on
+/// that thread's runtime) and returns the job that drains `receiver` into it.
+async fn open_and_deliver(
+    config: AuditConfig,
+    metrics: AuditMetrics,
+    in_hand: Arc<AtomicU64>,
+    receiver: QueueReceiver,
+) -> Result<DeliveryJob, AuditSetupError> {
+    match &config.target {
+        AuditTarget::None => Ok(Box::pin(async {})),
+        AuditTarget::Sink(sink) => {
+            let sink = AnySink::open(sink).await?;
+            delivery(SinkTransport(sink), &config, &metrics, &in_hand, receiver)
+        }
+        AuditTarget::Controller {
+            base_url,
+            ca_file,
+            token_file,
+        } => {
+            let ca_pem = std::fs::read(ca_file).map_err(|source| AuditSetupError::Ca {
+                path: ca_file.clone(),
+                source,
+            })?;
+            let transport = HttpTransport::new(
+                base_url,
+                &ca_pem,
+                Arc::new(TokenFile(token_file.clone())),
+                config.send_timeout,
+            )?;
+            delivery(transport, &config, &metrics, &in_hand, receiver)
+        }
+    }
+}
+
+/// The delivery job for `transport`: the keybrake-audit shipper when a spool is configured,
+/// else a retry-from-memory loop.
 fn delivery<T: Transport>(
     transport: T,
     config: &AuditConfig,
     metrics: &AuditMetrics,
     in_hand: &Arc<AtomicU64>,
-) -> Result<SpawnDelivery, AuditSetupError> {
+    receiver: QueueReceiver,
+) -> Result<DeliveryJob, AuditSetupError> {
     let shipper_config = config.shipper.clone();
     match &config.spool {
         Some(spool_config) => {
             let spool = Spool::open(spool_config.clone(), metrics.clone())?;
-            Ok(Box::new(move |receiver| {
-                tokio::spawn(async move {
-                    let report = Shipper::new(transport, receiver, spool, shipper_config)
-                        .run()
-                        .await;
-                    tracing::info!(?report, "audit shipper stopped");
-                })
+            Ok(Box::pin(async move {
+                let report = Shipper::new(transport, receiver, spool, shipper_config)
+                    .run()
+                    .await;
+                tracing::info!(?report, "audit shipper stopped");
             }))
         }
-        None => {
-            let metrics = metrics.clone();
-            let in_hand = in_hand.clone();
-            Ok(Box::new(move |receiver| {
-                tokio::spawn(deliver_from_memory(
-                    transport,
-                    receiver,
-                    shipper_config,
-                    metrics,
-                    in_hand,
-                ))
-            }))
-        }
+        None => Ok(Box::pin(deliver_from_memory(
+            transport,
+            receiver,
+            shipper_config,
+            metrics.clone(),
+            in_hand.clone(),
+        ))),
     }
 }
 
@@ -384,6 +398,85 @@ mod tests {
         assert_eq!(stored[0][0].as_i64(), Some(25));
         assert_eq!(metrics.dropped_rows.get(), 1);
         assert_eq!(metrics.queue_depth.get(), 0);
+    }
+
+    /// Delivery, and the SQLite writes it hands to blocking threads, run at SCHED_IDLE on
+    /// threads of their own, never on the caller's runtime.
+    #[cfg(target_os = "linux")]
+    #[tokio::test(flavor = "current_thread")]
+    async fn delivery_runs_on_its_own_threads_at_idle_priority() {
+        use crate::audit_thread::{
+            DELIVERY_IO_THREAD_NAME, DELIVERY_THREAD_NAME,
+            tests::{SCHED_IDLE, thread_policies},
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("audit.db");
+        let metrics = AuditMetrics::unregistered();
+        let pipeline = AuditPipeline::start(
+            AuditConfig::new(AuditTarget::Sink(SinkConfig::Sqlite(db.clone()))),
+            metrics.clone(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(metrics.delivery_idle_priority.get(), 1);
+        let sink = pipeline.sink();
+        for n in 0..10 {
+            sink.submit(row(n));
+        }
+        // The batch is written on a blocking thread of the delivery runtime, which then idles
+        // (kept alive for 10 s): wait until the queue is empty and that thread exists.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let io_threads = loop {
+            let io = thread_policies(DELIVERY_IO_THREAD_NAME);
+            if metrics.queue_depth.get() == 0 && !io.is_empty() {
+                break io;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no {DELIVERY_IO_THREAD_NAME} thread; queue depth {}",
+                metrics.queue_depth.get()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        let delivery_threads = thread_policies(DELIVERY_THREAD_NAME);
+        assert!(
+            !delivery_threads.is_empty(),
+            "no {DELIVERY_THREAD_NAME} thread"
+        );
+        // Other tests' pipelines may run in this process too: every such thread must be idle.
+        for (tid, policy) in delivery_threads.iter().chain(&io_threads) {
+            assert_eq!(*policy, SCHED_IDLE, "thread {tid} is not SCHED_IDLE");
+        }
+        let this_thread = std::thread::current();
+        assert_ne!(this_thread.name(), Some(DELIVERY_THREAD_NAME));
+        pipeline.shutdown().await;
+        let stored = SqliteSink::open(db)
+            .await
+            .unwrap()
+            .query("SELECT count(*) FROM agent_call_audit", &[])
+            .await
+            .unwrap();
+        assert_eq!(stored[0][0].as_i64(), Some(10));
+    }
+
+    /// A destination that cannot be opened fails start, as before the thread existed.
+    #[tokio::test]
+    async fn a_sink_that_cannot_open_fails_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let not_a_dir = dir.path().join("file");
+        std::fs::write(&not_a_dir, "x").unwrap();
+        let result = AuditPipeline::start(
+            AuditConfig::new(AuditTarget::Sink(SinkConfig::Sqlite(
+                not_a_dir.join("audit.db"),
+            ))),
+            AuditMetrics::unregistered(),
+        )
+        .await;
+        assert!(
+            matches!(result, Err(AuditSetupError::Sink(_))),
+            "{:?}",
+            result.as_ref().err()
+        );
     }
 
     #[tokio::test]

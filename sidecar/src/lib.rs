@@ -12,6 +12,7 @@
 #![forbid(unsafe_code)]
 
 pub mod audit;
+pub mod audit_thread;
 pub mod body;
 pub mod budget_client;
 pub mod cli;

@@ -87,6 +87,7 @@ fn metrics_table_is_the_agreed_list() {
         ("keybrake_audit_queue_depth", Gauge, &[], Sidecar),
         ("keybrake_audit_spool_bytes", Gauge, &[], Sidecar),
         ("keybrake_audit_dropped_rows_total", Counter, &[], Sidecar),
+        ("keybrake_audit_delivery_idle_priority", Gauge, &[], Sidecar),
         (
             "keybrake_controller_reconciles_total",
             Counter,
