@@ -4,7 +4,10 @@
 //! config itself. The file is polled and re-applied when what it resolves to changes; a broken
 //! file keeps the last good policy.
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, hash_map::DefaultHasher},
+    fs::File,
+    hash::{Hash, Hasher},
+    io::{BufRead, BufReader, Read},
     path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, SystemTime},
@@ -12,7 +15,7 @@ use std::{
 
 use jiff::Timestamp;
 use keybrake_api::{
-    AgentRef, AllowRule, KeyGrant, KeyId, KeyState, Limits, OnStale, SecretString, TokenHash,
+    AgentRef, AllowRule, KeyGrant, KeyId, KeyState, Limits, OnStale, SecretString, TokenHash, Usd,
     Vendor, stream::PolicyApply,
 };
 use serde::Deserialize;
@@ -110,6 +113,14 @@ pub enum ConfigError {
     },
     #[error("key {key}: path {path:?} must be an absolute template such as /v1/customers/{{id}}")]
     BadPathTemplate { key: String, path: String },
+    #[error("key {key}: limits.{field} must not be negative (got {value})")]
+    NegativeCap {
+        key: String,
+        field: &'static str,
+        value: Usd,
+    },
+    #[error("key {key}: limits.callsPerMinute must be between 1 and 1000000 (got {value})")]
+    BadCallsPerMinute { key: String, value: u32 },
 }
 
 /// Where secrets come from; a seam so tests need not touch the process environment.
@@ -140,45 +151,96 @@ pub struct Loaded {
     pub fingerprint: u64,
 }
 
-/// Hash of the config bytes and the secret files' contents (environment variables cannot
-/// change under a running process). Change detection only, not security.
-fn fingerprint(config: &[u8], secrets: &[Option<Vec<u8>>]) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    config.hash(&mut h);
-    secrets.hash(&mut h);
-    h.finish()
+/// A reader that hashes what passes through it, so a file is fingerprinted while it is parsed
+/// instead of being held whole (a 10,000-key policy is about 2 MB).
+struct Fingerprinting<R> {
+    inner: R,
+    hasher: DefaultHasher,
+    len: u64,
+}
+
+impl<R: Read> Fingerprinting<R> {
+    fn new(inner: R) -> Self {
+        Fingerprinting {
+            inner,
+            hasher: DefaultHasher::new(),
+            len: 0,
+        }
+    }
+
+    /// Reads what is left, then combines the config's hash with the secret files' contents
+    /// (environment variables cannot change under a running process). Change detection only,
+    /// not security.
+    fn finish(mut self, secrets: &[Option<Vec<u8>>]) -> std::io::Result<u64> {
+        std::io::copy(&mut self, &mut std::io::sink())?;
+        self.hasher.write_u64(self.len);
+        secrets.hash(&mut self.hasher);
+        Ok(self.hasher.finish())
+    }
+}
+
+impl<R: Read> Read for Fingerprinting<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.write(&buf[..n]);
+        self.len += n as u64;
+        Ok(n)
+    }
 }
 
 /// The fingerprint `path` and `secret_files` have now, or `None` if the config is unreadable.
 pub fn current_fingerprint(path: &Path, secret_files: &[PathBuf]) -> Option<u64> {
-    let config = std::fs::read(path).ok()?;
+    let config = Fingerprinting::new(File::open(path).ok()?);
     let secrets: Vec<Option<Vec<u8>>> =
         secret_files.iter().map(|f| std::fs::read(f).ok()).collect();
-    Some(fingerprint(&config, &secrets))
+    config.finish(&secrets).ok()
 }
 
+/// Read buffer of the policy file.
+const READ_BUFFER: usize = 64 * 1024;
+
 /// YAML, or JSON (a subset of YAML) when the file starts with `{`: serde_json deserializes as it
-/// reads, while serde_yaml first buffers every event of the document, which for a policy with
-/// thousands of keys costs several times the policy's own memory at load time.
-fn parse(bytes: &[u8]) -> Result<StandaloneConfig, String> {
-    if bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{') {
-        serde_json::from_slice(bytes).map_err(|e| e.to_string())
+/// reads, while serde_yaml needs the whole text and then buffers every event of the document,
+/// which for a policy with thousands of keys costs several times the policy's own memory.
+fn parse<R: Read>(reader: &mut BufReader<R>) -> Result<StandaloneConfig, ParseFailure> {
+    let head = reader.fill_buf().map_err(ParseFailure::Read)?;
+    if head.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{') {
+        serde_json::from_reader(reader).map_err(|e| {
+            if e.is_io() {
+                ParseFailure::Read(e.into())
+            } else {
+                ParseFailure::Syntax(e.to_string())
+            }
+        })
     } else {
-        serde_yaml::from_slice(bytes).map_err(|e| e.to_string())
+        let mut text = Vec::new();
+        reader.read_to_end(&mut text).map_err(ParseFailure::Read)?;
+        serde_yaml::from_slice(&text).map_err(|e| ParseFailure::Syntax(e.to_string()))
     }
+}
+
+enum ParseFailure {
+    Read(std::io::Error),
+    Syntax(String),
 }
 
 pub fn load_tracked(path: &Path, env: &dyn SecretSourceEnv) -> Result<Loaded, ConfigError> {
     let shown = path.display().to_string();
-    let bytes = std::fs::read(path).map_err(|source| ConfigError::Read {
+    let read_error = |source| ConfigError::Read {
         path: shown.clone(),
         source,
+    };
+    let file = File::open(path).map_err(read_error)?;
+    let mut reader = BufReader::with_capacity(READ_BUFFER, Fingerprinting::new(file));
+    let config = parse(&mut reader).map_err(|failure| match failure {
+        ParseFailure::Read(source) => read_error(source),
+        ParseFailure::Syntax(reason) => ConfigError::Parse {
+            path: shown.clone(),
+            reason,
+        },
     })?;
-    let config = parse(&bytes).map_err(|reason| ConfigError::Parse {
-        path: shown,
-        reason,
-    })?;
+    // Whatever the parser left unread still counts towards the fingerprint.
+    let config_bytes = reader.into_inner();
     let mut secret_files = Vec::new();
     let grants = resolve_tracked(
         config,
@@ -192,7 +254,7 @@ pub fn load_tracked(path: &Path, env: &dyn SecretSourceEnv) -> Result<Loaded, Co
         .collect();
     Ok(Loaded {
         grants,
-        fingerprint: fingerprint(&bytes, &secrets),
+        fingerprint: config_bytes.finish(&secrets).map_err(read_error)?,
         secret_files: secret_files.into_iter().map(|(p, _)| p).collect(),
     })
 }
@@ -281,6 +343,7 @@ fn resolve_tracked(
                     upstream: key.upstream.clone(),
                 })?;
         check_allow_rules(&key.name, vendor, &key.allow)?;
+        check_limits(&key.name, &key.limits)?;
         grants.push(KeyGrant {
             id: KeyId::new(NAMESPACE, &key.name),
             token_sha256: key.token_sha256,
@@ -317,6 +380,30 @@ fn check_base_url(url: &str) -> Result<(), ()> {
         && parsed.query().is_none()
         && parsed.fragment().is_none();
     if ok { Ok(()) } else { Err(()) }
+}
+
+/// The bounds the VaultKey CRD enforces, so a file cannot hold a policy the cluster would refuse
+/// (a negative cap would make every call exceed it).
+fn check_limits(key: &str, limits: &Limits) -> Result<(), ConfigError> {
+    for (field, cap) in [
+        ("dailyUsdCap", limits.daily_usd_cap),
+        ("perCallUsdMax", limits.per_call_usd_max),
+    ] {
+        if let Some(value) = cap.filter(|v| *v < Usd::ZERO) {
+            return Err(ConfigError::NegativeCap {
+                key: key.into(),
+                field,
+                value,
+            });
+        }
+    }
+    match limits.calls_per_minute {
+        Some(value) if !(1..=1_000_000).contains(&value) => Err(ConfigError::BadCallsPerMinute {
+            key: key.into(),
+            value,
+        }),
+        _ => Ok(()),
+    }
 }
 
 fn check_allow_rules(key: &str, vendor: Vendor, rules: &[AllowRule]) -> Result<(), ConfigError> {
@@ -612,6 +699,18 @@ keys:
                 config("  - name: refund-agent\n    tokenSha256: 00\n"),
                 "parsing",
             ),
+            (
+                config("").replace("\"250.00\"", "\"-1\""),
+                "key refund-agent: limits.dailyUsdCap must not be negative (got -1.00)",
+            ),
+            (
+                config("").replace("\"50.00\"", "\"-0.01\""),
+                "key refund-agent: limits.perCallUsdMax must not be negative (got -0.01)",
+            ),
+            (
+                config("").replace("callsPerMinute: 120", "callsPerMinute: 0"),
+                "key refund-agent: limits.callsPerMinute must be between 1 and 1000000",
+            ),
         ];
         for (text, needle) in cases {
             std::fs::write(&path, &text).unwrap();
@@ -643,6 +742,77 @@ keys:
                 .to_string()
                 .contains("unknown field")
         );
+    }
+
+    #[test]
+    fn a_zero_cap_is_a_valid_policy() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.yaml");
+        std::fs::write(&path, config("").replace("\"250.00\"", "\"0\"")).unwrap();
+        let grants = load(&path, env().as_ref()).unwrap();
+        assert_eq!(grants[0].limits.daily_usd_cap, Some(Usd::ZERO));
+    }
+
+    #[test]
+    fn a_negative_cap_keeps_the_last_good_policy() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.yaml");
+        std::fs::write(&path, config("")).unwrap();
+        let store = Arc::new(PolicyStore::new(Freshness::AlwaysFresh));
+        let mut w = ConfigWatcher::start(path.clone(), store.clone(), env()).unwrap();
+        std::fs::write(&path, config("").replace("\"50.00\"", "\"-1\"")).unwrap();
+        w.poll();
+        assert_eq!(store.revision(), 1, "the negative cap is not applied");
+        let error = w.last_error.clone().expect("the broken file is reported");
+        assert!(
+            error.contains("refund-agent") && error.contains("perCallUsdMax"),
+            "{error}"
+        );
+        let kept = store.lookup(&TokenHash::of("vault_key_x")).unwrap();
+        assert_eq!(
+            kept.grant.limits.per_call_usd_max,
+            Some(Usd::from_cents(5000))
+        );
+    }
+
+    #[test]
+    fn a_policy_larger_than_the_read_buffer_streams_and_fingerprints_like_a_poll() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys: Vec<serde_json::Value> = (0..2_000)
+            .map(|i| {
+                serde_json::json!({
+                    "name": format!("key-{i}"),
+                    "tokenSha256": TokenHash::of(&format!("vault_key_{i}")).to_hex(),
+                    "upstream": "stripe-test",
+                    "agent": {"name": "agent"},
+                })
+            })
+            .collect();
+        let policy = serde_json::json!({
+            "upstreams": {"stripe-test": {"vendor": "stripe", "secretEnv": "STRIPE_KEY"}},
+            "keys": keys,
+        });
+        let text = format!("\n{policy:#}\n\n");
+        assert!(text.len() > 2 * READ_BUFFER);
+        let path = dir.path().join("big.json");
+        std::fs::write(&path, &text).unwrap();
+        let loaded = load_tracked(&path, env().as_ref()).unwrap();
+        assert_eq!(loaded.grants.len(), 2_000);
+        assert_eq!(loaded.grants[1_999].id, KeyId::new(NAMESPACE, "key-1999"));
+        assert_eq!(
+            current_fingerprint(&path, &loaded.secret_files),
+            Some(loaded.fingerprint)
+        );
+        // One byte more, even trailing whitespace, is another file.
+        std::fs::write(&path, format!("{text} ")).unwrap();
+        assert_ne!(
+            current_fingerprint(&path, &loaded.secret_files),
+            Some(loaded.fingerprint)
+        );
+        // Trailing garbage after the JSON document is refused, not ignored.
+        std::fs::write(&path, format!("{text}}}")).unwrap();
+        let err = load(&path, env().as_ref()).unwrap_err().to_string();
+        assert!(err.contains("parsing") && err.contains("trailing"), "{err}");
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //! Reads take a `RwLock` read guard just long enough to clone one `Arc`; writers build what they
 //! can outside the lock. Per-key runtime state (the rate bucket) survives policy updates.
 use std::{
-    collections::HashMap,
+    borrow::Borrow,
+    collections::{HashMap, HashSet},
     hash::BuildHasherDefault,
     sync::{
         Arc, Mutex, RwLock,
@@ -23,7 +24,8 @@ use crate::{
     vendors::{AuthSlot, Credential, module_for, upstream_authorization},
 };
 
-/// State a key keeps across policy updates.
+/// State a key keeps across policy updates. Only `callsPerMinute` needs any: keys without it
+/// share one (they never touch its bucket), which saves an allocation per key.
 #[derive(Debug, Default)]
 pub struct KeyRuntime {
     pub rate: Mutex<TokenBucket>,
@@ -37,8 +39,8 @@ pub struct KeyEntry {
     /// Its metric series, resolved for this grant's labels (rebuilt with the entry).
     pub counters: KeyCounters,
     /// `grant.base_url`, parsed; `None` if it is not an absolute URL (calls then fail with
-    /// `bad_upstream_url`).
-    pub upstream: Option<UpstreamBase>,
+    /// `bad_upstream_url`). Shared by every key of a snapshot with the same base URL.
+    pub upstream: Option<Arc<UpstreamBase>>,
     /// The upstream credential header, built once when it does not depend on what the agent
     /// presents (everything but a Twilio secret without its account SID). Marked sensitive.
     pub upstream_authorization: Option<HeaderValue>,
@@ -49,11 +51,16 @@ impl KeyEntry {
         Self::sharing(grant, runtime, &mut SharedDerivations::default())
     }
 
-    fn sharing(grant: KeyGrant, runtime: Arc<KeyRuntime>, shared: &mut SharedDerivations) -> Self {
+    fn sharing(
+        mut grant: KeyGrant,
+        runtime: Arc<KeyRuntime>,
+        shared: &mut SharedDerivations,
+    ) -> Self {
+        compact(&mut grant);
         let upstream = shared
             .upstreams
             .entry(grant.base_url.clone())
-            .or_insert_with(|| UpstreamBase::parse(&grant.base_url))
+            .or_insert_with(|| UpstreamBase::parse(&grant.base_url).map(Arc::new))
             .clone();
         let upstream_authorization = shared
             .authorizations
@@ -70,12 +77,23 @@ impl KeyEntry {
     }
 }
 
+/// Gives back the spare capacity deserializing left in a grant's heap parts (a one-rule `allow`
+/// list holds room for four; a formatted id for twice its length): with 10,000 keys loaded,
+/// about 2 MB. Shrinking reallocates in place, so nothing moves.
+fn compact(grant: &mut KeyGrant) {
+    grant.id.0.shrink_to_fit();
+    grant.base_url.shrink_to_fit();
+    grant.agent.name.shrink_to_fit();
+    grant.allow.shrink_to_fit();
+    grant.customers.shrink_to_fit();
+}
+
 /// Values derived from a key's upstream, computed once per snapshot: thousands of keys usually
 /// share a few upstreams and secrets, and a clone shares the parsed bytes where a fresh parse
 /// would hold a copy per key. Dropped when the snapshot is applied.
 #[derive(Default)]
 struct SharedDerivations {
-    upstreams: HashMap<String, Option<UpstreamBase>>,
+    upstreams: HashMap<String, Option<Arc<UpstreamBase>>>,
     authorizations: HashMap<(Vendor, String), Option<HeaderValue>>,
 }
 
@@ -117,27 +135,98 @@ impl std::hash::Hasher for TokenHashHasher {
     }
 }
 
-type ByTokenHash = HashMap<TokenHash, Arc<KeyEntry>, BuildHasherDefault<TokenHashHasher>>;
+/// An entry in the token-hash index. The index holds only the pointer: the hash it is found by
+/// is the entry's own (a map would keep a second 32-byte copy per key).
+struct ByTokenHash(Arc<KeyEntry>);
 
+impl Borrow<TokenHash> for ByTokenHash {
+    fn borrow(&self) -> &TokenHash {
+        &self.0.grant.token_sha256
+    }
+}
+
+impl std::hash::Hash for ByTokenHash {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.grant.token_sha256.hash(state);
+    }
+}
+
+impl PartialEq for ByTokenHash {
+    /// `TokenHash`'s constant-time equality.
+    fn eq(&self, other: &Self) -> bool {
+        self.0.grant.token_sha256 == other.0.grant.token_sha256
+    }
+}
+
+impl Eq for ByTokenHash {}
+
+/// An entry in the id index, found by its `namespace/name` without a second copy of the id.
+struct ById(Arc<KeyEntry>);
+
+impl Borrow<str> for ById {
+    fn borrow(&self) -> &str {
+        self.0.grant.id.as_str()
+    }
+}
+
+impl std::hash::Hash for ById {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.grant.id.as_str().hash(state);
+    }
+}
+
+impl PartialEq for ById {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.grant.id == other.0.grant.id
+    }
+}
+
+impl Eq for ById {}
+
+/// Both indexes hold the same entries.
 #[derive(Default)]
 struct Index {
-    by_hash: ByTokenHash,
-    by_id: HashMap<KeyId, TokenHash>,
+    by_hash: HashSet<ByTokenHash, BuildHasherDefault<TokenHashHasher>>,
+    by_id: HashSet<ById>,
 }
 
 impl Index {
+    /// Sized up front: growing rehashes into a new table while the old one is still held.
+    fn with_capacity(keys: usize) -> Self {
+        Index {
+            by_hash: HashSet::with_capacity_and_hasher(keys, Default::default()),
+            by_id: HashSet::with_capacity(keys),
+        }
+    }
+
+    fn get_by_hash(&self, hash: &TokenHash) -> Option<&Arc<KeyEntry>> {
+        self.by_hash.get(hash).map(|e| &e.0)
+    }
+
+    fn get_by_id(&self, id: &KeyId) -> Option<&Arc<KeyEntry>> {
+        self.by_id.get(id.as_str()).map(|e| &e.0)
+    }
+
     fn insert(&mut self, entry: KeyEntry) {
-        let grant = &entry.grant;
-        if let Some(old_hash) = self.by_id.remove(&grant.id) {
-            self.by_hash.remove(&old_hash);
-        }
-        if let Some(clash) = self.by_hash.get(&grant.token_sha256) {
+        let entry = Arc::new(entry);
+        self.remove(&entry.grant.id);
+        if let Some(clash) = self.by_hash.take(&entry.grant.token_sha256) {
             // Two keys with one token cannot both be enforced; the newer wins, loudly.
-            tracing::warn!(key = %grant.id, other = %clash.grant.id, "two vault keys share a token hash");
-            self.by_id.remove(&clash.grant.id);
+            tracing::warn!(key = %entry.grant.id, other = %clash.0.grant.id, "two vault keys share a token hash");
+            self.by_id.remove(clash.0.grant.id.as_str());
         }
-        self.by_id.insert(grant.id.clone(), grant.token_sha256);
-        self.by_hash.insert(grant.token_sha256, Arc::new(entry));
+        self.by_id.insert(ById(entry.clone()));
+        self.by_hash.insert(ByTokenHash(entry));
+    }
+
+    fn remove(&mut self, id: &KeyId) {
+        if let Some(old) = self.by_id.take(id.as_str()) {
+            self.by_hash.remove(&old.0.grant.token_sha256);
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.by_hash.len()
     }
 }
 
@@ -158,6 +247,8 @@ pub struct PolicyStore {
     origin: Instant,
     /// Nanoseconds after `origin` of the last `mark_fresh`.
     fresh_at_ns: AtomicU64,
+    /// The runtime of every key without `callsPerMinute`.
+    unlimited: Arc<KeyRuntime>,
 }
 
 impl PolicyStore {
@@ -169,17 +260,18 @@ impl PolicyStore {
             freshness,
             origin: Instant::now(),
             fresh_at_ns: AtomicU64::new(0),
+            unlimited: Arc::default(),
         }
     }
 
     /// The key whose token hashes to `hash`. The map compares hashes with `TokenHash`'s
     /// constant-time equality.
     pub fn lookup(&self, hash: &TokenHash) -> Option<Arc<KeyEntry>> {
-        self.read().by_hash.get(hash).cloned()
+        self.read().get_by_hash(hash).cloned()
     }
 
     pub fn len(&self) -> usize {
-        self.read().by_hash.len()
+        self.read().len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -223,13 +315,17 @@ impl PolicyStore {
         self.index.write().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn runtime_for(&self, id: &KeyId) -> Arc<KeyRuntime> {
-        let index = self.read();
+    /// The runtime `grant` gets in `index`: its previous bucket if it had one of its own, the
+    /// shared one if it has no rate limit, else a fresh (full) bucket.
+    fn runtime_for(&self, index: &Index, grant: &KeyGrant) -> Arc<KeyRuntime> {
+        if grant.limits.calls_per_minute.is_none() {
+            return self.unlimited.clone();
+        }
         index
-            .by_id
-            .get(id)
-            .and_then(|h| index.by_hash.get(h))
-            .map(|e| e.runtime.clone())
+            .get_by_id(&grant.id)
+            .map(|e| &e.runtime)
+            .filter(|runtime| !Arc::ptr_eq(runtime, &self.unlimited))
+            .cloned()
             .unwrap_or_default()
     }
 
@@ -240,38 +336,31 @@ impl PolicyStore {
 
 impl PolicyApply for PolicyStore {
     fn replace_all(&self, keys: Vec<KeyGrant>, revision: u64) {
-        let mut next = Index::default();
+        // The policy in force stays until the next one is complete: no window without one.
+        let mut next = Index::with_capacity(keys.len());
         let mut shared = SharedDerivations::default();
         {
             let current = self.read();
             for grant in keys {
-                let runtime = current
-                    .by_id
-                    .get(&grant.id)
-                    .and_then(|h| current.by_hash.get(h))
-                    .map(|e| e.runtime.clone())
-                    .unwrap_or_default();
+                let runtime = self.runtime_for(&current, &grant);
                 next.insert(KeyEntry::sharing(grant, runtime, &mut shared));
             }
         }
-        *self.write() = next;
+        let previous = std::mem::replace(&mut *self.write(), next);
+        // Freed after the swap, so readers do not wait on it.
+        drop(previous);
         self.set_revision(revision);
         self.loaded.store(true, Ordering::Release);
     }
 
     fn upsert(&self, key: KeyGrant, revision: u64) {
-        let runtime = self.runtime_for(&key.id);
+        let runtime = self.runtime_for(&self.read(), &key);
         self.write().insert(KeyEntry::new(key, runtime));
         self.set_revision(revision);
     }
 
     fn remove(&self, id: &KeyId, revision: u64) {
-        {
-            let mut index = self.write();
-            if let Some(hash) = index.by_id.remove(id) {
-                index.by_hash.remove(&hash);
-            }
-        }
+        self.write().remove(id);
         self.set_revision(revision);
     }
 
@@ -394,6 +483,74 @@ pub(crate) mod tests {
         store.upsert(grant("a", "t1"), 3);
         let after = store.lookup(&TokenHash::of("t1")).unwrap().runtime.clone();
         assert!(Arc::ptr_eq(&before, &after));
+    }
+
+    #[test]
+    fn only_rate_limited_keys_hold_a_bucket_of_their_own() {
+        let store = PolicyStore::new(Freshness::AlwaysFresh);
+        let limited = |name: &str, token: &str| {
+            let mut g = grant(name, token);
+            g.limits.calls_per_minute = Some(1);
+            g
+        };
+        store.replace_all(
+            vec![grant("a", "t1"), grant("b", "t2"), limited("c", "t3")],
+            1,
+        );
+        let runtime = |token: &str| store.lookup(&TokenHash::of(token)).unwrap().runtime.clone();
+        assert!(Arc::ptr_eq(&runtime("t1"), &runtime("t2")));
+        assert!(!Arc::ptr_eq(&runtime("t1"), &runtime("t3")));
+
+        // A drained bucket stays drained across updates of its key.
+        let c = runtime("t3");
+        assert!(c.rate.lock().unwrap().try_take(1, Instant::now()));
+        store.replace_all(
+            vec![grant("a", "t1"), limited("b", "t2"), limited("c", "t3")],
+            2,
+        );
+        assert!(Arc::ptr_eq(&c, &runtime("t3")));
+        assert!(!c.rate.lock().unwrap().try_take(1, Instant::now()));
+        // A key that gains a limit gets a full bucket of its own, not the shared one.
+        let b = runtime("t2");
+        assert!(!Arc::ptr_eq(&b, &runtime("t1")) && !Arc::ptr_eq(&b, &c));
+        assert!(b.rate.lock().unwrap().try_take(1, Instant::now()));
+        store.upsert(limited("a", "t1"), 3);
+        let a = runtime("t1");
+        assert!(!Arc::ptr_eq(&a, &b) && !Arc::ptr_eq(&a, &store.unlimited));
+    }
+
+    #[test]
+    fn entries_give_back_spare_capacity() {
+        let store = PolicyStore::new(Freshness::AlwaysFresh);
+        let mut g = grant("a", "t1");
+        g.allow = Vec::with_capacity(4);
+        g.allow.push(keybrake_api::AllowRule {
+            operation: Some("customers.retrieve".into()),
+            method: None,
+            path: None,
+        });
+        g.id.0.reserve(64);
+        store.upsert(g, 1);
+        let entry = store.lookup(&TokenHash::of("t1")).unwrap();
+        assert_eq!(entry.grant.allow.capacity(), 1);
+        assert_eq!(entry.grant.id.0.capacity(), entry.grant.id.0.len());
+    }
+
+    #[test]
+    fn a_shared_token_hash_goes_to_the_newer_key_and_indexes_stay_in_step() {
+        let store = PolicyStore::new(Freshness::AlwaysFresh);
+        store.replace_all(vec![grant("a", "t1"), grant("b", "t1")], 1);
+        assert_eq!(store.len(), 1);
+        let found = store.lookup(&TokenHash::of("t1")).unwrap();
+        assert_eq!(found.grant.id, KeyId::new("ns", "b"));
+        // Removing the loser removes nothing; removing the winner empties both indexes.
+        store.remove(&KeyId::new("ns", "a"), 2);
+        assert!(store.lookup(&TokenHash::of("t1")).is_some());
+        store.remove(&KeyId::new("ns", "b"), 3);
+        assert!(store.lookup(&TokenHash::of("t1")).is_none());
+        assert!(store.is_empty());
+        let index = store.read();
+        assert!(index.by_id.is_empty() && index.by_hash.is_empty());
     }
 
     #[test]
