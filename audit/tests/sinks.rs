@@ -291,7 +291,7 @@ async fn sqlite_migrations_are_idempotent() {
         count(&sink, "SELECT COUNT(*) FROM schema_migrations").await,
         schema::MIGRATIONS.len() as i64
     );
-    assert_eq!(count(&sink, COUNT_INDEXES_SQLITE).await, 4);
+    assert_eq!(count(&sink, COUNT_INDEXES_SQLITE).await, 5);
     assert_eq!(
         count(&sink, "SELECT COUNT(*) FROM agent_call_audit").await,
         11
@@ -317,7 +317,7 @@ async fn postgres_migrations_are_idempotent() {
         count(&a, "SELECT COUNT(*) FROM schema_migrations").await,
         schema::MIGRATIONS.len() as i64
     );
-    assert_eq!(count(&a, COUNT_INDEXES_PG).await, 4);
+    assert_eq!(count(&a, COUNT_INDEXES_PG).await, 5);
     assert_eq!(count(&a, "SELECT COUNT(*) FROM agent_call_audit").await, 11);
     let partial = s
         .query(
