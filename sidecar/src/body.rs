@@ -143,7 +143,9 @@ impl ResponseCapture {
 
     pub fn flush(&mut self) -> Bytes {
         match self {
-            ResponseCapture::Sse(sse) => Bytes::from(std::mem::take(&mut sse.pending)),
+            // Only a filtering capture holds bytes back; otherwise `pending` is a copy of bytes
+            // already passed on.
+            ResponseCapture::Sse(sse) if sse.strip => Bytes::from(std::mem::take(&mut sse.pending)),
             _ => Bytes::new(),
         }
     }
@@ -365,6 +367,11 @@ where
                         // Everything was held back (a partial or filtered event): read on.
                         continue;
                     }
+                    // hyper's server stops polling (and drops) a body that says it has ended
+                    // after a frame: the call is complete now, not "dropped" later.
+                    if !this.rewrites && this.inner.is_end_stream() {
+                        this.end(StreamEnd::Complete);
+                    }
                     return Poll::Ready(Some(Ok(Frame::data(out))));
                 }
                 Poll::Ready(Some(Err(e))) => {
@@ -532,6 +539,44 @@ data: [DONE]\n\n";
             c.into_json().is_none(),
             "longer than the limit: nothing kept"
         );
+    }
+
+    #[tokio::test]
+    async fn a_body_read_the_way_hypers_server_does_is_complete() {
+        // hyper polls until a frame leaves `is_end_stream()` true, then drops the body.
+        let seen = Arc::new(Mutex::new(None));
+        let mut body = ObservedBody::new(
+            Full::new(Bytes::from_static(b"hello")),
+            Duration::from_secs(5),
+            Instant::now() + Duration::from_secs(5),
+            Box::new(Record(seen.clone())),
+        );
+        assert!(!body.is_end_stream());
+        let frame = body.frame().await.unwrap().unwrap();
+        assert_eq!(frame.into_data().unwrap(), Bytes::from_static(b"hello"));
+        assert!(body.is_end_stream());
+        drop(body);
+        assert_eq!(*seen.lock().unwrap(), Some((StreamEnd::Complete, 5)));
+
+        // Given up before its end, it is reported dropped.
+        let seen = Arc::new(Mutex::new(None));
+        let chunks = futures_stream(vec![Bytes::from_static(b"ab"), Bytes::from_static(b"cd")]);
+        let mut body = ObservedBody::new(
+            StreamBody::new(chunks),
+            Duration::from_secs(5),
+            Instant::now() + Duration::from_secs(5),
+            Box::new(Record(seen.clone())),
+        );
+        body.frame().await.unwrap().unwrap();
+        drop(body);
+        assert_eq!(*seen.lock().unwrap(), Some((StreamEnd::Dropped, 2)));
+    }
+
+    #[test]
+    fn sse_without_filtering_never_repeats_an_unterminated_tail() {
+        let stream = b"data: {\"choices\":[]}\n\ndata: [DONE]";
+        let mut c = sse(false);
+        assert_eq!(feed(&mut c, stream, 4), stream);
     }
 
     #[tokio::test]

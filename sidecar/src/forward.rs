@@ -1,20 +1,14 @@
-//! The upstream side: a pooled keep-alive HTTPS client and the header rules for both
-//! directions.
-use std::{path::Path, time::Duration};
+//! The upstream side: the TLS settings for upstream connections (pooled in
+//! [`crate::upstream_pool`]), where a key's calls go, and the header rules for both directions.
+use std::path::Path;
 
 use bytes::Bytes;
 use http::{
     HeaderMap, HeaderName, HeaderValue, Uri, header,
     uri::{Authority, PathAndQuery, Scheme},
 };
-use http_body_util::Full;
-use hyper_rustls::HttpsConnector;
-use hyper_util::{
-    client::legacy::{Client, connect::HttpConnector},
-    rt::{TokioExecutor, TokioTimer},
-};
 
-pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+use crate::upstream_pool::UpstreamKey;
 
 /// The header every sidecar response carries.
 pub const VERDICT_HEADER: &str = "keybrake-verdict";
@@ -37,14 +31,12 @@ pub enum ClientError {
     NoRoots,
 }
 
-/// Builds the pooled client: the platform's roots plus an optional extra PEM bundle (tests,
-/// private upstreams), HTTP/1.1 keep-alive, plain `http://` allowed only because the base URL
-/// of a key says so.
-pub fn build_client(
+/// TLS for upstream connections: the platform's roots plus an optional extra PEM bundle (tests,
+/// private upstreams), HTTP/1.1 only. (Plain `http://` is used only where a key's base URL
+/// says so.)
+pub fn upstream_tls_config(
     extra_ca_file: Option<&Path>,
-    connect_timeout: Duration,
-    pool_idle_timeout: Duration,
-) -> Result<UpstreamClient, ClientError> {
+) -> Result<rustls::ClientConfig, ClientError> {
     let mut roots = rustls::RootCertStore::empty();
     let native = rustls_native_certs::load_native_certs();
     for cert in native.certs {
@@ -73,35 +65,22 @@ pub fn build_client(
     if roots.is_empty() {
         return Err(ClientError::NoRoots);
     }
-    let tls = rustls::ClientConfig::builder_with_provider(
+    let mut tls = rustls::ClientConfig::builder_with_provider(
         rustls::crypto::ring::default_provider().into(),
     )
     .with_safe_default_protocol_versions()?
     .with_root_certificates(roots)
     .with_no_client_auth();
-    let mut http = HttpConnector::new();
-    http.enforce_http(false);
-    http.set_nodelay(true);
-    http.set_connect_timeout(Some(connect_timeout));
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_or_http()
-        .enable_http1()
-        .wrap_connector(http);
-    Ok(Client::builder(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(pool_idle_timeout)
-        .pool_max_idle_per_host(256)
-        .build(https))
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(tls)
 }
 
 /// A key's upstream base URL, parsed once when the key is loaded: every call then only
 /// appends its path and query instead of formatting and re-parsing the whole URL.
 #[derive(Debug, Clone)]
 pub struct UpstreamBase {
-    scheme: Scheme,
-    authority: Authority,
+    /// Which pooled connections serve this upstream.
+    key: UpstreamKey,
     /// The base URL's path without its trailing `/` (usually empty).
     path_prefix: Box<str>,
     /// `Host` for requests to this upstream (the client would otherwise format it per call).
@@ -122,7 +101,13 @@ impl UpstreamBase {
         }
         let path = path_and_query.as_ref().map_or("", |pq| pq.path());
         let scheme = parts.scheme?;
-        let authority = parts.authority?;
+        let authority: Authority = parts.authority?;
+        // `http://` only when the base URL says so; nothing else is spoken upstream.
+        let https = match scheme.as_str() {
+            "https" => true,
+            "http" => false,
+            _ => return None,
+        };
         // What the client would send: the host, plus the port unless it is the scheme's default.
         let default_port = if scheme == Scheme::HTTPS { 443 } else { 80 };
         let host = match authority.port_u16() {
@@ -131,8 +116,7 @@ impl UpstreamBase {
         };
         Some(UpstreamBase {
             host: HeaderValue::from_str(&host).ok()?,
-            scheme,
-            authority,
+            key: UpstreamKey { https, authority },
             path_prefix: path.trim_end_matches('/').into(),
         })
     }
@@ -142,8 +126,14 @@ impl UpstreamBase {
         &self.host
     }
 
-    /// Base + vendor path + query. `None` if that is not a valid URI.
-    pub fn join(&self, path: &str, query: Option<&str>) -> Option<Uri> {
+    /// The pool key of this upstream's connections.
+    pub fn key(&self) -> &UpstreamKey {
+        &self.key
+    }
+
+    /// The request target sent on a connection to this upstream (origin-form): base path +
+    /// vendor path + query. `None` if that is not a valid URI.
+    pub fn target(&self, path: &str, query: Option<&str>) -> Option<Uri> {
         let mut target = String::with_capacity(
             self.path_prefix.len() + path.len() + query.map_or(0, |q| q.len() + 1),
         );
@@ -154,12 +144,7 @@ impl UpstreamBase {
             target.push_str(q);
         }
         let path_and_query = PathAndQuery::from_maybe_shared(Bytes::from(target)).ok()?;
-        Uri::builder()
-            .scheme(self.scheme.clone())
-            .authority(self.authority.clone())
-            .path_and_query(path_and_query)
-            .build()
-            .ok()
+        Some(Uri::from(path_and_query))
     }
 }
 
@@ -238,23 +223,36 @@ mod tests {
     fn upstream_base_joins_path_and_query() {
         let stripe = UpstreamBase::parse("https://api.stripe.com").unwrap();
         assert_eq!(
-            stripe.join("/v1/charges", Some("limit=3")).unwrap(),
-            "https://api.stripe.com/v1/charges?limit=3"
+            stripe.target("/v1/charges", Some("limit=3")).unwrap(),
+            "/v1/charges?limit=3"
         );
+        assert!(stripe.key().https);
+        assert_eq!(stripe.key().authority, "api.stripe.com");
+        assert_eq!(stripe.host(), "api.stripe.com");
         let based = UpstreamBase::parse("http://127.0.0.1:9/base/").unwrap();
-        assert_eq!(
-            based.join("/emails", None).unwrap(),
-            "http://127.0.0.1:9/base/emails"
-        );
+        assert_eq!(based.target("/emails", None).unwrap(), "/base/emails");
+        assert!(!based.key().https);
+        assert_eq!(based.host(), "127.0.0.1:9");
         assert_eq!(
             UpstreamBase::parse("http://127.0.0.1:9/")
                 .unwrap()
-                .join("/v1/x", None)
+                .target("/v1/x", None)
                 .unwrap(),
-            "http://127.0.0.1:9/v1/x"
+            "/v1/x"
         );
-        assert!(stripe.join("/v1/a b", None).is_none());
-        for bad in ["api.stripe.com/v1", "/v1", "http://h/x?q=1", "not a url"] {
+        assert_eq!(
+            UpstreamBase::parse("https://h:443").unwrap().host(),
+            "h",
+            "default port not repeated in Host"
+        );
+        assert!(stripe.target("/v1/a b", None).is_none());
+        for bad in [
+            "api.stripe.com/v1",
+            "/v1",
+            "http://h/x?q=1",
+            "not a url",
+            "ftp://h/",
+        ] {
             assert!(UpstreamBase::parse(bad).is_none(), "{bad} was accepted");
         }
     }

@@ -28,6 +28,7 @@ pub mod server;
 pub mod standalone;
 pub mod store;
 pub mod stream_client;
+pub mod upstream_pool;
 pub mod vendors;
 
 pub use server::{BoundAddrs, Deps, Settings, Sidecar};

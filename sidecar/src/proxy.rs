@@ -20,14 +20,13 @@ use crate::{
         read_bounded,
     },
     decide::{self, Denied},
-    forward::{
-        UpstreamClient, VERDICT_HEADER_NAME, clean_response_headers, upstream_request_headers,
-    },
+    forward::{VERDICT_HEADER_NAME, clean_response_headers, upstream_request_headers},
     ledger::{Reservation, SpendLedger},
     metrics::Metrics,
     path::{PathError, check_path, split_vendor_prefix},
     pricing::Prices,
     store::{KeyEntry, PolicyStore},
+    upstream_pool::UpstreamPool,
     vendors::{
         Operation, Preflight, RequestView, ResponseView, VendorModule, extract_credential,
         module_for, upstream_authorization,
@@ -76,7 +75,7 @@ pub enum Route {
 
 pub struct Proxy {
     pub store: Arc<PolicyStore>,
-    pub client: UpstreamClient,
+    pub upstream: UpstreamPool,
     pub metrics: Arc<Metrics>,
     pub audit: Arc<dyn AuditSink>,
     pub ledger: Arc<dyn SpendLedger>,
@@ -261,10 +260,10 @@ impl Proxy {
         }
 
         // 4. Forward with the secret in the vendor's slot.
-        let (target, host) = entry
+        let (base, target) = entry
             .upstream
             .as_ref()
-            .and_then(|base| Some((base.join(path, uri.query())?, base.host().clone())))
+            .and_then(|base| Some((base, base.target(path, uri.query())?)))
             .ok_or(Refusal::upstream(
                 StatusCode::BAD_GATEWAY,
                 "bad_upstream_url",
@@ -288,12 +287,12 @@ impl Proxy {
             .expect("method and URI are already valid");
         let headers = upstream.headers_mut();
         *headers = upstream_request_headers(&parts.headers, authorization);
-        headers.insert(header::HOST, host);
+        headers.insert(header::HOST, base.host().clone());
 
         let timer = self.metrics.upstream_timer(vendor).start_timer();
         let sent = tokio::time::timeout(
             self.limits.upstream_header_timeout,
-            self.client.request(upstream),
+            self.upstream.send(base.key(), upstream),
         )
         .await;
         timer.observe_duration();

@@ -19,11 +19,12 @@ use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 use crate::{
     audit::AuditSink,
     body::ProxyBody,
-    forward::{ClientError, build_client},
+    forward::{ClientError, upstream_tls_config},
     ledger::SpendLedger,
     metrics::Metrics,
     proxy::{Proxy, ProxyLimits, Route, text_response},
     store::PolicyStore,
+    upstream_pool::{PoolSettings, UpstreamPool},
 };
 
 #[derive(Debug, Clone)]
@@ -135,14 +136,17 @@ pub struct Sidecar {
 impl Sidecar {
     /// Binds every listener and starts serving. Must run inside a Tokio runtime.
     pub async fn start(settings: &Settings, deps: Deps) -> Result<Sidecar, StartError> {
-        let client = build_client(
-            settings.extra_ca_file.as_deref(),
-            settings.upstream_connect_timeout,
-            settings.upstream_pool_idle_timeout,
-        )?;
+        let upstream = UpstreamPool::new(
+            upstream_tls_config(settings.extra_ca_file.as_deref())?,
+            PoolSettings {
+                connect_timeout: settings.upstream_connect_timeout,
+                idle_timeout: settings.upstream_pool_idle_timeout,
+                max_idle_per_upstream: 256,
+            },
+        );
         let proxy = Arc::new(Proxy {
             store: deps.store.clone(),
-            client,
+            upstream,
             metrics: deps.metrics.clone(),
             audit: deps.audit,
             ledger: deps.ledger,

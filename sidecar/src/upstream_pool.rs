@@ -1,0 +1,742 @@
+//! Keep-alive connections to the upstreams, on hyper's low-level HTTP/1 client.
+//!
+//! Per upstream (scheme + authority) a LIFO stack of idle senders: the most recently used
+//! connection is the warmest and the likeliest still open, and the old ones at the bottom are
+//! the ones the idle timeout reaps. A connection goes back to the stack only once its response
+//! body has been read to the end ([`PooledBody`]); a long streamed response simply holds its
+//! connection until it is done. A request that never reached the wire (the idle connection had
+//! been closed by the upstream) is retried on another connection; one that was written is not
+//! (it may not be idempotent).
+use std::{
+    collections::HashMap,
+    pin::Pin,
+    sync::{Arc, Mutex, Weak},
+    task::{Context, Poll},
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http::{Request, Response, uri::Authority};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::Full;
+use hyper::{
+    body::Incoming,
+    client::conn::http1::{self, SendRequest},
+};
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+pub type UpstreamRequest = Request<Full<Bytes>>;
+type Sender = SendRequest<Full<Bytes>>;
+
+/// Idle connections that turn out closed are skipped; after this many, a new one is opened.
+const MAX_STALE_SKIPS: usize = 16;
+
+#[derive(Debug, Clone)]
+pub struct PoolSettings {
+    /// TCP connect plus TLS handshake.
+    pub connect_timeout: Duration,
+    /// An idle connection older than this is closed, never reused.
+    pub idle_timeout: Duration,
+    /// Idle connections kept per upstream; a connection freed beyond that is closed.
+    pub max_idle_per_upstream: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error("connecting to the upstream: {0}")]
+    Connect(std::io::Error),
+    #[error("connecting to the upstream took longer than {0:?}")]
+    ConnectTimeout(Duration),
+    #[error("upstream host {0:?} is not a valid TLS server name")]
+    ServerName(String),
+    #[error("TLS handshake with the upstream: {0}")]
+    Tls(std::io::Error),
+    #[error("HTTP handshake with the upstream: {0}")]
+    Handshake(hyper::Error),
+    #[error("upstream request failed: {0}")]
+    Request(hyper::Error),
+}
+
+/// Which upstream a connection belongs to.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct UpstreamKey {
+    pub https: bool,
+    pub authority: Authority,
+}
+
+struct IdleSender {
+    sender: Sender,
+    since: Instant,
+}
+
+struct Shared {
+    tls: TlsConnector,
+    settings: PoolSettings,
+    idle: Mutex<HashMap<UpstreamKey, Vec<IdleSender>>>,
+}
+
+/// Cheap to clone: every clone shares the same idle connections.
+#[derive(Clone)]
+pub struct UpstreamPool {
+    shared: Arc<Shared>,
+}
+
+impl UpstreamPool {
+    /// Must run inside a Tokio runtime: a background task closes expired idle connections
+    /// (it ends when the last clone of the pool is dropped).
+    pub fn new(tls: rustls::ClientConfig, settings: PoolSettings) -> Self {
+        let shared = Arc::new(Shared {
+            tls: TlsConnector::from(Arc::new(tls)),
+            settings,
+            idle: Mutex::new(HashMap::new()),
+        });
+        tokio::spawn(reap_expired(Arc::downgrade(&shared)));
+        UpstreamPool { shared }
+    }
+
+    /// Sends `request` (origin-form URI, `Host` set) to `upstream` on an idle connection, or a
+    /// new one. The response body returns the connection to the pool once read to the end.
+    pub async fn send(
+        &self,
+        upstream: &UpstreamKey,
+        mut request: UpstreamRequest,
+    ) -> Result<Response<PooledBody>, SendError> {
+        for _ in 0..MAX_STALE_SKIPS {
+            let Some(mut sender) = self.shared.checkout(upstream) else {
+                break;
+            };
+            if !sender.is_ready() && sender.ready().await.is_err() {
+                continue; // closed while idle
+            }
+            match sender.try_send_request(request).await {
+                Ok(response) => return Ok(self.lease(upstream, sender, response)),
+                Err(mut failed) => match failed.take_message() {
+                    // Never written: the upstream had closed this connection; try another.
+                    Some(unsent) => request = unsent,
+                    None => return Err(SendError::Request(failed.into_error())),
+                },
+            }
+        }
+        let mut sender = self.shared.connect(upstream).await?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(SendError::Request)?;
+        Ok(self.lease(upstream, sender, response))
+    }
+
+    fn lease(
+        &self,
+        upstream: &UpstreamKey,
+        sender: Sender,
+        response: Response<Incoming>,
+    ) -> Response<PooledBody> {
+        response.map(|inner| {
+            let mut body = PooledBody {
+                inner,
+                lease: Some(Lease {
+                    shared: self.shared.clone(),
+                    upstream: upstream.clone(),
+                    sender,
+                }),
+            };
+            // An empty body (204, HEAD, Content-Length: 0) may never be polled.
+            if body.inner.is_end_stream() {
+                body.release();
+            }
+            body
+        })
+    }
+
+    /// Idle connections to `upstream` right now (tests, diagnostics).
+    pub fn idle_count(&self, upstream: &UpstreamKey) -> usize {
+        self.shared.lock().get(upstream).map_or(0, Vec::len)
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<UpstreamKey, Vec<IdleSender>>> {
+        // The map holds no invariant a panicking holder could break half-way.
+        self.idle.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The most recently returned open connection younger than the idle timeout.
+    fn checkout(&self, upstream: &UpstreamKey) -> Option<Sender> {
+        let mut idle = self.lock();
+        let stack = idle.get_mut(upstream)?;
+        let now = Instant::now();
+        while let Some(entry) = stack.pop() {
+            if self.expired(&entry, now) {
+                // The stack is ordered by age: everything below is older still.
+                stack.clear();
+                return None;
+            }
+            if !entry.sender.is_closed() {
+                return Some(entry.sender);
+            }
+        }
+        None
+    }
+
+    fn checkin(&self, upstream: UpstreamKey, sender: Sender) {
+        if sender.is_closed() {
+            return;
+        }
+        let mut idle = self.lock();
+        let stack = idle.entry(upstream).or_default();
+        if stack.len() < self.settings.max_idle_per_upstream {
+            stack.push(IdleSender {
+                sender,
+                since: Instant::now(),
+            });
+        }
+    }
+
+    fn expired(&self, entry: &IdleSender, now: Instant) -> bool {
+        now.saturating_duration_since(entry.since) > self.settings.idle_timeout
+    }
+
+    fn reap(&self) {
+        let now = Instant::now();
+        let mut idle = self.lock();
+        for stack in idle.values_mut() {
+            // Oldest first: the expired ones are a prefix.
+            let expired = stack.partition_point(|e| self.expired(e, now));
+            stack.drain(..expired);
+            stack.retain(|e| !e.sender.is_closed());
+        }
+        idle.retain(|_, stack| !stack.is_empty());
+    }
+
+    async fn connect(&self, upstream: &UpstreamKey) -> Result<Sender, SendError> {
+        let timeout = self.settings.connect_timeout;
+        let https = upstream.https;
+        let host = upstream.authority.host();
+        // `[::1]` in a URL, `::1` to the resolver and in a certificate.
+        let host = host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host);
+        let port = upstream
+            .authority
+            .port_u16()
+            .unwrap_or(if https { 443 } else { 80 });
+        let connected = tokio::time::timeout(timeout, async {
+            let tcp = TcpStream::connect((host, port))
+                .await
+                .map_err(SendError::Connect)?;
+            tcp.set_nodelay(true).map_err(SendError::Connect)?;
+            if !https {
+                return handshake(tcp).await;
+            }
+            let name = ServerName::try_from(host.to_owned())
+                .map_err(|_| SendError::ServerName(host.to_owned()))?;
+            let tls = self.tls.connect(name, tcp).await.map_err(SendError::Tls)?;
+            handshake(tls).await
+        })
+        .await;
+        connected.unwrap_or(Err(SendError::ConnectTimeout(timeout)))
+    }
+}
+
+async fn handshake<IO>(io: IO) -> Result<Sender, SendError>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, connection) = http1::Builder::new()
+        .handshake(TokioIo::new(io))
+        .await
+        .map_err(SendError::Handshake)?;
+    // Drives the connection; it ends when the upstream closes it or its sender is dropped.
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "upstream connection ended with an error");
+        }
+    });
+    Ok(sender)
+}
+
+/// Closes idle connections past the idle timeout even when no call comes to reuse them.
+async fn reap_expired(shared: Weak<Shared>) {
+    let period = match shared.upgrade() {
+        Some(s) => (s.settings.idle_timeout / 2).max(Duration::from_millis(10)),
+        None => return,
+    };
+    let mut ticks = tokio::time::interval(period);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticks.tick().await;
+    loop {
+        ticks.tick().await;
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        shared.reap();
+    }
+}
+
+/// A connection on loan to one response.
+struct Lease {
+    shared: Arc<Shared>,
+    upstream: UpstreamKey,
+    sender: Sender,
+}
+
+/// An upstream response body that gives its connection back to the pool when it has been read
+/// to the end. Dropped earlier (agent gone, timeout, error), the connection is closed instead:
+/// its unread rest would otherwise be read as the next response.
+pub struct PooledBody {
+    inner: Incoming,
+    lease: Option<Lease>,
+}
+
+impl std::fmt::Debug for PooledBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PooledBody")
+            .field("leased", &self.lease.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl PooledBody {
+    fn release(&mut self) {
+        if let Some(lease) = self.lease.take() {
+            lease.shared.checkin(lease.upstream, lease.sender);
+        }
+    }
+}
+
+impl Body for PooledBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => self.release(),
+            // hyper's server stops polling a body that says it has ended: release here too.
+            Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => self.release(),
+            Poll::Ready(Some(Err(_))) => self.lease = None,
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use http_body_util::BodyExt;
+    use tokio::{
+        io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader},
+        net::TcpListener,
+        sync::mpsc,
+    };
+
+    use super::*;
+
+    const BODY: &str = "hello from upstream";
+
+    /// A minimal HTTP/1.1 upstream: answers each request (`GET /path`) with a fixed body, or
+    /// for `/close` closes the connection right after answering, or for `/stream` sends the
+    /// head and one chunk of a chunked body and waits. Reports accepted connections and
+    /// closes.
+    struct Upstream {
+        addr: std::net::SocketAddr,
+        accepted: Arc<AtomicUsize>,
+        closed: mpsc::UnboundedReceiver<()>,
+        /// Per request: the connection number it arrived on.
+        requests: mpsc::UnboundedReceiver<usize>,
+        /// Lets a `/bye` connection close, after its answer.
+        close_idle: Arc<tokio::sync::Notify>,
+    }
+
+    impl Upstream {
+        async fn start(tls: Option<tokio_rustls::TlsAcceptor>) -> Upstream {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let accepted = Arc::new(AtomicUsize::new(0));
+            let (closed_tx, closed) = mpsc::unbounded_channel();
+            let (req_tx, requests) = mpsc::unbounded_channel();
+            let counter = accepted.clone();
+            let close_idle = Arc::new(tokio::sync::Notify::new());
+            let bye = close_idle.clone();
+            tokio::spawn(async move {
+                loop {
+                    let Ok((tcp, _)) = listener.accept().await else {
+                        return;
+                    };
+                    let n = counter.fetch_add(1, Ordering::SeqCst);
+                    let (closed_tx, req_tx) = (closed_tx.clone(), req_tx.clone());
+                    let (tls, bye) = (tls.clone(), bye.clone());
+                    tokio::spawn(async move {
+                        match tls {
+                            Some(acceptor) => {
+                                if let Ok(stream) = acceptor.accept(tcp).await {
+                                    serve_conn(stream, n, &req_tx, &bye).await;
+                                }
+                            }
+                            None => serve_conn(tcp, n, &req_tx, &bye).await,
+                        }
+                        let _ = closed_tx.send(());
+                    });
+                }
+            });
+            Upstream {
+                addr,
+                accepted,
+                closed,
+                requests,
+                close_idle,
+            }
+        }
+
+        fn key(&self, https: bool) -> UpstreamKey {
+            UpstreamKey {
+                https,
+                authority: self.addr.to_string().parse().unwrap(),
+            }
+        }
+
+        fn accepted(&self) -> usize {
+            self.accepted.load(Ordering::SeqCst)
+        }
+
+        async fn next_request_conn(&mut self) -> usize {
+            tokio::time::timeout(Duration::from_secs(5), self.requests.recv())
+                .await
+                .expect("the upstream saw no request within 5 s")
+                .unwrap()
+        }
+
+        async fn next_close(&mut self) {
+            tokio::time::timeout(Duration::from_secs(5), self.closed.recv())
+                .await
+                .expect("no upstream connection closed within 5 s")
+                .unwrap();
+        }
+    }
+
+    async fn serve_conn<S: AsyncRead + AsyncWrite + Unpin>(
+        stream: S,
+        n: usize,
+        requests: &mpsc::UnboundedSender<usize>,
+        close_idle: &tokio::sync::Notify,
+    ) {
+        let mut stream = BufReader::new(stream);
+        loop {
+            let mut request_line = String::new();
+            if stream.read_line(&mut request_line).await.unwrap_or(0) == 0 {
+                return;
+            }
+            loop {
+                let mut line = String::new();
+                if stream.read_line(&mut line).await.unwrap_or(0) == 0 {
+                    return;
+                }
+                if line == "\r\n" {
+                    break;
+                }
+            }
+            let _ = requests.send(n);
+            let path = request_line.split(' ').nth(1).unwrap_or("/").to_owned();
+            let out = stream.get_mut();
+            if path == "/stream" {
+                let head = "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nfirst\r\n";
+                let _ = out.write_all(head.as_bytes()).await;
+                let _ = out.flush().await;
+                // Holds the stream open until the client goes away.
+                let mut rest = String::new();
+                let _ = stream.read_line(&mut rest).await;
+                return;
+            }
+            let close = path == "/close";
+            // Closes after answering (when told to) without saying so: an idle keep-alive
+            // connection the upstream drops.
+            let bye = path == "/bye";
+            let response = format!(
+                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n{}\r\n{BODY}",
+                BODY.len(),
+                if close { "connection: close\r\n" } else { "" }
+            );
+            if out.write_all(response.as_bytes()).await.is_err() || close {
+                let _ = out.shutdown().await;
+                return;
+            }
+            if bye {
+                let _ = out.flush().await;
+                close_idle.notified().await;
+                let _ = out.shutdown().await;
+                return;
+            }
+            let _ = out.flush().await;
+        }
+    }
+
+    fn settings(idle_timeout: Duration) -> PoolSettings {
+        PoolSettings {
+            connect_timeout: Duration::from_secs(5),
+            idle_timeout,
+            max_idle_per_upstream: 256,
+        }
+    }
+
+    fn plain_pool(idle_timeout: Duration) -> UpstreamPool {
+        let roots = rustls::RootCertStore::empty();
+        UpstreamPool::new(tls_config(roots), settings(idle_timeout))
+    }
+
+    fn tls_config(roots: rustls::RootCertStore) -> rustls::ClientConfig {
+        rustls::ClientConfig::builder_with_provider(rustls::crypto::ring::default_provider().into())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth()
+    }
+
+    fn get(upstream: &Upstream, path: &str) -> UpstreamRequest {
+        Request::get(path)
+            .header(http::header::HOST, upstream.addr.to_string())
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    }
+
+    async fn read_all(response: Response<PooledBody>) -> String {
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        String::from_utf8(body.to_vec()).unwrap()
+    }
+
+    /// Polls `cond` until it holds or 5 s pass.
+    async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !cond() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{what}: not within 5 s"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_finished_response_frees_its_connection_for_the_next_call() {
+        let mut upstream = Upstream::start(None).await;
+        let pool = plain_pool(Duration::from_secs(60));
+        let key = upstream.key(false);
+        for _ in 0..5 {
+            let response = pool.send(&key, get(&upstream, "/a")).await.unwrap();
+            assert_eq!(read_all(response).await, BODY);
+            assert_eq!(upstream.next_request_conn().await, 0);
+        }
+        assert_eq!(upstream.accepted(), 1);
+        assert_eq!(pool.idle_count(&key), 1);
+    }
+
+    #[tokio::test]
+    async fn the_most_recently_freed_connection_is_reused_first() {
+        let mut upstream = Upstream::start(None).await;
+        let pool = plain_pool(Duration::from_secs(60));
+        let key = upstream.key(false);
+        // Two calls in flight at once need two connections.
+        let first = pool.send(&key, get(&upstream, "/a")).await.unwrap();
+        let second = pool.send(&key, get(&upstream, "/a")).await.unwrap();
+        let mut seen = [
+            upstream.next_request_conn().await,
+            upstream.next_request_conn().await,
+        ];
+        seen.sort_unstable();
+        assert_eq!(seen, [0, 1]);
+        // Connection 0's response body finishes last: it is on top of the stack.
+        let (first_conn, second_conn) = (0, 1);
+        read_all(second).await;
+        read_all(first).await;
+        assert_eq!(pool.idle_count(&key), 2);
+        for _ in 0..3 {
+            read_all(pool.send(&key, get(&upstream, "/a")).await.unwrap()).await;
+            assert_eq!(upstream.next_request_conn().await, first_conn);
+        }
+        assert_ne!(first_conn, second_conn);
+        assert_eq!(upstream.accepted(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_upstream_closed_is_replaced_without_failing_the_call() {
+        let mut upstream = Upstream::start(None).await;
+        let pool = plain_pool(Duration::from_secs(60));
+        let key = upstream.key(false);
+        // The upstream answers and closes: the connection may go back to the pool before
+        // hyper has seen the close.
+        for _ in 0..20 {
+            let response = pool.send(&key, get(&upstream, "/close")).await.unwrap();
+            assert_eq!(read_all(response).await, BODY);
+        }
+        assert_eq!(upstream.accepted(), 20, "a closed connection was reused");
+        for _ in 0..20 {
+            upstream.next_request_conn().await;
+        }
+        // A keep-alive connection the upstream closes while it sits idle is skipped.
+        read_all(pool.send(&key, get(&upstream, "/bye")).await.unwrap()).await;
+        upstream.next_request_conn().await;
+        let conns_before = upstream.accepted();
+        assert_eq!(pool.idle_count(&key), 1);
+        upstream.close_idle.notify_one();
+        eventually("the idle connection is seen closed", || {
+            pool.shared.lock()[&key]
+                .iter()
+                .all(|e| e.sender.is_closed())
+        })
+        .await;
+        assert_eq!(pool.idle_count(&key), 1, "still in the stack, closed");
+        assert_eq!(
+            read_all(pool.send(&key, get(&upstream, "/a")).await.unwrap()).await,
+            BODY
+        );
+        assert_eq!(upstream.accepted(), conns_before + 1);
+    }
+
+    #[tokio::test]
+    async fn an_unfinished_body_does_not_free_its_connection() {
+        let mut upstream = Upstream::start(None).await;
+        let pool = plain_pool(Duration::from_secs(60));
+        let key = upstream.key(false);
+        let mut streaming = pool.send(&key, get(&upstream, "/stream")).await.unwrap();
+        let first = streaming.body_mut().frame().await.unwrap().unwrap();
+        assert_eq!(first.into_data().unwrap(), "first");
+        // A stream in progress does not hold up the next call: it gets a connection of its own.
+        read_all(pool.send(&key, get(&upstream, "/a")).await.unwrap()).await;
+        assert_eq!(upstream.accepted(), 2);
+        assert_eq!(pool.idle_count(&key), 1);
+        // Given up half-way: that connection is closed, not pooled.
+        drop(streaming);
+        upstream.next_close().await;
+        assert_eq!(pool.idle_count(&key), 1);
+        let mut seen = Vec::new();
+        for _ in 0..2 {
+            seen.push(upstream.next_request_conn().await);
+        }
+        read_all(pool.send(&key, get(&upstream, "/a")).await.unwrap()).await;
+        assert_eq!(upstream.next_request_conn().await, seen[1]);
+        assert_eq!(upstream.accepted(), 2);
+    }
+
+    #[tokio::test]
+    async fn idle_connections_expire() {
+        let mut upstream = Upstream::start(None).await;
+        let idle_timeout = Duration::from_millis(100);
+        let pool = plain_pool(idle_timeout);
+        let key = upstream.key(false);
+        read_all(pool.send(&key, get(&upstream, "/a")).await.unwrap()).await;
+        assert_eq!(pool.idle_count(&key), 1);
+        // The reaper closes it without any further call.
+        upstream.next_close().await;
+        assert_eq!(pool.idle_count(&key), 0);
+        read_all(pool.send(&key, get(&upstream, "/a")).await.unwrap()).await;
+        assert_eq!(upstream.accepted(), 2);
+
+        // Expired but not yet reaped: checkout refuses it too.
+        let stale = plain_pool(Duration::from_secs(60));
+        read_all(stale.send(&key, get(&upstream, "/a")).await.unwrap()).await;
+        stale.shared.lock().get_mut(&key).unwrap()[0].since = Instant::now()
+            .checked_sub(Duration::from_secs(61))
+            .expect("the monotonic clock is older than a minute");
+        assert!(stale.shared.checkout(&key).is_none());
+    }
+
+    #[tokio::test]
+    async fn idle_connections_per_upstream_are_bounded() {
+        let upstream = Upstream::start(None).await;
+        let pool = UpstreamPool::new(
+            tls_config(rustls::RootCertStore::empty()),
+            PoolSettings {
+                max_idle_per_upstream: 2,
+                ..settings(Duration::from_secs(60))
+            },
+        );
+        let key = upstream.key(false);
+        let mut in_flight = Vec::new();
+        for _ in 0..4 {
+            in_flight.push(pool.send(&key, get(&upstream, "/a")).await.unwrap());
+        }
+        for response in in_flight {
+            read_all(response).await;
+        }
+        assert_eq!(upstream.accepted(), 4);
+        assert_eq!(pool.idle_count(&key), 2);
+    }
+
+    #[tokio::test]
+    async fn unreachable_upstream_is_an_error_not_a_hang() {
+        // Port 1 on loopback: nothing listens there.
+        let key = UpstreamKey {
+            https: false,
+            authority: "127.0.0.1:1".parse().unwrap(),
+        };
+        let pool = plain_pool(Duration::from_secs(60));
+        let request = Request::get("/")
+            .header(http::header::HOST, "127.0.0.1:1")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let err = pool.send(&key, request).await.unwrap_err();
+        assert!(matches!(err, SendError::Connect(_)), "{err}");
+    }
+
+    #[tokio::test]
+    async fn tls_upstreams_are_pooled_and_need_a_trusted_ca() {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_cert = ca.self_signed(&ca_key).unwrap();
+        let leaf_key = KeyPair::generate().unwrap();
+        let leaf = CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
+        let leaf_cert = leaf.signed_by(&leaf_key, &ca_cert, &ca_key).unwrap();
+        let server = rustls::ServerConfig::builder_with_provider(
+            rustls::crypto::ring::default_provider().into(),
+        )
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![leaf_cert.der().clone()],
+            rustls::pki_types::PrivatePkcs8KeyDer::from(leaf_key.serialize_der()).into(),
+        )
+        .unwrap();
+        let mut upstream =
+            Upstream::start(Some(tokio_rustls::TlsAcceptor::from(Arc::new(server)))).await;
+        let key = upstream.key(true);
+
+        let untrusting = plain_pool(Duration::from_secs(60));
+        let err = untrusting
+            .send(&key, get(&upstream, "/a"))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, SendError::Tls(_)), "{err}");
+
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca_cert.der().clone()).unwrap();
+        let pool = UpstreamPool::new(tls_config(roots), settings(Duration::from_secs(60)));
+        for _ in 0..3 {
+            assert_eq!(
+                read_all(pool.send(&key, get(&upstream, "/a")).await.unwrap()).await,
+                BODY
+            );
+            upstream.next_request_conn().await;
+        }
+        // The refused handshake plus one pooled connection.
+        assert_eq!(upstream.accepted(), 2);
+    }
+}
