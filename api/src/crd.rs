@@ -300,7 +300,9 @@ pub struct EnforcementStatus {
     pub sidecars: u32,
     /// Of those, how many acknowledged the latest revision.
     pub acknowledged: u32,
-    /// API write → last acknowledgement, for the latest revision.
+    /// Change seen by the controller → the slowest acknowledgement of the latest revision by a
+    /// sidecar that received it live. Set once every sidecar holds that revision; absent while
+    /// it propagates, or when every sidecar got it in its first snapshot (nothing to time).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_propagation_ms: Option<u64>,
     /// `acknowledged/sidecars`, for `kubectl get vk`.

@@ -77,8 +77,9 @@ struct Inner {
     next_id: u64,
     streams: HashMap<StreamId, StreamEntry>,
     scopes: HashMap<Scope, ScopeAcks>,
-    /// Per key: (revision, API-write-to-last-ack) of the latest fully acknowledged revision.
-    completed: HashMap<KeyId, (u64, Duration)>,
+    /// Per key: its latest revision that reached a stream live, and the slowest live ack of it
+    /// so far (change seen → ack). Snapshot acks never enter it: see [`EnforcementTracker::view`].
+    live_latency: HashMap<KeyId, (u64, Duration)>,
     /// Keys to hand to the reconciler now: a revision of theirs became fully acknowledged.
     dirty: HashSet<KeyId>,
     /// Keys whose counts moved, handed over at most once per [`PROGRESS_PERIOD`].
@@ -90,33 +91,28 @@ struct Inner {
 
 impl Inner {
     /// The scope's floor moved from `before` to `after`: the keys that changed in between are
-    /// now enforced by every sidecar.
-    fn completed_between(
-        &mut self,
-        feed: &ScopeFeed,
-        before: Option<u64>,
-        after: Option<u64>,
-        now: Instant,
-    ) {
+    /// now enforced by every sidecar. Whatever moved it (a live ack, a snapshot ack, the
+    /// slowest stream leaving), their latency is already in `live_latency`.
+    fn completed_between(&mut self, feed: &ScopeFeed, before: Option<u64>, after: Option<u64>) {
         let (Some(before), Some(after)) = (before, after) else {
             return;
         };
         if after <= before {
             return;
         }
-        // From 0, a new stream's snapshot ack completes changes made before it connected: they
-        // are enforced now, but the time since they were made is no propagation latency.
-        let logged = if before == 0 {
-            Vec::new()
-        } else {
-            feed.logged_between(before, after)
-        };
-        for change in logged {
-            let latency = now.saturating_duration_since(change.observed_at);
-            self.completed
-                .insert(change.key.clone(), (change.revision, latency));
-        }
         self.dirty.extend(feed.keys_changed_between(before, after));
+    }
+
+    /// A stream acknowledged `revision` of `key`, which reached it live, `latency` after the
+    /// change was seen: keep the slowest ack of the key's newest such revision.
+    fn record_live_ack(&mut self, key: &KeyId, revision: u64, latency: Duration) {
+        match self.live_latency.get_mut(key) {
+            Some((seen, slowest)) if *seen == revision => *slowest = (*slowest).max(latency),
+            Some((seen, _)) if *seen > revision => {}
+            _ => {
+                self.live_latency.insert(key.clone(), (revision, latency));
+            }
+        }
     }
 }
 
@@ -214,7 +210,7 @@ impl EnforcementTracker {
             None => (None, None),
         };
         // The slowest sidecar leaving can complete what the others already acknowledged.
-        inner.completed_between(&entry.feed, before, after, Instant::now());
+        inner.completed_between(&entry.feed, before, after);
         inner
             .progress_scopes
             .insert(entry.scope.clone(), entry.feed.clone());
@@ -264,17 +260,18 @@ impl EnforcementTracker {
             }
             None => (None, None),
         };
-        let out: Vec<Acknowledged> = feed
-            .logged_between(previous.max(live_after), revision)
-            .into_iter()
-            .map(|change| Acknowledged {
+        let mut out = Vec::new();
+        for change in feed.logged_between(previous.max(live_after), revision) {
+            let latency = now.saturating_duration_since(change.observed_at);
+            inner.record_live_ack(&change.key, change.revision, latency);
+            out.push(Acknowledged {
                 key: change.key.clone(),
-                latency: now.saturating_duration_since(change.observed_at),
-            })
-            .collect();
+                latency,
+            });
+        }
         let completed = matches!((before, after), (Some(b), Some(a)) if a > b);
         if completed {
-            inner.completed_between(&feed, before, after, now);
+            inner.completed_between(&feed, before, after);
         } else if previous < live_after {
             // A snapshot ack moves every key of the scope: expanded once, at the next flush.
             inner.progress_scopes.insert(scope.clone(), feed);
@@ -289,18 +286,27 @@ impl EnforcementTracker {
     }
 
     /// Enforcement of key `key` whose latest revision in `scope` is `revision`.
+    ///
+    /// `last_propagation_ms` (status `lastPropagationMs`): change seen → the slowest ack of
+    /// `revision` by a stream that received it live, reported once every stream holds it,
+    /// however that came about (the last live ack, a new sidecar's snapshot ack, the slowest
+    /// stream leaving). A snapshot ack is not timed: the change may predate the sidecar by
+    /// days. `None` while `revision` propagates, and when no stream received it live (every
+    /// sidecar got it in its first snapshot): there was no propagation to time.
     pub fn view(&self, key: &KeyId, scope: &Scope, revision: u64) -> EnforcementView {
         let inner = self.lock();
         let (sidecars, acknowledged) = inner
             .scopes
             .get(scope)
             .map_or((0, 0), |a| (a.streams.len(), a.at_least(revision)));
+        let complete = acknowledged >= sidecars;
         EnforcementView {
             sidecars: u32::try_from(sidecars).unwrap_or(u32::MAX),
             acknowledged: u32::try_from(acknowledged).unwrap_or(u32::MAX),
             last_propagation_ms: inner
-                .completed
+                .live_latency
                 .get(key)
+                .filter(|(seen, _)| complete && *seen == revision)
                 .map(|(_, d)| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
         }
     }
@@ -514,6 +520,95 @@ mod tests {
         let v = t.view(&keys[1], &scope, r2);
         assert!(v.is_complete() && v.sidecars == 2);
         assert!(changed(&t).await.contains(&keys[1]));
+    }
+
+    /// Revokes `key` and writes the new revision to `streams`; returns it and when it was seen.
+    fn revoke(
+        t: &EnforcementTracker,
+        index: &PolicyIndex,
+        scope: &Scope,
+        key: &KeyId,
+        state: KeyState,
+        streams: &[StreamId],
+    ) -> (u64, Instant) {
+        index.upsert_vault_key(key.clone(), source(state));
+        let (feed, _rx) = index.subscribe(scope);
+        let change = feed.grant(key).unwrap();
+        for s in streams {
+            t.sent(*s, change.revision);
+        }
+        (change.revision, change.observed_at)
+    }
+
+    #[test]
+    fn a_snapshot_ack_completing_a_revision_reports_the_live_acks_latency() {
+        let t = EnforcementTracker::new();
+        let (index, scope, keys) = index_with(1);
+        let key = &keys[0];
+        let (s1, rev) = connect(&t, &index, &scope);
+        t.ack(s1, &scope, rev, Instant::now()).unwrap();
+        // A first change, fully acknowledged live in 30 ms.
+        let (r2, seen2) = revoke(&t, &index, &scope, key, KeyState::Suspended, &[s1]);
+        t.ack(s1, &scope, r2, seen2 + Duration::from_millis(30))
+            .unwrap();
+        assert_eq!(t.view(key, &scope, r2).last_propagation_ms, Some(30));
+
+        // The revoke: s1 acks it live in 7 ms, while s2 connects with a snapshot that already
+        // holds it. Until s2 acks that snapshot the revision is not everywhere: nothing reported
+        // (not r2's 30 ms either: that was another revision).
+        let (r3, seen3) = revoke(&t, &index, &scope, key, KeyState::Revoked, &[s1]);
+        let (s2, snapshot) = connect(&t, &index, &scope);
+        assert!(snapshot >= r3, "s2's snapshot holds the revoke");
+        t.ack(s1, &scope, r3, seen3 + Duration::from_millis(7))
+            .unwrap();
+        let v = t.view(key, &scope, r3);
+        assert_eq!(
+            (v.sidecars, v.acknowledged, v.last_propagation_ms),
+            (2, 1, None)
+        );
+        // s2's snapshot ack completes the revision; a new sidecar's start-up time is not
+        // propagation latency, so the revoke took what its live ack took.
+        let late = t
+            .ack(s2, &scope, snapshot, seen3 + Duration::from_secs(5))
+            .unwrap();
+        assert!(late.is_empty(), "a snapshot ack times nothing");
+        let v = t.view(key, &scope, r3);
+        assert!(v.is_complete());
+        assert_eq!(v.last_propagation_ms, Some(7));
+    }
+
+    #[test]
+    fn a_revision_no_sidecar_received_live_has_no_propagation_time() {
+        let t = EnforcementTracker::new();
+        let (index, scope, keys) = index_with(1);
+        let key = &keys[0];
+        // Changed while no sidecar was connected: the first one gets it in its snapshot.
+        let (r2, seen) = revoke(&t, &index, &scope, key, KeyState::Revoked, &[]);
+        let (s1, snapshot) = connect(&t, &index, &scope);
+        t.ack(s1, &scope, snapshot, seen + Duration::from_secs(60))
+            .unwrap();
+        let v = t.view(key, &scope, r2);
+        assert!(v.is_complete() && v.sidecars == 1);
+        assert_eq!(v.last_propagation_ms, None);
+    }
+
+    #[test]
+    fn the_slowest_sidecar_leaving_reports_the_last_live_ack_not_the_departure() {
+        let t = EnforcementTracker::new();
+        let (index, scope, keys) = index_with(1);
+        let key = &keys[0];
+        let (s1, rev) = connect(&t, &index, &scope);
+        let (s2, _) = connect(&t, &index, &scope);
+        t.ack(s1, &scope, rev, Instant::now()).unwrap();
+        t.ack(s2, &scope, rev, Instant::now()).unwrap();
+        let (r2, seen) = revoke(&t, &index, &scope, key, KeyState::Revoked, &[s1, s2]);
+        t.ack(s1, &scope, r2, seen + Duration::from_millis(12))
+            .unwrap();
+        assert_eq!(t.view(key, &scope, r2).last_propagation_ms, None);
+        t.unregister(s2);
+        let v = t.view(key, &scope, r2);
+        assert!(v.is_complete());
+        assert_eq!(v.last_propagation_ms, Some(12));
     }
 
     #[tokio::test]
