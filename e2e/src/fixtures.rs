@@ -316,6 +316,11 @@ impl SidecarProcess {
     /// The sidecar with `args`, every listener on an ephemeral port, JSON logs; returns once it
     /// wrote its `--addr-file`.
     pub async fn spawn(dir: &Path, args: &[&str]) -> Self {
+        Self::spawn_with_env(dir, args, &[]).await
+    }
+
+    /// [`Self::spawn`] with extra environment variables (a standalone config's `secretEnv`).
+    pub async fn spawn_with_env(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Self {
         let binary = tokio::task::spawn_blocking(|| {
             workspace_binary("keybrake-sidecar", "keybrake-sidecar")
         })
@@ -345,6 +350,7 @@ impl SidecarProcess {
                 "RUST_LOG",
                 "info,keybrake_sidecar=debug,keybrake_audit=debug",
             )
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::from(
                 std::fs::File::create(dir.join("sidecar.out")).expect("sidecar.out"),
@@ -406,6 +412,13 @@ impl SidecarProcess {
             (self.admin_get("/ready").await.0 == 200).then_some(())
         })
         .await;
+    }
+
+    /// The `/metrics` text (fails the test unless the admin port answers 200).
+    pub async fn metrics(&self) -> String {
+        let (status, text) = self.admin_get("/metrics").await;
+        assert_eq!(status, 200, "sidecar GET /metrics: {text}");
+        text
     }
 
     /// The value of the unlabelled sample `name` on `/metrics`.

@@ -9,42 +9,24 @@
 //! documented metric is driven. The ones a test cannot reach are listed explicitly
 //! ([`Unreachable`]) with the reason, and the test fails once they do appear, so the list
 //! cannot go stale.
-use std::{
-    net::SocketAddr,
-    path::{Path, PathBuf},
-    process::{Child, ChildStdin, Command, Stdio},
-    time::{Duration, Instant},
-};
+use std::{path::Path, time::Instant};
 
 use base64::Engine as _;
-use http_body_util::{BodyExt, Full};
-use hyper::body::Bytes;
-use hyper_util::{
-    client::legacy::{Client, connect::HttpConnector},
-    rt::TokioExecutor,
-};
-use k8s_openapi::api::{
-    admissionregistration::v1::MutatingWebhookConfiguration,
-    core::v1::{Pod, Secret},
-};
-use keybrake_api::{TokenHash, VaultKey};
+use k8s_openapi::api::{admissionregistration::v1::MutatingWebhookConfiguration, core::v1::Pod};
+use keybrake_api::TokenHash;
 use keybrake_e2e::{
-    TestNamespace, install_crds,
-    processes::{
-        ControllerProcess, ControllerTls, DEADLINE, free_port, plain_client, poll, workspace_binary,
-    },
+    fixtures::{self, SidecarProcess},
+    processes::{ControllerTls, DEADLINE, free_port, poll},
 };
 use keybrake_monitoring::{
     Component, MetricsDoc,
     exposition::{self, ScrapeProblem, check_scrape},
 };
 use keybrake_testkit::{FakeKind, FakeVendor};
-use kube::{
-    Api,
-    api::{Patch, PatchParams, PostParams},
-};
+use kube::{Api, api::PostParams};
 use serde_json::json;
 
+/// The vendor secret the fake Stripe expects (held in the upstream Secret or the env).
 const UPSTREAM_SECRET: &str = "sk_test_metrics_contract";
 /// $12.50 in cents: a charge the sidecar prices before forwarding it.
 const CHARGE_CENTS: u32 = 1250;
@@ -119,158 +101,24 @@ fn sample(scrape: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
         .map(|s| s.value)
 }
 
-async fn get_text(addr: SocketAddr, path: &str) -> String {
-    let uri: hyper::Uri = format!("http://{addr}{path}").parse().unwrap();
-    let res = plain_client().get(uri).await.expect("GET admin");
-    assert_eq!(res.status(), 200, "GET {path}");
-    let body = res.into_body().collect().await.expect("body").to_bytes();
-    String::from_utf8_lossy(&body).into_owned()
-}
-
-// ---------------------------------------------------------------------------------------------
-// The sidecar process
-
-/// keybrake-sidecar as a process on ephemeral loopback ports. It runs under `sh`, which stops it
-/// when this test process's end of the `sh`'s stdin closes (drop, panic, or the test binary
-/// being killed), so no sidecar outlives the test.
-struct SidecarProcess {
-    guard: Child,
-    lifeline: Option<ChildStdin>,
-    proxy: SocketAddr,
-    admin: SocketAddr,
-    log: PathBuf,
-}
-
-impl SidecarProcess {
-    async fn spawn(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> SidecarProcess {
-        let binary = tokio::task::spawn_blocking(|| {
-            workspace_binary("keybrake-sidecar", "keybrake-sidecar")
-        })
-        .await
-        .expect("building keybrake-sidecar");
-        let addr_file = dir.join("addrs.json");
-        let log = dir.join("sidecar.log");
-        let stderr = std::fs::File::create(&log).expect("log file");
-        let mut guard = Command::new("/bin/sh")
-            .args([
-                "-c",
-                r#""$@" </dev/null & child=$!; read -r _; kill -TERM "$child"; wait "$child""#,
-                "sidecar-guard",
-            ])
-            .arg(&binary)
-            .args(args)
-            .args([
-                "--listen-addr=127.0.0.1",
-                "--admin-listen-addr=127.0.0.1",
-                "--proxy-port=0",
-                "--stripe-port=0",
-                "--openai-port=0",
-                "--twilio-port=0",
-                "--resend-port=0",
-                "--admin-port=0",
-            ])
-            .arg(format!("--addr-file={}", addr_file.display()))
-            .envs(env.iter().copied())
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .expect("spawning keybrake-sidecar");
-        let lifeline = guard.stdin.take();
-        let deadline = Instant::now() + DEADLINE;
-        let addrs: serde_json::Value = loop {
-            if let Ok(text) = std::fs::read_to_string(&addr_file) {
-                break serde_json::from_str(&text).expect("--addr-file JSON");
-            }
-            if let Ok(Some(status)) = guard.try_wait() {
-                panic!(
-                    "keybrake-sidecar exited ({status}) before listening; log:\n{}",
-                    std::fs::read_to_string(&log).unwrap_or_default()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "keybrake-sidecar did not write {} within {DEADLINE:?}",
-                addr_file.display()
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        };
-        let addr = |key: &str| -> SocketAddr {
-            addrs[key]
-                .as_str()
-                .and_then(|a| a.parse().ok())
-                .unwrap_or_else(|| panic!("no `{key}` address in {addrs}"))
-        };
-        SidecarProcess {
-            proxy: addr("proxy"),
-            admin: addr("admin"),
-            guard,
-            lifeline,
-            log,
-        }
-    }
-
-    async fn metrics(&self) -> String {
-        get_text(self.admin, "/metrics").await
-    }
-
-    /// One agent call through the prefix-routed proxy; returns (status, keybrake-verdict).
-    async fn call(&self, vault_key: &str, method: &str, path: &str, form: &str) -> (u16, String) {
-        let http: Client<HttpConnector, Full<Bytes>> =
-            Client::builder(TokioExecutor::new()).build_http();
-        let request = hyper::Request::builder()
-            .method(method)
-            .uri(format!("http://{}/stripe{path}", self.proxy))
-            .header("authorization", format!("Bearer {vault_key}"))
-            .header("content-type", "application/x-www-form-urlencoded")
-            .body(Full::new(Bytes::from(form.to_owned())))
-            .unwrap();
-        let res = http
-            .request(request)
-            .await
-            .expect("call through the sidecar");
-        let status = res.status().as_u16();
-        let verdict = res
-            .headers()
-            .get("keybrake-verdict")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_owned();
-        let _ = res.into_body().collect().await;
-        (status, verdict)
-    }
-
-    /// An allowed, priced call (`charges.create`, USD): counts calls, cost and upstream latency.
-    async fn charge(&self, vault_key: &str) -> (u16, String) {
-        let form = format!("amount={CHARGE_CENTS}&currency=usd&customer=cus_1");
-        self.call(vault_key, "POST", "/v1/charges", &form).await
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for SidecarProcess {
-    fn drop(&mut self) {
-        drop(self.lifeline.take());
-        let _ = self.guard.wait();
-    }
+/// An allowed, priced call (`charges.create`, USD): counts calls, cost and upstream latency.
+async fn charge(sidecar: &SidecarProcess, vault_key: &str) -> (u16, String) {
+    let form = format!("amount={CHARGE_CENTS}&currency=usd&customer=cus_1");
+    fixtures::agent_form_call(sidecar.proxy, "/stripe/v1/charges", vault_key, &form).await
 }
 
 /// The three verdict paths every scenario drives: allowed (priced), denied by policy, unknown key.
 async fn drive_calls(sidecar: &SidecarProcess, vault_key: &str) {
     let unknown = format!("vault_key_{}", "U".repeat(43));
     let outcomes = [
-        (sidecar.charge(vault_key).await, (200, "allow")),
+        (charge(sidecar, vault_key).await, (200, "allow")),
         (
             sidecar
-                .call(vault_key, "GET", "/v1/customers/cus_1", "")
+                .call("GET", "/stripe/v1/customers/cus_1", vault_key)
                 .await,
             (403, "operation_denied"),
         ),
-        (sidecar.charge(&unknown).await, (401, "key_unknown")),
+        (charge(sidecar, &unknown).await, (401, "key_unknown")),
     ];
     for ((status, verdict), (want_status, want_verdict)) in outcomes {
         assert_eq!(
@@ -417,7 +265,7 @@ async fn standalone_sidecar_metrics_match_the_contract() {
     )
     .unwrap();
     let config_arg = format!("--config={}", config.display());
-    let sidecar = SidecarProcess::spawn(
+    let sidecar = SidecarProcess::spawn_with_env(
         dir.path(),
         &[&config_arg],
         &[("CONTRACT_STRIPE_SECRET", UPSTREAM_SECRET)],
@@ -451,30 +299,15 @@ async fn standalone_sidecar_metrics_match_the_contract() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn controller_and_controller_mode_sidecar_metrics_match_the_contract() {
     let started = Instant::now();
-    let ns = TestNamespace::new("metrics-contract").await;
-    install_crds(&ns.client()).await.expect("install CRDs");
+    let ns = fixtures::namespace_with_crds("metrics-contract").await;
     let upstream = FakeVendor::start(FakeKind::Stripe, UPSTREAM_SECRET)
         .await
         .unwrap();
-    let secrets: Api<Secret> = ns.api();
-    let upstream_secret: Secret = serde_json::from_value(json!({
-        "apiVersion": "v1", "kind": "Secret",
-        "metadata": {"name": "stripe-upstream"},
-        "stringData": {"api-key": UPSTREAM_SECRET},
-    }))
-    .unwrap();
-    secrets
-        .patch(
-            "stripe-upstream",
-            &PatchParams::apply("e2e").force(),
-            &Patch::Apply(&upstream_secret),
-        )
-        .await
-        .expect("apply the upstream Secret");
+    fixtures::put_upstream_secret(&ns, fixtures::UPSTREAM_SECRET, UPSTREAM_SECRET).await;
     let tls = ControllerTls::new();
     let webhook_port = free_port();
     let webhook_addr = format!("--webhook-addr=127.0.0.1:{webhook_port}");
-    let mut controller = ControllerProcess::spawn_with(
+    let mut controller = fixtures::ready_controller(
         &ns,
         &tls,
         "contract-a",
@@ -484,8 +317,8 @@ async fn controller_and_controller_mode_sidecar_metrics_match_the_contract() {
             "--controller-url=https://keybrake-controller.keybrake-system.svc:8443",
             &webhook_addr,
         ],
-    );
-    controller.wait_ready().await;
+    )
+    .await;
     // The injection webhook, registered by URL for this namespace only (the plane is shared);
     // one Pod admitted through it makes `keybrake_webhook_injections_total{result}` exist.
     let configurations = Api::<MutatingWebhookConfiguration>::all(ns.client());
@@ -537,52 +370,30 @@ async fn controller_and_controller_mode_sidecar_metrics_match_the_contract() {
         .await
         .expect("unregister the webhook");
 
-    let key = |name: &str| -> VaultKey {
-        serde_json::from_value(json!({
-            "apiVersion": "keybrake.dev/v1alpha1", "kind": "VaultKey",
-            "metadata": {"name": name},
-            "spec": {
-                "vendor": "stripe",
-                "upstream": {
-                    "secretRef": {"name": "stripe-upstream", "key": "api-key"},
-                    "baseUrl": upstream.url(),
-                },
-                "agent": {"name": "refunder"},
-                "workload": {"serviceAccountName": "agent"},
-                "allow": [{"operation": "charges.create"}],
-                "onStale": "Allow",
-            },
-        }))
-        .expect("VaultKey")
-    };
-    let keys: Api<VaultKey> = ns.api();
-    keys.create(&PostParams::default(), &key("refunds"))
-        .await
-        .expect("create VaultKey refunds");
-    let minted = poll("the minted token of refunds", DEADLINE, || {
-        let secrets = secrets.clone();
-        async move {
-            let data = secrets.get_opt("refunds-token").await.ok()??.data?;
-            String::from_utf8(data.get("VAULT_KEY")?.0.clone()).ok()
-        }
-    })
-    .await;
+    let key = fixtures::stripe_vault_key(
+        "refunds",
+        "agent",
+        &upstream.url(),
+        json!({
+            "agent": {"name": "refunder"},
+            "allow": [{"operation": "charges.create"}],
+            "onStale": "Allow",
+        }),
+    );
+    fixtures::create_key(&ns, &key).await;
+    let minted = fixtures::minted_token(&ns, "refunds").await;
 
     let dir = tempfile::tempdir().unwrap();
     let token_file = dir.path().join("token");
-    let sa_token = ns
-        .service_account_token("agent", "keybrake")
-        .await
-        .expect("TokenRequest");
-    std::fs::write(&token_file, sa_token).unwrap();
-    let args = [
-        format!("--controller-url={}", controller.stream_url),
-        format!("--token-file={}", token_file.display()),
-        format!("--ca-file={}", tls.ca().display()),
-        "--staleness-bound=1s".to_owned(),
-    ];
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let sidecar = SidecarProcess::spawn(dir.path(), &args, &[]).await;
+    std::fs::write(&token_file, fixtures::sa_token(&ns, "agent").await).unwrap();
+    let sidecar = SidecarProcess::controller_mode(
+        dir.path(),
+        &controller.stream_url,
+        &tls.ca(),
+        &token_file,
+        &["--staleness-bound=1s"],
+    )
+    .await;
     // Until the first snapshot arrives the sidecar refuses; then the key is enforced.
     poll(
         "the key allowed through the controller-mode sidecar",
@@ -590,7 +401,7 @@ async fn controller_and_controller_mode_sidecar_metrics_match_the_contract() {
         || {
             let sidecar = &sidecar;
             let minted = &minted;
-            async move { (sidecar.charge(minted).await.1 == "allow").then_some(()) }
+            async move { (charge(sidecar, minted).await.1 == "allow").then_some(()) }
         },
     )
     .await;
@@ -650,7 +461,7 @@ async fn controller_and_controller_mode_sidecar_metrics_match_the_contract() {
         let sidecar = &sidecar;
         let minted = &minted;
         async move {
-            let (status, verdict) = sidecar.charge(minted).await;
+            let (status, verdict) = charge(sidecar, minted).await;
             assert_eq!((status, verdict.as_str()), (200, "allow"), "onStale: Allow");
             let text = sidecar.metrics().await;
             sample(
