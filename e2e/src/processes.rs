@@ -125,6 +125,48 @@ impl Default for ControllerTls {
     }
 }
 
+/// The `keybrake-controller listening stream=… admin=… [webhook=…]` line a controller prints on
+/// stdout once its listeners are bound (with port 0, the only way to learn the ports).
+pub struct ListeningLine(String);
+
+impl ListeningLine {
+    /// Reads `child`'s stdout (piped) on a thread until the line appears; fails the test after
+    /// [`DEADLINE`] with the controller's log (`log`, its stderr).
+    pub fn wait(child: &mut Child, log: &Path) -> ListeningLine {
+        let stdout = child.stdout.take().expect("controller stdout piped");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if line.starts_with("keybrake-controller listening") {
+                    let _ = tx.send(line);
+                }
+            }
+        });
+        let line = rx.recv_timeout(DEADLINE).unwrap_or_else(|_| {
+            panic!(
+                "controller did not start; log:\n{}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            )
+        });
+        ListeningLine(line)
+    }
+
+    /// The value of `name=…` (`stream`, `admin`, `webhook`).
+    pub fn field(&self, name: &str) -> &str {
+        self.0
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(name)?.strip_prefix('='))
+            .unwrap_or_else(|| panic!("no {name} in {:?}", self.0))
+    }
+
+    pub fn addr(&self, name: &str) -> SocketAddr {
+        let value = self.field(name);
+        value
+            .parse()
+            .unwrap_or_else(|e| panic!("{name}={value}: {e}"))
+    }
+}
+
 /// A keybrake-controller process restricted to one test namespace (`--watch-namespace`, its
 /// Lease there too), killed on drop and when this process's end of its stdin closes.
 pub struct ControllerProcess {
@@ -197,32 +239,12 @@ impl ControllerProcess {
             .stderr(Stdio::from(stderr))
             .spawn()
             .expect("spawning keybrake-controller");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if line.starts_with("keybrake-controller listening") {
-                    let _ = tx.send(line);
-                }
-            }
-        });
-        let line = rx.recv_timeout(DEADLINE).unwrap_or_else(|_| {
-            panic!(
-                "controller did not start; log:\n{}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            )
-        });
-        let field = |name: &str| {
-            line.split_whitespace()
-                .find_map(|w| w.strip_prefix(&format!("{name}=")))
-                .unwrap_or_else(|| panic!("no {name} in {line:?}"))
-                .to_owned()
-        };
+        let listening = ListeningLine::wait(&mut child, &log);
         ControllerProcess {
-            child,
             identity: identity.to_owned(),
-            stream_url: format!("https://{}", field("stream")),
-            admin: field("admin").parse().expect("admin address"),
+            stream_url: format!("https://{}", listening.field("stream")),
+            admin: listening.addr("admin"),
+            child,
             log,
         }
     }

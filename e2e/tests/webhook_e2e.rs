@@ -4,7 +4,6 @@
 //! the caBundle itself, publishes the CA ConfigMap where VaultKeys live, and the apiserver stores
 //! annotated Pods with the sidecar. A second replica presents the same CA.
 use std::{
-    io::{BufRead, BufReader},
     net::SocketAddr,
     process::{Child, Command, Stdio},
     sync::Arc,
@@ -25,7 +24,7 @@ use k8s_openapi::{
 use keybrake_api::VaultKey;
 use keybrake_e2e::{
     TestNamespace, install_crds,
-    processes::{controller_binary, free_port, plain_client, poll},
+    processes::{ListeningLine, controller_binary, free_port, plain_client, poll},
 };
 use keybrake_inject::{
     WebhookEndpoint, WebhookSettings, mutating_webhook_configuration,
@@ -109,31 +108,10 @@ fn spawn_controller(
         .stderr(Stdio::from(std::fs::File::create(&log).expect("log file")))
         .spawn()
         .expect("spawning keybrake-controller");
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if line.starts_with("keybrake-controller listening") {
-                let _ = tx.send(line);
-            }
-        }
-    });
-    let line = rx.recv_timeout(DEADLINE).unwrap_or_else(|_| {
-        panic!(
-            "controller did not start; log:\n{}",
-            std::fs::read_to_string(&log).unwrap_or_default()
-        )
-    });
-    let field = |name: &str| -> SocketAddr {
-        line.split_whitespace()
-            .find_map(|w| w.strip_prefix(&format!("{name}=")))
-            .unwrap_or_else(|| panic!("no {name} in {line:?}"))
-            .parse()
-            .unwrap()
-    };
+    let listening = ListeningLine::wait(&mut child, &log);
     Controller {
-        admin: field("admin"),
-        webhook: field("webhook"),
+        admin: listening.addr("admin"),
+        webhook: listening.addr("webhook"),
         child,
         log,
     }
