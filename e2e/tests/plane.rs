@@ -12,13 +12,15 @@ use hyper::body::{Bytes, Incoming};
 use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
-use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::admissionregistration::v1::{
+    MutatingWebhookConfiguration, ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
+};
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
 use keybrake_api::VaultKey;
 use keybrake_e2e::{ControlPlane, K8S_VERSION, TestCa, TestNamespace, install_crds, run};
 use kube::Api;
-use kube::api::{ListParams, PostParams};
+use kube::api::{DeleteParams, ListParams, PostParams};
 use serde_json::{Value, json};
 
 #[tokio::test]
@@ -168,6 +170,93 @@ async fn mutating_webhook_by_url_mutates_stored_pods() {
         stored.status.and_then(|s| s.phase).as_deref(),
         Some("Pending")
     );
+}
+
+/// A ValidatingAdmissionPolicy is enforced on the test plane, but not at once: the apiserver
+/// picks policies up asynchronously (about a second here), so a test that relies on one must
+/// first wait until a server-side dry run is denied, as this one does (e2e/README.md).
+#[tokio::test]
+async fn validating_admission_policy_is_enforced_after_a_short_delay() {
+    let ns = TestNamespace::new("plane-vap").await;
+    let name = format!("deny-token-secrets-{}", ns.name());
+    let policy: ValidatingAdmissionPolicy = serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "spec": {
+            "failurePolicy": "Fail",
+            "matchConstraints": {"resourceRules": [{
+                "apiGroups": [""], "apiVersions": ["v1"],
+                "operations": ["CREATE", "UPDATE"], "resources": ["secrets"],
+            }]},
+            "validations": [{
+                "expression": "!object.metadata.name.endsWith('-token')",
+                "message": "no token Secrets here",
+            }],
+        },
+    }))
+    .expect("policy");
+    let binding: ValidatingAdmissionPolicyBinding = serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "spec": {
+            "policyName": name,
+            "validationActions": ["Deny"],
+            "matchResources": {"namespaceSelector": {
+                "matchLabels": {"kubernetes.io/metadata.name": ns.name()},
+            }},
+        },
+    }))
+    .expect("binding");
+    let client = ns.client();
+    let policies: Api<ValidatingAdmissionPolicy> = Api::all(client.clone());
+    let bindings: Api<ValidatingAdmissionPolicyBinding> = Api::all(client.clone());
+    let created = Instant::now();
+    policies
+        .create(&PostParams::default(), &policy)
+        .await
+        .expect("create policy");
+    bindings
+        .create(&PostParams::default(), &binding)
+        .await
+        .expect("create binding");
+
+    let secrets = ns.api::<Secret>();
+    let dry_run = PostParams {
+        dry_run: true,
+        ..PostParams::default()
+    };
+    let secret = |name: &str| -> Secret {
+        serde_json::from_value(json!({"metadata": {"name": name}, "stringData": {"k": "v"}}))
+            .expect("Secret")
+    };
+    let denial = keybrake_e2e::processes::poll(
+        "the policy to deny a token Secret",
+        Duration::from_secs(20),
+        || {
+            let (secrets, dry_run, token) = (&secrets, &dry_run, secret("k-token"));
+            async move { secrets.create(dry_run, &token).await.err() }
+        },
+    )
+    .await;
+    let waited = created.elapsed();
+    let message = denial.to_string();
+    assert!(
+        message.contains(&name) && message.contains("no token Secrets here"),
+        "denied by something else: {message}"
+    );
+    // Only what the policy matches is denied.
+    secrets
+        .create(&dry_run, &secret("plain"))
+        .await
+        .expect("a Secret the policy does not match");
+    eprintln!("VAP enforced {} ms after its creation", waited.as_millis());
+
+    bindings
+        .delete(&name, &DeleteParams::default())
+        .await
+        .expect("delete binding");
+    policies
+        .delete(&name, &DeleteParams::default())
+        .await
+        .expect("delete policy");
 }
 
 #[tokio::test]
