@@ -381,13 +381,19 @@ fn changed_scopes(old: &ReplicaReport, new: &ReplicaReport) -> HashSet<Scope> {
     out
 }
 
-/// The leader's status view: its own streams plus every live peer's.
+/// The leader's status view: its own streams plus every live peer's. The propagation time is
+/// the leader's own (peers' streams are counted, not timed), shown like the local one only once
+/// every sidecar, the peers' included, holds the revision.
 pub fn combine(local: EnforcementView, peers: (u32, u32)) -> EnforcementView {
-    EnforcementView {
+    let mut combined = EnforcementView {
         sidecars: local.sidecars.saturating_add(peers.0),
         acknowledged: local.acknowledged.saturating_add(peers.1),
         last_propagation_ms: local.last_propagation_ms,
+    };
+    if !combined.is_complete() {
+        combined.last_propagation_ms = None;
     }
+    combined
 }
 
 #[cfg(test)]
@@ -509,5 +515,17 @@ mod tests {
         assert_eq!(peers.counts(&k1, &scope, fp), (0, 0));
         let local = view(1, 0);
         assert_eq!(combine(local, (2, 2)), view(3, 2));
+    }
+
+    #[test]
+    fn propagation_time_waits_for_the_peers_sidecars_too() {
+        let timed = |sidecars, acknowledged| EnforcementView {
+            last_propagation_ms: Some(9),
+            ..view(sidecars, acknowledged)
+        };
+        // The leader's own sidecars all acked; one of a peer's has not.
+        assert_eq!(combine(timed(2, 2), (3, 2)), view(5, 4));
+        assert_eq!(combine(timed(2, 2), (3, 3)), timed(5, 5));
+        assert_eq!(combine(timed(0, 0), (0, 0)), timed(0, 0));
     }
 }
