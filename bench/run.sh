@@ -11,10 +11,22 @@
 # machine, the date and the exact command, and splices the result between the section's
 # markers in docs/BENCHMARKS.md. A section without a script keeps a "not measured yet" note.
 # To add one: create bench/sections/NAME.sh and add NAME and its title to SECTIONS below.
+# Sections share fixed loopback ports, so one run at a time: a second run fails at once (flock on
+# target/bench/.lock).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
+
+LOCK="${CARGO_TARGET_DIR:-$ROOT/target}/bench/.lock"
+mkdir -p "$(dirname "$LOCK")"
+exec 9>> "$LOCK"
+if ! flock -n 9; then
+  echo "bench: another bench/run.sh (pid $(cat "$LOCK" 2>/dev/null || echo '?')) holds $LOCK;" \
+    "its sections use the same ports: wait until it ends (or stop it), then run again" >&2
+  exit 1
+fi
+echo $$ > "$LOCK"
 
 # Order = order in the document.
 SECTIONS=(dataplane controlplane audit auditoverhead)
@@ -51,7 +63,7 @@ machine_line() {
 }
 
 echo "bench: building release binaries of keybrake-bench" >&2
-cargo build --release -q -p keybrake-bench >&2
+cargo build --release -q -p keybrake-bench >&2 9>&-
 
 ensure_doc() {
   if [[ ! -s "$DOC" ]]; then
@@ -91,7 +103,8 @@ for name in "${requested[@]}"; do
   machine="$(machine_line)"
   t0=$SECONDS
   echo "bench: === $name ===" >&2
-  if ! "$script"; then
+  # 9>&-: only this script holds the lock, not what a section leaves behind by mistake.
+  if ! "$script" 9>&-; then
     echo "bench: section $name FAILED; $DOC keeps its previous $name section" >&2
     failed+=("$name")
     continue

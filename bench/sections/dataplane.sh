@@ -30,52 +30,16 @@ say() { echo "dataplane: $*" >&2; }
 die() { say "ERROR: $*"; exit 1; }
 
 # ---- processes: every one started here is recorded and stopped on exit -----------------
+# stop_pid, cleanup, ensure_tools, port_free, wait_port, rotate:
+source bench/sections/lib.sh
 PIDS=()
-stop_pid() { # stop_pid PID: TERM, wait up to 10 s, then KILL
-  local pid="$1" i
-  kill -TERM "$pid" 2>/dev/null || return 0
-  for ((i = 0; i < 100; i++)); do
-    kill -0 "$pid" 2>/dev/null || return 0
-    sleep 0.1
-  done
-  kill -KILL "$pid" 2>/dev/null || true
-}
-cleanup() {
-  local pid child
-  for pid in "${PIDS[@]}"; do
-    # /usr/bin/time and nginx's master have children of their own: stop those first, by PID.
-    for child in $(pgrep -P "$pid" 2>/dev/null || true); do stop_pid "$child"; done
-    stop_pid "$pid"
-  done
-  wait 2>/dev/null || true
-}
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 # Debian packages this section needs; installed when missing (the machines run as root).
-declare -A PACKAGE=([wrk]=wrk [nginx]=nginx-light [curl]=curl [taskset]=util-linux [/usr/bin/time]=time)
-missing=()
-for tool in "${!PACKAGE[@]}"; do
-  command -v "$tool" >/dev/null || PATH="$PATH:/usr/sbin" command -v "$tool" >/dev/null || missing+=("${PACKAGE[$tool]}")
-done
-if [[ ${#missing[@]} -gt 0 ]]; then
-  say "installing ${missing[*]} (apt-get)"
-  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"; } > "$LOG/apt.log" 2>&1 \
-    || die "could not install ${missing[*]}: run apt-get update && apt-get install -y ${missing[*]} (log: $LOG/apt.log)"
-fi
-export PATH="$PATH:/usr/sbin"
+ensure_tools "$LOG/apt.log" wrk=wrk nginx=nginx-light curl=curl taskset=util-linux /usr/bin/time=time
 [[ $(nproc) -ge 2 ]] || die "needs 2 cores (load on core $LOAD_CORE, proxy on core $PROXY_CORE)"
 
-port_free() { [[ -z "$(ss -ltnH "sport = :$1" 2>/dev/null)" ]]; }
-wait_port() { # wait_port PORT PID: until something listens, or the process died, or 15 s
-  local port="$1" pid="$2" i
-  for ((i = 0; i < 150; i++)); do
-    kill -0 "$pid" 2>/dev/null || return 1
-    (exec 3<> "/dev/tcp/127.0.0.1/$port") 2>/dev/null && return 0
-    sleep 0.1
-  done
-  return 1
-}
 # expect_response NAME URL AUTH WANT: one request, "STATUS BYTES" must equal WANT.
 expect_response() {
   local got
@@ -192,9 +156,7 @@ if [[ $SIDECAR == 1 ]]; then
   [[ "$got" == 401 ]] || die "sidecar answered $got to an unknown key, expected 401"
 fi
 
-# rotate ROUND LIST...: the list rotated by ROUND, so no target always runs first.
-rotate() { local r="$1"; shift; local a=("$@") n=$#; for ((k = 0; k < n; k++)); do echo "${a[(k + r) % n]}"; done; }
-
+# Rounds run the targets in rotated order (lib.sh rotate), so no target always runs first.
 # ---- throughput at saturation: wrk, interleaved rounds --------------------------------------
 say "throughput: ${#TARGETS[@]} targets x ${CONNECTIONS[*]} connections x $ROUNDS rounds x ${TP_SECONDS}s"
 for ((round = 0; round < ROUNDS; round++)); do

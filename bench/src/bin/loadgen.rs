@@ -40,6 +40,10 @@ struct Args {
     via: ViaArg,
     #[arg(long, default_value_t = 0)]
     round: u32,
+    /// Also write every measured latency (µs, one per line, ascending) to this file, so
+    /// percentiles can be taken over several runs pooled.
+    #[arg(long)]
+    latencies_out: Option<std::path::PathBuf>,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -98,6 +102,13 @@ fn main() -> anyhow::Result<()> {
         got + got / 100 + 2 >= expected,
         "only {got} of {expected} scheduled requests completed: the generator could not keep up"
     );
+    if let Some(path) = &args.latencies_out {
+        let mut text = String::with_capacity(samples.latency.len() * 8);
+        for latency in &samples.latency {
+            text.push_str(&format!("{:.1}\n", latency.as_secs_f64() * 1e6));
+        }
+        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+    }
     println!("{}", serde_json::to_string(&record)?);
     Ok(())
 }
