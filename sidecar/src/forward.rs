@@ -116,7 +116,7 @@ impl UpstreamBase {
         };
         Some(UpstreamBase {
             host: HeaderValue::from_str(&host).ok()?,
-            key: UpstreamKey { https, authority },
+            key: UpstreamKey::new(https, authority),
             path_prefix: path.trim_end_matches('/').into(),
         })
     }
@@ -226,12 +226,23 @@ mod tests {
             stripe.target("/v1/charges", Some("limit=3")).unwrap(),
             "/v1/charges?limit=3"
         );
-        assert!(stripe.key().https);
-        assert_eq!(stripe.key().authority, "api.stripe.com");
+        assert!(stripe.key().https());
+        assert_eq!(stripe.key().authority(), "api.stripe.com");
+        assert_eq!(
+            stripe.key(),
+            UpstreamBase::parse("https://API.stripe.com/v2")
+                .unwrap()
+                .key(),
+            "one pool per scheme and authority"
+        );
+        assert_ne!(
+            stripe.key(),
+            UpstreamBase::parse("http://api.stripe.com").unwrap().key()
+        );
         assert_eq!(stripe.host(), "api.stripe.com");
         let based = UpstreamBase::parse("http://127.0.0.1:9/base/").unwrap();
         assert_eq!(based.target("/emails", None).unwrap(), "/base/emails");
-        assert!(!based.key().https);
+        assert!(!based.key().https());
         assert_eq!(based.host(), "127.0.0.1:9");
         assert_eq!(
             UpstreamBase::parse("http://127.0.0.1:9/")

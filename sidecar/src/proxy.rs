@@ -280,11 +280,10 @@ impl Proxy {
                     )
                 })?,
         };
-        let mut upstream = Request::builder()
-            .method(parts.method.clone())
-            .uri(target)
-            .body(Full::new(upstream_body))
-            .expect("method and URI are already valid");
+        // Assembled from parts already validated (the builder would check them again).
+        let mut upstream = Request::new(Full::new(upstream_body));
+        *upstream.method_mut() = parts.method.clone();
+        *upstream.uri_mut() = target;
         let headers = upstream.headers_mut();
         *headers = upstream_request_headers(&parts.headers, authorization);
         headers.insert(header::HOST, base.host().clone());

@@ -9,6 +9,7 @@
 //! (it may not be idempotent).
 use std::{
     collections::HashMap,
+    hash::{BuildHasherDefault, Hash, Hasher},
     pin::Pin,
     sync::{Arc, Mutex, Weak},
     task::{Context, Poll},
@@ -60,12 +61,81 @@ pub enum SendError {
     Request(hyper::Error),
 }
 
-/// Which upstream a connection belongs to.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct UpstreamKey {
-    pub https: bool,
-    pub authority: Authority,
+/// Which upstream a connection belongs to: scheme and authority, hashed once when a key's
+/// base URL is parsed (per call the pool only compares, mostly by pointer).
+#[derive(Debug, Clone)]
+pub struct UpstreamKey(Arc<KeyParts>);
+
+#[derive(Debug)]
+struct KeyParts {
+    https: bool,
+    authority: Authority,
+    /// The authority in lower case: what equality compares.
+    normalized: Box<str>,
+    hash: u64,
 }
+
+impl UpstreamKey {
+    pub fn new(https: bool, authority: Authority) -> Self {
+        let normalized: Box<str> = authority.as_str().to_ascii_lowercase().into();
+        // Fixed keys: equal upstreams must hash alike wherever their keys were made. (Upstreams
+        // come from the policy, not from callers: no flooding concern.)
+        let mut hasher = std::hash::DefaultHasher::new();
+        (https, &normalized).hash(&mut hasher);
+        let hash = hasher.finish();
+        UpstreamKey(Arc::new(KeyParts {
+            https,
+            authority,
+            normalized,
+            hash,
+        }))
+    }
+
+    pub fn https(&self) -> bool {
+        self.0.https
+    }
+
+    pub fn authority(&self) -> &Authority {
+        &self.0.authority
+    }
+}
+
+impl PartialEq for UpstreamKey {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+            || (self.0.https == other.0.https && self.0.normalized == other.0.normalized)
+    }
+}
+
+impl Eq for UpstreamKey {}
+
+impl Hash for UpstreamKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        // Equal keys have equal normalized forms, hence equal precomputed hashes.
+        state.write_u64(self.0.hash);
+    }
+}
+
+/// Passes an [`UpstreamKey`]'s precomputed hash through.
+#[derive(Default)]
+struct PrehashedHasher(u64);
+
+impl Hasher for PrehashedHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `write_u64` is ever used; fold anything else in anyway.
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+type IdleMap = HashMap<UpstreamKey, Vec<IdleSender>, BuildHasherDefault<PrehashedHasher>>;
 
 struct IdleSender {
     sender: Sender,
@@ -75,7 +145,7 @@ struct IdleSender {
 struct Shared {
     tls: TlsConnector,
     settings: PoolSettings,
-    idle: Mutex<HashMap<UpstreamKey, Vec<IdleSender>>>,
+    idle: Mutex<IdleMap>,
 }
 
 /// Cheap to clone: every clone shares the same idle connections.
@@ -91,7 +161,7 @@ impl UpstreamPool {
         let shared = Arc::new(Shared {
             tls: TlsConnector::from(Arc::new(tls)),
             settings,
-            idle: Mutex::new(HashMap::new()),
+            idle: Mutex::new(IdleMap::default()),
         });
         tokio::spawn(reap_expired(Arc::downgrade(&shared)));
         UpstreamPool { shared }
@@ -158,7 +228,7 @@ impl UpstreamPool {
 }
 
 impl Shared {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<UpstreamKey, Vec<IdleSender>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, IdleMap> {
         // The map holds no invariant a panicking holder could break half-way.
         self.idle.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -213,15 +283,15 @@ impl Shared {
 
     async fn connect(&self, upstream: &UpstreamKey) -> Result<Sender, SendError> {
         let timeout = self.settings.connect_timeout;
-        let https = upstream.https;
-        let host = upstream.authority.host();
+        let https = upstream.https();
+        let host = upstream.authority().host();
         // `[::1]` in a URL, `::1` to the resolver and in a certificate.
         let host = host
             .strip_prefix('[')
             .and_then(|h| h.strip_suffix(']'))
             .unwrap_or(host);
         let port = upstream
-            .authority
+            .authority()
             .port_u16()
             .unwrap_or(if https { 443 } else { 80 });
         let connected = tokio::time::timeout(timeout, async {
@@ -406,10 +476,7 @@ mod tests {
         }
 
         fn key(&self, https: bool) -> UpstreamKey {
-            UpstreamKey {
-                https,
-                authority: self.addr.to_string().parse().unwrap(),
-            }
+            UpstreamKey::new(https, self.addr.to_string().parse().unwrap())
         }
 
         fn accepted(&self) -> usize {
@@ -544,6 +611,9 @@ mod tests {
         }
         assert_eq!(upstream.accepted(), 1);
         assert_eq!(pool.idle_count(&key), 1);
+        // Keys made separately for the same upstream share its connections.
+        assert_eq!(pool.idle_count(&upstream.key(false)), 1);
+        assert_eq!(pool.idle_count(&upstream.key(true)), 0);
     }
 
     #[tokio::test]
@@ -681,10 +751,7 @@ mod tests {
     #[tokio::test]
     async fn unreachable_upstream_is_an_error_not_a_hang() {
         // Port 1 on loopback: nothing listens there.
-        let key = UpstreamKey {
-            https: false,
-            authority: "127.0.0.1:1".parse().unwrap(),
-        };
+        let key = UpstreamKey::new(false, "127.0.0.1:1".parse().unwrap());
         let pool = plain_pool(Duration::from_secs(60));
         let request = Request::get("/")
             .header(http::header::HOST, "127.0.0.1:1")
