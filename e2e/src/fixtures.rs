@@ -26,6 +26,7 @@
 //! # }
 //! ```
 use std::{
+    io::Write,
     net::SocketAddr,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -279,12 +280,14 @@ async fn status_and_verdict(request: hyper::Request<Full<Bytes>>) -> (u16, Strin
 }
 
 /// The `keybrake-sidecar` binary (built on first use) on ephemeral loopback ports, killed on
-/// drop. Its stderr (JSON logs) is `dir/sidecar.log`.
+/// drop, and by its [`OrphanGuard`] if this test process dies without dropping it. Its stderr
+/// (JSON logs) is `dir/sidecar.log`.
 pub struct SidecarProcess {
     pub child: Child,
     pub proxy: SocketAddr,
     pub admin: SocketAddr,
     pub log: PathBuf,
+    _guard: OrphanGuard,
 }
 
 impl SidecarProcess {
@@ -363,6 +366,7 @@ impl SidecarProcess {
         // Owned before the wait, so a sidecar that never listens is killed when the test fails.
         let unset = SocketAddr::from(([127, 0, 0, 1], 0));
         let mut sidecar = SidecarProcess {
+            _guard: OrphanGuard::watch(child.id()),
             child,
             proxy: unset,
             admin: unset,
@@ -444,5 +448,90 @@ impl Drop for SidecarProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Kills a process this test spawned if the test process dies without cleaning up (SIGKILL, a
+/// timeout, a panic while statics hold it): a `sh` reading a pipe whose write end only this
+/// process holds. Dropping the guard writes `exit` (the owner stopped the process itself); when
+/// the pipe closes without it, the process dies with SIGKILL. (The sidecar has no
+/// `--exit-on-stdin-close` like the controller, and its own pid must stay `child` so tests can
+/// signal it.)
+struct OrphanGuard {
+    sh: Child,
+}
+
+impl OrphanGuard {
+    fn watch(pid: u32) -> OrphanGuard {
+        let sh = Command::new("/bin/sh")
+            .args([
+                "-c",
+                r#"read -r word; [ "$word" = exit ] || kill -KILL "$1" 2>/dev/null"#,
+                "orphan-guard",
+                &pid.to_string(),
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawning the orphan guard (/bin/sh)");
+        OrphanGuard { sh }
+    }
+}
+
+impl Drop for OrphanGuard {
+    fn drop(&mut self) {
+        if let Some(mut pipe) = self.sh.stdin.take() {
+            let _ = pipe.write_all(b"exit\n");
+        }
+        let _ = self.sh.wait();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::process::ExitStatusExt;
+
+    use super::*;
+
+    fn sleeper() -> Child {
+        Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .expect("spawning sleep")
+    }
+
+    /// Polls `child` until it exits; fails after 10 s.
+    fn exit_status(child: &mut Child) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::time::Instant::now() < deadline {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        None
+    }
+
+    #[test]
+    fn orphan_guard_kills_when_its_owner_vanishes() {
+        let mut victim = sleeper();
+        let mut guard = OrphanGuard::watch(victim.id());
+        // What the kernel does when the test process dies: the write end closes, no `exit`.
+        drop(guard.sh.stdin.take());
+        let status = exit_status(&mut victim).expect("the guard killed the process");
+        assert_eq!(status.signal(), Some(9), "{status:?}");
+    }
+
+    #[test]
+    fn orphan_guard_dropped_leaves_the_process_to_its_owner() {
+        let mut survivor = sleeper();
+        drop(OrphanGuard::watch(survivor.id()));
+        assert!(
+            survivor.try_wait().expect("try_wait").is_none(),
+            "a dropped guard (the guard's sh has exited) must not kill"
+        );
+        survivor.kill().expect("kill sleep");
+        survivor.wait().expect("reap sleep");
     }
 }
