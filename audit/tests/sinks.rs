@@ -336,6 +336,25 @@ async fn postgres_migrations_are_idempotent() {
 }
 
 #[tokio::test]
+async fn a_postgres_server_error_shows_the_servers_message() {
+    let url = fresh_postgres_database("server_error").await;
+    let sink = AnySink::open(&url.parse().unwrap()).await.unwrap();
+    let AnySink::Postgres(s) = &sink else {
+        unreachable!()
+    };
+    let error = s
+        .query("SELECT no_such_column FROM agent_call_audit", &[])
+        .await
+        .unwrap_err();
+    // tokio-postgres alone prints "db error"; a log line needs the server's reason.
+    let shown = error.to_string();
+    assert!(
+        shown.contains("no_such_column") && shown.contains("does not exist"),
+        "{shown}"
+    );
+}
+
+#[tokio::test]
 async fn postgres_survives_a_dropped_connection() {
     let url = fresh_postgres_database("reconnect").await;
     let sink = AnySink::open(&url.parse().unwrap()).await.unwrap();

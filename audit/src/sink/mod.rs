@@ -40,8 +40,10 @@ pub enum SinkError {
     BadConfig(String),
     #[error("sqlite audit sink: {0}")]
     Sqlite(#[from] rusqlite::Error),
-    #[error("postgres audit sink: {0}")]
-    Postgres(#[from] tokio_postgres::Error),
+    /// Not a `#[source]`: tokio-postgres's own `Display` is often just "db error", so the text
+    /// carries the causes (the server's message) for `%e` log fields too.
+    #[error("postgres audit sink: {}", postgres::with_causes(.0))]
+    Postgres(tokio_postgres::Error),
     /// Not a `#[source]`: the text is complete, so `{}` and `{:#}` print it once.
     #[error("postgres audit sink: {0}")]
     PostgresTls(pg_tls::PgTlsError),
@@ -58,6 +60,12 @@ pub enum SinkError {
     NotQueryable(&'static str),
     #[error("unexpected column type {type_name} in column {column}")]
     ColumnType { column: String, type_name: String },
+}
+
+impl From<tokio_postgres::Error> for SinkError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        SinkError::Postgres(e)
+    }
 }
 
 impl From<pg_tls::PgTlsError> for SinkError {

@@ -358,7 +358,7 @@ async fn open_client(target: &Target, migrate_schema: bool) -> Result<Client, Si
 }
 
 /// `error: cause: cause...` on one line.
-fn with_causes(error: &(dyn std::error::Error + 'static)) -> String {
+pub(crate) fn with_causes(error: &(dyn std::error::Error + 'static)) -> String {
     let mut text = error.to_string();
     let mut next = error.source();
     while let Some(cause) = next {
@@ -376,7 +376,7 @@ async fn watch_connection<F: std::future::Future<Output = Result<(), tokio_postg
     connection: F,
 ) {
     if let Err(e) = connection.await {
-        tracing::warn!(error = %e, "postgres audit sink connection closed");
+        tracing::warn!(error = %with_causes(&e), "postgres audit sink connection closed");
     }
 }
 
