@@ -103,6 +103,18 @@ impl Inner {
         self.dirty.extend(feed.keys_changed_between(before, after));
     }
 
+    /// `key` left its scope at `revision`: drop its latency unless a newer revision (the key
+    /// republished elsewhere) already replaced it.
+    fn forget_live_ack(&mut self, key: &KeyId, revision: u64) {
+        if self
+            .live_latency
+            .get(key)
+            .is_some_and(|(seen, _)| *seen <= revision)
+        {
+            self.live_latency.remove(key);
+        }
+    }
+
     /// A stream acknowledged `revision` of `key`, which reached it live, `latency` after the
     /// change was seen: keep the slowest ack of the key's newest such revision.
     fn record_live_ack(&mut self, key: &KeyId, revision: u64, latency: Duration) {
@@ -263,7 +275,13 @@ impl EnforcementTracker {
         let mut out = Vec::new();
         for change in feed.logged_between(previous.max(live_after), revision) {
             let latency = now.saturating_duration_since(change.observed_at);
-            inner.record_live_ack(&change.key, change.revision, latency);
+            if change.removal {
+                // Nothing left to report on; keys are short-lived, so keeping them would grow
+                // without bound.
+                inner.forget_live_ack(&change.key, change.revision);
+            } else {
+                inner.record_live_ack(&change.key, change.revision, latency);
+            }
             out.push(Acknowledged {
                 key: change.key.clone(),
                 latency,
@@ -609,6 +627,24 @@ mod tests {
         let v = t.view(key, &scope, r2);
         assert!(v.is_complete());
         assert_eq!(v.last_propagation_ms, Some(12));
+    }
+
+    #[test]
+    fn a_deleted_keys_propagation_time_is_forgotten_once_acked() {
+        let t = EnforcementTracker::new();
+        let (index, scope, keys) = index_with(2);
+        let (s, rev) = connect(&t, &index, &scope);
+        t.ack(s, &scope, rev, Instant::now()).unwrap();
+        let (r2, seen) = revoke(&t, &index, &scope, &keys[0], KeyState::Revoked, &[s]);
+        t.ack(s, &scope, r2, seen + Duration::from_millis(5))
+            .unwrap();
+        assert_eq!(t.view(&keys[0], &scope, r2).last_propagation_ms, Some(5));
+        index.remove_vault_key(&keys[0]);
+        let deleted_at = index.revision();
+        t.sent(s, deleted_at);
+        t.ack(s, &scope, deleted_at, Instant::now()).unwrap();
+        assert_eq!(t.view(&keys[0], &scope, r2).last_propagation_ms, None);
+        assert!(t.lock().live_latency.is_empty());
     }
 
     #[tokio::test]

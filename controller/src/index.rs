@@ -67,6 +67,8 @@ pub struct Change {
     pub revision: u64,
     pub key: KeyId,
     pub observed_at: Instant,
+    /// The key left the scope (deleted, moved to another service account, or unpublishable).
+    pub removal: bool,
     /// The NDJSON line, newline included, encoded once and shared by every stream.
     pub line: Bytes,
 }
@@ -665,6 +667,7 @@ impl Inner {
                     revision,
                     key: id.clone(),
                     observed_at,
+                    removal: false,
                     line,
                 };
                 self.feed(&scope).record(change, Some(entry));
@@ -686,6 +689,7 @@ impl Inner {
                     revision,
                     key: id.clone(),
                     observed_at: Instant::now(),
+                    removal: true,
                     line: encode_line(&WireEvent::Delete { revision, id }),
                 },
                 None,
