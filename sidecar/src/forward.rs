@@ -161,6 +161,22 @@ static HOP_BY_HOP: [HeaderName; 9] = [
     HeaderName::from_static("proxy-connection"),
 ];
 
+/// Whether `name` is one of [`HOP_BY_HOP`]: by length first, so the usual header costs one
+/// comparison instead of nine.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    let n = name.as_str();
+    match n.len() {
+        2 => n == "te",
+        7 => n == "trailer" || n == "upgrade",
+        10 => n == "connection" || n == "keep-alive",
+        16 => n == "proxy-connection",
+        17 => n == "transfer-encoding",
+        18 => n == "proxy-authenticate",
+        19 => n == "proxy-authorization",
+        _ => false,
+    }
+}
+
 fn connection_listed(headers: &HeaderMap, name: &HeaderName) -> bool {
     headers.get_all(header::CONNECTION).iter().any(|v| {
         v.to_str()
@@ -179,7 +195,7 @@ pub fn upstream_request_headers(from: &HeaderMap, authorization: HeaderValue) ->
     let has_connection = from.contains_key(header::CONNECTION);
     for (name, value) in from {
         let n = name.as_str();
-        if HOP_BY_HOP.contains(name)
+        if is_hop_by_hop(name)
             || (has_connection && connection_listed(from, name))
             || n.starts_with("keybrake-")
             || name == header::AUTHORIZATION
@@ -201,7 +217,7 @@ pub fn upstream_request_headers(from: &HeaderMap, authorization: HeaderValue) ->
 pub fn clean_response_headers(headers: &mut HeaderMap) {
     // Usually there is nothing to remove: one pass over the few headers instead of a lookup
     // per hop-by-hop name.
-    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+    if !headers.keys().any(is_hop_by_hop) {
         return;
     }
     let listed: Vec<HeaderName> = headers
@@ -265,6 +281,25 @@ mod tests {
             "ftp://h/",
         ] {
             assert!(UpstreamBase::parse(bad).is_none(), "{bad} was accepted");
+        }
+    }
+
+    #[test]
+    fn hop_by_hop_check_matches_the_list() {
+        for name in &HOP_BY_HOP {
+            assert!(is_hop_by_hop(name), "{name}");
+        }
+        for other in [
+            "content-type",
+            "authorization",
+            "tE-x",
+            "connections",
+            "idempotency-key",
+            "x-upgrade",
+            "proxy-authorizatio",
+        ] {
+            let name = HeaderName::from_bytes(other.as_bytes()).unwrap();
+            assert!(!is_hop_by_hop(&name), "{other}");
         }
     }
 
