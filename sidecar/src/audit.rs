@@ -513,8 +513,9 @@ mod tests {
             ca_file,
             token_file,
         });
-        let capacity = 4;
+        let (capacity, batch_rows) = (4, 4);
         config.queue_capacity = capacity;
+        config.shipper.batch_rows = batch_rows;
         config.flush_timeout = Duration::from_millis(300);
         let metrics = AuditMetrics::unregistered();
         let pipeline = AuditPipeline::start(config, metrics.clone()).await.unwrap();
@@ -529,13 +530,12 @@ mod tests {
             started.elapsed() < Duration::from_secs(1),
             "submit never waits"
         );
-        // At most the queue plus one batch in the delivery thread's hands survive. That thread
-        // runs while we submit: a batch is its first row plus two fills of the queue (before and
-        // after the linger), so at most 2 × capacity + 1 rows.
-        let survivors = capacity + (2 * capacity + 1);
+        // At most the queue plus one batch in the delivery thread's hands survive (that thread
+        // runs while we submit, so the batch size is what bounds it).
         let dropped = metrics.dropped_rows.get();
+        let survivors = (capacity + batch_rows) as u64;
         assert!(
-            (100 - survivors as u64..=100).contains(&dropped),
+            (100 - survivors..=100).contains(&dropped),
             "dropped {dropped}"
         );
         let started = std::time::Instant::now();
