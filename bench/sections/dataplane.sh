@@ -4,7 +4,8 @@
 # and the load generators share core 0; the proxy under test gets core 1 to itself.
 # Knobs (environment): BENCH_ROUNDS (3), BENCH_THROUGHPUT_SECONDS (5), BENCH_LATENCY_SECONDS (10),
 # BENCH_LATENCY_RATE (1000), BENCH_KEYS (10000), BENCH_CONNECTIONS ("1 16 256"),
-# BENCH_SKIP_SIDECAR (1 = measure only direct and nginx).
+# BENCH_SKIP_SIDECAR (1 = measure only direct and nginx), BENCH_DATAPLANE_SIDECAR (a sidecar binary
+# to measure instead of the release build of the working tree, e.g. to compare two builds).
 set -euo pipefail
 : "${BENCH_OUT:?run through bench/run.sh}" "${BENCH_BIN:?}" "${BENCH_ROOT:?}"
 cd "$BENCH_ROOT"
@@ -19,6 +20,7 @@ KEYS="${BENCH_KEYS:-10000}"
 read -r -a CONNECTIONS <<< "${BENCH_CONNECTIONS:-1 16 256}"
 UPSTREAM_PORT=18080 NGINX_PORT=18081 SIDECAR_PORT=18082 SIDECAR_ADMIN_PORT=18083
 LOAD_CORE=0 PROXY_CORE=1
+SIDECAR_BINARY="${BENCH_DATAPLANE_SIDECAR:-$BENCH_BIN/keybrake-sidecar}"
 UPSTREAM_SECRET="sk_test_upstream"
 ROUTE="/v1/customers/cus_bench"   # customers.retrieve; the proxies see it under /stripe
 RESULTS="$BENCH_OUT/results.jsonl"
@@ -115,7 +117,7 @@ if [[ $SIDECAR == 1 ]]; then
   VAULT_KEY="$("$BENCH_BIN/bench-sidecar-config" --keys "$KEYS" \
     --upstream-url "http://127.0.0.1:$UPSTREAM_PORT" --out "$BENCH_OUT/sidecar-policy.json")"
   /usr/bin/time -v -o "$BENCH_OUT/sidecar.time" \
-    taskset -c "$PROXY_CORE" "$BENCH_BIN/keybrake-sidecar" --config "$BENCH_OUT/sidecar-policy.json" \
+    taskset -c "$PROXY_CORE" "$SIDECAR_BINARY" --config "$BENCH_OUT/sidecar-policy.json" \
       --worker-threads 1 --listen-addr 127.0.0.1 --proxy-port "$SIDECAR_PORT" \
       --admin-port "$SIDECAR_ADMIN_PORT" --stripe-port 0 --openai-port 0 --twilio-port 0 \
       --resend-port 0 > "$LOG/sidecar.log" 2>&1 &
@@ -204,6 +206,7 @@ keybrake-sidecar (standalone, \`--worker-threads 1\` = a current-thread Tokio ru
 \`customers.retrieve\`). Upstream: bench-upstream (1 KB body, keep-alive, current-thread runtime, checks the \
 swapped credential). Cores: upstream and load generators on core $LOAD_CORE (taskset), proxy under test alone on \
 core $PROXY_CORE. Loopback only. Raw records: \`target/bench/dataplane/results.jsonl\`."
+  [[ "$SIDECAR_BINARY" == "$BENCH_BIN/keybrake-sidecar" ]] || echo "Sidecar binary: \`$SIDECAR_BINARY\`."
   [[ $SIDECAR == 1 ]] || echo $'\n'"**The sidecar was not measured (BENCH_SKIP_SIDECAR=1).**"
   echo
   "$BENCH_BIN/bench-report" dataplane --results "$RESULTS"
