@@ -45,10 +45,21 @@ if [[ "${1:-}" == "--check" ]]; then
   exit 0
 fi
 
+# Each copy is written beside its destination and renamed over it, so a chart rendered while this
+# runs sees the old file or the new one, never a missing or half-written one. Copies whose source
+# is gone are removed afterwards (only files matching the pair's glob: nothing else in the chart).
 for pair in "${PAIRS[@]}"; do
-  read -r _ _ dst <<<"$pair"
-  rm -rf "$dst"
+  read -r _ glob dst <<<"$pair"
   mkdir -p "$dst"
-  cp -R "$tmp/$dst/." "$dst/"
+  shopt -s nullglob
+  for f in "$tmp/$dst"/$glob; do
+    name=$(basename "$f")
+    cp "$f" "$dst/.$name.sync-tmp"
+    mv -f "$dst/.$name.sync-tmp" "$dst/$name"
+  done
+  for f in "$dst"/$glob; do
+    [[ -e "$tmp/$dst/$(basename "$f")" ]] || rm -f "$f"
+  done
+  shopt -u nullglob
 done
 echo "synced chart copies into $CHART/{crds,files}"
