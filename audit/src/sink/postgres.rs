@@ -326,25 +326,10 @@ fn servers(config: &Config) -> String {
 /// but a reconnect checks again: the database may have been replaced).
 async fn open_client(target: &Target, migrate_schema: bool) -> Result<Client, SinkError> {
     let connected = if target.config.get_ssl_mode() == SslMode::Disable {
-        target
-            .config
-            .connect(NoTls)
-            .await
-            .map(|(client, connection)| {
-                tokio::spawn(watch_connection(connection));
-                client
-            })
+        connect_with(&target.config, NoTls).await
     } else {
         // Re-read on every (re)connect: a rotated CA file takes effect without a restart.
-        let tls = RustlsConnector::new(&target.roots)?;
-        target
-            .config
-            .connect(tls)
-            .await
-            .map(|(client, connection)| {
-                tokio::spawn(watch_connection(connection));
-                client
-            })
+        connect_with(&target.config, RustlsConnector::new(&target.roots)?).await
     };
     let mut client = connected.map_err(|error| SinkError::PostgresConnect {
         server: target.server.clone(),
@@ -354,6 +339,20 @@ async fn open_client(target: &Target, migrate_schema: bool) -> Result<Client, Si
         migrate(&mut client).await?;
     }
     client.batch_execute(STAGE).await?;
+    Ok(client)
+}
+
+/// Connects and hands the connection to its own task, whichever TLS the target asked for.
+async fn connect_with<T>(
+    config: &tokio_postgres::Config,
+    tls: T,
+) -> Result<Client, tokio_postgres::Error>
+where
+    T: tokio_postgres::tls::MakeTlsConnect<tokio_postgres::Socket>,
+    T::Stream: Send + 'static,
+{
+    let (client, connection) = config.connect(tls).await?;
+    tokio::spawn(watch_connection(connection));
     Ok(client)
 }
 
