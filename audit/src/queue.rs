@@ -1,6 +1,12 @@
 //! The bounded in-memory queue between the request path and the shipper. Recording never
 //! blocks and never awaits: when the queue is full the row is dropped, counted and logged, and
 //! the caller learns it from the result (the sidecar decides whether that fails the call).
+//!
+//! Accounting is exact: every accepted row is either delivered by the consumer or counted in
+//! `keybrake_audit_dropped_rows_total`. The receiver counts the rows of the batch it handed out
+//! (in hand until the consumer asks for more) before the depth gauge moves, and when it is
+//! dropped (delivery ended or was cancelled at a timed-out shutdown) it counts that batch and
+//! whatever is still queued as dropped.
 use std::sync::{
     Arc,
     atomic::{AtomicU64, Ordering},
@@ -31,6 +37,10 @@ pub struct AuditQueue {
 pub struct QueueReceiver {
     rx: mpsc::Receiver<AuditRow>,
     metrics: AuditMetrics,
+    /// Rows of the last batch handed out. The consumer is done with a batch (delivered it,
+    /// spooled it, or dropped and counted it) when it asks for the next one; until then a
+    /// dropped receiver counts them as lost.
+    in_hand: usize,
 }
 
 pub fn channel(capacity: usize, metrics: AuditMetrics) -> (AuditQueue, QueueReceiver) {
@@ -41,7 +51,11 @@ pub fn channel(capacity: usize, metrics: AuditMetrics) -> (AuditQueue, QueueRece
             metrics: metrics.clone(),
             drops: Arc::new(AtomicU64::new(0)),
         },
-        QueueReceiver { rx, metrics },
+        QueueReceiver {
+            rx,
+            metrics,
+            in_hand: 0,
+        },
     )
 }
 
@@ -69,8 +83,12 @@ impl AuditQueue {
 impl QueueReceiver {
     /// Waits for at least one row, then takes what is already queued, up to `max` rows.
     /// `None` once every [`AuditQueue`] is dropped and the queue is empty.
+    /// Asking for a batch settles the previous one (see [`QueueReceiver::in_hand`]).
     pub async fn recv_batch(&mut self, max: usize) -> Option<Vec<AuditRow>> {
+        self.in_hand = 0;
         let first = self.rx.recv().await?;
+        // Counted before any await or gauge update: from here on the row is this batch's.
+        self.in_hand = 1;
         let mut batch = vec![first];
         self.fill(&mut batch, max);
         Some(batch)
@@ -96,19 +114,47 @@ impl QueueReceiver {
 
     /// Whatever is queued now, up to `max` rows, without waiting.
     pub fn try_recv_batch(&mut self, max: usize) -> Vec<AuditRow> {
+        self.in_hand = 0;
         let mut batch = Vec::new();
         self.fill(&mut batch, max);
         batch
     }
 
+    /// Rows handed out in the last batch and not yet settled by asking for the next one.
+    pub fn in_hand(&self) -> usize {
+        self.in_hand
+    }
+
     fn fill(&mut self, batch: &mut Vec<AuditRow>, max: usize) {
         while batch.len() < max {
             match self.rx.try_recv() {
-                Ok(row) => batch.push(row),
+                Ok(row) => {
+                    batch.push(row);
+                    self.in_hand += 1;
+                }
                 Err(_) => break,
             }
         }
         self.metrics.queue_depth.set(self.rx.len() as i64);
+    }
+}
+
+impl Drop for QueueReceiver {
+    /// The end of delivery: rows still queued and the batch in the consumer's hands (when it was
+    /// cancelled before settling it) are lost, and counted here, exactly once.
+    fn drop(&mut self) {
+        // No sender can add rows once the receiver is gone; close first so none arrives while
+        // we count.
+        self.rx.close();
+        let lost = self.in_hand + self.rx.len();
+        self.metrics.queue_depth.set(0);
+        if lost > 0 {
+            self.metrics.dropped_rows.inc_by(lost as u64);
+            tracing::error!(
+                dropped_rows = lost,
+                "audit delivery stopped with rows undelivered; they are lost"
+            );
+        }
     }
 }
 
@@ -166,5 +212,61 @@ mod tests {
             .unwrap();
         assert_eq!(batch.len(), 6);
         assert!(started.elapsed() < Duration::from_secs(10), "no linger");
+    }
+
+    #[tokio::test]
+    async fn a_dropped_receiver_counts_its_unsettled_batch_and_the_queue_as_dropped() {
+        let metrics = AuditMetrics::unregistered();
+        let (queue, mut receiver) = channel(100, metrics.clone());
+        for n in 0..7 {
+            queue.record(row(n)).unwrap();
+        }
+        let batch = receiver.recv_batch(3).await.unwrap();
+        assert_eq!(batch.len(), 3);
+        assert_eq!(receiver.in_hand(), 3);
+        // The gauge has already moved: the batch is no longer "queued" anywhere but here.
+        assert_eq!(metrics.queue_depth.get(), 4);
+        drop(batch);
+        drop(receiver);
+        assert_eq!(metrics.dropped_rows.get(), 7, "3 in hand + 4 queued");
+        assert_eq!(metrics.queue_depth.get(), 0);
+        assert_eq!(queue.record(row(8)), Err(RecordError::Closed));
+        assert_eq!(metrics.dropped_rows.get(), 8);
+    }
+
+    #[tokio::test]
+    async fn asking_for_the_next_batch_settles_the_previous_one() {
+        let metrics = AuditMetrics::unregistered();
+        let (queue, mut receiver) = channel(100, metrics.clone());
+        for n in 0..5 {
+            queue.record(row(n)).unwrap();
+        }
+        assert_eq!(receiver.recv_batch(2).await.unwrap().len(), 2);
+        assert_eq!(receiver.try_recv_batch(10).len(), 3);
+        assert_eq!(receiver.in_hand(), 3);
+        drop(queue);
+        assert!(receiver.recv_batch(10).await.is_none());
+        assert_eq!(receiver.in_hand(), 0);
+        drop(receiver);
+        assert_eq!(metrics.dropped_rows.get(), 0, "every batch was settled");
+    }
+
+    /// The window a timed-out shutdown used to miss: the batch is off the queue (gauge at 0)
+    /// while the consumer lingers for more; cancelling it there loses the rows, counted.
+    #[tokio::test]
+    async fn cancelling_a_lingering_batch_counts_its_rows() {
+        let metrics = AuditMetrics::unregistered();
+        let (queue, mut receiver) = channel(100, metrics.clone());
+        queue.record(row(0)).unwrap();
+        queue.record(row(1)).unwrap();
+        let take = receiver.recv_batch_lingering(100, Duration::from_secs(3600));
+        let cancelled = tokio::time::timeout(Duration::from_millis(50), take)
+            .await
+            .is_err();
+        assert!(cancelled, "the batch lingers");
+        assert_eq!(metrics.queue_depth.get(), 0);
+        assert_eq!(receiver.in_hand(), 2);
+        drop(receiver);
+        assert_eq!(metrics.dropped_rows.get(), 2);
     }
 }

@@ -15,10 +15,7 @@ use std::{
     future::Future,
     path::PathBuf,
     pin::Pin,
-    sync::{
-        Arc, RwLock,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::{Arc, RwLock},
     time::Duration,
 };
 
@@ -34,6 +31,10 @@ use keybrake_audit::{
 use tokio::sync::mpsc;
 
 use crate::audit_thread::{DeliveryThread, DeliveryThreadError};
+
+/// After a timed-out flush, how long shutdown waits for the cancelled delivery to stop (and its
+/// queue receiver to count what it leaves behind).
+const CANCEL_GRACE: Duration = Duration::from_secs(1);
 
 pub trait AuditSink: Send + Sync {
     /// Queues one row. Never blocks; a full queue drops (and counts) the row.
@@ -157,8 +158,6 @@ pub struct AuditPipeline {
     delivery: Option<DeliveryThread>,
     flush_timeout: Duration,
     metrics: AuditMetrics,
-    /// Rows taken off the queue but not yet delivered, when there is no spool to hold them.
-    in_hand: Arc<AtomicU64>,
 }
 
 impl AuditPipeline {
@@ -168,7 +167,6 @@ impl AuditPipeline {
         config: AuditConfig,
         metrics: AuditMetrics,
     ) -> Result<AuditPipeline, AuditSetupError> {
-        let in_hand = Arc::new(AtomicU64::new(0));
         if config.target == AuditTarget::None {
             return Ok(AuditPipeline {
                 sink: Arc::new(NoopAudit),
@@ -176,13 +174,12 @@ impl AuditPipeline {
                 delivery: None,
                 flush_timeout: config.flush_timeout,
                 metrics,
-                in_hand,
             });
         }
         let (queue, receiver) = queue::channel(config.queue_capacity, metrics.clone());
         let delivery = DeliveryThread::start(metrics.delivery_idle_priority.clone(), {
-            let (config, metrics, in_hand) = (config.clone(), metrics.clone(), in_hand.clone());
-            move || open_and_deliver(config, metrics, in_hand, receiver)
+            let (config, metrics) = (config.clone(), metrics.clone());
+            move || open_and_deliver(config, metrics, receiver)
         })
         .await?;
         let queued = Arc::new(QueuedAudit {
@@ -195,7 +192,6 @@ impl AuditPipeline {
             delivery: Some(delivery),
             flush_timeout: config.flush_timeout,
             metrics,
-            in_hand,
         })
     }
 
@@ -205,8 +201,9 @@ impl AuditPipeline {
     }
 
     /// Stops taking rows and waits up to the flush timeout for the queued ones to be delivered
-    /// (or spooled, in controller mode with a spool). Rows still queued after that are lost and
-    /// counted as dropped.
+    /// (or spooled, in controller mode with a spool). After that delivery is cancelled: the rows
+    /// still queued and the batch it held are lost, counted as dropped by the queue's receiver
+    /// as it is dropped (exactly: a batch taken off the queue is counted until it is settled).
     pub async fn shutdown(mut self) {
         let Some(queued) = self.queued.take() else {
             return;
@@ -218,13 +215,13 @@ impl AuditPipeline {
         match delivery.wait(self.flush_timeout).await {
             true => tracing::info!("audit queue flushed"),
             false => {
-                let left = self.metrics.queue_depth.get().max(0) as u64
-                    + self.in_hand.load(Ordering::Relaxed);
-                self.metrics.dropped_rows.inc_by(left);
+                let dropped_before = self.metrics.dropped_rows.get();
+                let stopped = delivery.wait_cancelled(CANCEL_GRACE).await;
                 tracing::error!(
-                    dropped_rows = left,
+                    dropped_rows = self.metrics.dropped_rows.get() - dropped_before,
                     timeout = ?self.flush_timeout,
-                    "audit queue not flushed in time; rows still queued are lost"
+                    delivery_stopped = stopped,
+                    "audit queue not flushed in time; rows not delivered are lost"
                 );
             }
         }
@@ -238,14 +235,13 @@ type DeliveryJob = Pin<Box<dyn Future<Output = ()>>>;
 async fn open_and_deliver(
     config: AuditConfig,
     metrics: AuditMetrics,
-    in_hand: Arc<AtomicU64>,
     receiver: QueueReceiver,
 ) -> Result<DeliveryJob, AuditSetupError> {
     match &config.target {
         AuditTarget::None => Ok(Box::pin(async {})),
         AuditTarget::Sink(sink) => {
             let sink = AnySink::open(sink).await?;
-            delivery(SinkTransport(sink), &config, &metrics, &in_hand, receiver)
+            delivery(SinkTransport(sink), &config, &metrics, receiver)
         }
         AuditTarget::Controller {
             base_url,
@@ -262,7 +258,7 @@ async fn open_and_deliver(
                 Arc::new(TokenFile(token_file.clone())),
                 config.send_timeout,
             )?;
-            delivery(transport, &config, &metrics, &in_hand, receiver)
+            delivery(transport, &config, &metrics, receiver)
         }
     }
 }
@@ -273,7 +269,6 @@ fn delivery<T: Transport>(
     transport: T,
     config: &AuditConfig,
     metrics: &AuditMetrics,
-    in_hand: &Arc<AtomicU64>,
     receiver: QueueReceiver,
 ) -> Result<DeliveryJob, AuditSetupError> {
     let shipper_config = config.shipper.clone();
@@ -292,26 +287,24 @@ fn delivery<T: Transport>(
             receiver,
             shipper_config,
             metrics.clone(),
-            in_hand.clone(),
         ))),
     }
 }
 
 /// No spool: each batch is retried (with backoff) until the destination takes it, while new
 /// rows wait in the bounded queue (and are dropped, counted, once it is full). A batch the
-/// destination refuses as malformed is dropped and counted.
+/// destination refuses as malformed is dropped and counted. A batch counts as in hand (and as
+/// lost if delivery is cancelled) until the next one is asked for.
 async fn deliver_from_memory<T: Transport>(
     transport: T,
     mut receiver: QueueReceiver,
     config: ShipperConfig,
     metrics: AuditMetrics,
-    in_hand: Arc<AtomicU64>,
 ) {
     while let Some(batch) = receiver
         .recv_batch_lingering(config.batch_rows, config.linger)
         .await
     {
-        in_hand.store(batch.len() as u64, Ordering::Relaxed);
         let mut backoff = config.retry_min;
         loop {
             match transport.send(&batch).await {
@@ -328,7 +321,6 @@ async fn deliver_from_memory<T: Transport>(
                 }
             }
         }
-        in_hand.store(0, Ordering::Relaxed);
     }
 }
 
@@ -548,6 +540,46 @@ mod tests {
             metrics.dropped_rows.get(),
             100,
             "rows left in memory at the timeout count as dropped"
+        );
+    }
+
+    /// A shutdown that times out while the delivery thread holds a batch it took off the queue
+    /// (here: lingering for more rows) loses that batch, and must count it: every submitted row
+    /// is either in the database or in `keybrake_audit_dropped_rows_total`. The old accounting
+    /// (queue depth + a batch stored as in hand after the take) missed it: dropped 0, written 0.
+    #[tokio::test]
+    async fn a_timed_out_shutdown_counts_the_batch_the_delivery_thread_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("audit.db");
+        let mut config = AuditConfig::new(AuditTarget::Sink(SinkConfig::Sqlite(db.clone())));
+        config.shipper.linger = Duration::from_secs(3600);
+        config.flush_timeout = Duration::from_millis(200);
+        let metrics = AuditMetrics::unregistered();
+        let pipeline = AuditPipeline::start(config, metrics.clone()).await.unwrap();
+        let sink = pipeline.sink();
+        let submitted = 3;
+        for n in 0..submitted {
+            sink.submit(row(n));
+        }
+        // Wait until the delivery thread has taken rows (the gauge moves after the take; it may
+        // have taken the first row before the others were submitted, which then stay queued).
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while metrics.queue_depth.get() >= submitted as i64 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the delivery thread never took the rows"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        pipeline.shutdown().await;
+        let written = count_in(db, "SELECT count(*) FROM agent_call_audit")
+            .await
+            .unwrap();
+        assert_eq!(written, 0, "the batch was still lingering");
+        assert_eq!(
+            metrics.dropped_rows.get() + written as u64,
+            submitted as u64,
+            "every row is written or counted as dropped"
         );
     }
 

@@ -127,6 +127,14 @@ impl DeliveryThread {
             }
         }
     }
+
+    /// After [`DeliveryThread::wait`] gave up: waits up to `grace` for the cancelled job to be
+    /// dropped (a thread at idle priority may wait for CPU); true once it was.
+    pub async fn wait_cancelled(&mut self, grace: Duration) -> bool {
+        tokio::time::timeout(grace, &mut self.finished)
+            .await
+            .is_ok()
+    }
 }
 
 /// Puts the calling thread at `SCHED_IDLE`; false (logged once per process) if the OS refused.
