@@ -8,6 +8,7 @@ pub mod dataplane;
 pub mod doc;
 pub mod keys;
 pub mod openloop;
+pub mod overhead;
 pub mod record;
 pub mod rss;
 pub mod stats;
