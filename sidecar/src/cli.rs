@@ -157,6 +157,10 @@ pub struct RunArgs {
     pub upstream_connect_timeout: Duration,
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     pub upstream_header_timeout: Duration,
+    /// Connections open at once to one upstream (0 = no cap). Calls beyond it queue in arrival
+    /// order for up to --upstream-connect-timeout, then fail with 502 upstream_unreachable.
+    #[arg(long, default_value_t = crate::upstream_pool::DEFAULT_MAX_CONNECTIONS_PER_UPSTREAM)]
+    pub upstream_max_connections: usize,
     #[arg(long, default_value = "120s", value_parser = parse_duration)]
     pub upstream_idle_timeout: Duration,
     #[arg(long, default_value = "600s", value_parser = parse_duration)]
@@ -228,6 +232,7 @@ impl RunArgs {
             header_read_timeout: self.header_read_timeout,
             upstream_connect_timeout: self.upstream_connect_timeout,
             upstream_pool_idle_timeout: Duration::from_secs(90),
+            upstream_max_connections: self.upstream_max_connections,
             extra_ca_file: self.extra_ca_file.clone(),
             pod_name: self.pod_name.clone(),
             drain_timeout: self.drain_timeout,

@@ -42,6 +42,8 @@ pub struct Settings {
     pub header_read_timeout: Duration,
     pub upstream_connect_timeout: Duration,
     pub upstream_pool_idle_timeout: Duration,
+    /// Connections open at once per upstream (0 = no cap; `--upstream-max-connections`).
+    pub upstream_max_connections: usize,
     pub extra_ca_file: Option<std::path::PathBuf>,
     pub pod_name: Option<String>,
     /// How long shutdown waits for in-flight calls.
@@ -67,6 +69,7 @@ impl Default for Settings {
             header_read_timeout: Duration::from_secs(10),
             upstream_connect_timeout: Duration::from_secs(10),
             upstream_pool_idle_timeout: Duration::from_secs(90),
+            upstream_max_connections: crate::upstream_pool::DEFAULT_MAX_CONNECTIONS_PER_UPSTREAM,
             extra_ca_file: None,
             pod_name: None,
             drain_timeout: Duration::from_secs(30),
@@ -142,6 +145,7 @@ impl Sidecar {
                 connect_timeout: settings.upstream_connect_timeout,
                 idle_timeout: settings.upstream_pool_idle_timeout,
                 max_idle_per_upstream: 256,
+                max_connections_per_upstream: settings.upstream_max_connections,
             },
         );
         let proxy = Arc::new(Proxy {

@@ -7,11 +7,20 @@
 //! connection until it is done. A request that never reached the wire (the idle connection had
 //! been closed by the upstream) is retried on another connection; one that was written is not
 //! (it may not be idempotent).
+//!
+//! Connections per upstream are capped ([`PoolSettings::max_connections_per_upstream`]): each
+//! costs ~40 KB of buffers, and past a few dozen more of them do not make one core faster. A
+//! call beyond the cap waits its turn (first come, first served) for a connection to finish or
+//! close, at most the connect timeout, and then fails like an unreachable upstream. A connection
+//! is in use until its response body has ended, so a long stream holds its slot throughout.
 use std::{
     collections::HashMap,
     hash::{BuildHasherDefault, Hash, Hasher},
     pin::Pin,
-    sync::{Arc, Mutex, Weak},
+    sync::{
+        Arc, Mutex, Weak,
+        atomic::{AtomicUsize, Ordering},
+    },
     task::{Context, Poll},
     time::{Duration, Instant},
 };
@@ -26,7 +35,10 @@ use hyper::{
 };
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
-use tokio::net::TcpStream;
+use tokio::{
+    net::TcpStream,
+    sync::{OwnedSemaphorePermit, Semaphore},
+};
 use tokio_rustls::TlsConnector;
 
 pub type UpstreamRequest = Request<Full<Bytes>>;
@@ -34,6 +46,9 @@ type Sender = SendRequest<Full<Bytes>>;
 
 /// Idle connections that turn out closed are skipped; after this many, a new one is opened.
 const MAX_STALE_SKIPS: usize = 16;
+
+/// Default of [`PoolSettings::max_connections_per_upstream`] (`--upstream-max-connections`).
+pub const DEFAULT_MAX_CONNECTIONS_PER_UPSTREAM: usize = 64;
 
 #[derive(Debug, Clone)]
 pub struct PoolSettings {
@@ -43,6 +58,10 @@ pub struct PoolSettings {
     pub idle_timeout: Duration,
     /// Idle connections kept per upstream; a connection freed beyond that is closed.
     pub max_idle_per_upstream: usize,
+    /// Connections open at once per upstream, in use or idle (0 = no cap). Calls beyond it
+    /// queue in arrival order for at most `connect_timeout`, then fail with
+    /// [`SendError::NoConnectionFree`].
+    pub max_connections_per_upstream: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +78,8 @@ pub enum SendError {
     Handshake(hyper::Error),
     #[error("upstream request failed: {0}")]
     Request(hyper::Error),
+    #[error("all {cap} connections to the upstream stayed busy for {waited:?}")]
+    NoConnectionFree { cap: usize, waited: Duration },
 }
 
 /// Which upstream a connection belongs to: scheme and authority, hashed once when a key's
@@ -135,7 +156,28 @@ impl Hasher for PrehashedHasher {
     }
 }
 
-type IdleMap = HashMap<UpstreamKey, Vec<IdleSender>, BuildHasherDefault<PrehashedHasher>>;
+type UpstreamMap = HashMap<UpstreamKey, UpstreamState, BuildHasherDefault<PrehashedHasher>>;
+
+/// One upstream's idle connections and, when capped, its slots.
+struct UpstreamState {
+    /// Oldest at the bottom, most recently freed on top.
+    idle: Vec<IdleSender>,
+    /// One permit per connection in use or being opened (idle ones hold none); tokio's
+    /// semaphore hands freed permits to waiters in arrival order. `None`: no cap.
+    slots: Option<Arc<Semaphore>>,
+    /// Calls waiting for a slot right now (diagnostics, tests).
+    waiting: Arc<AtomicUsize>,
+}
+
+impl UpstreamState {
+    fn new(cap: usize) -> Self {
+        UpstreamState {
+            idle: Vec::new(),
+            slots: (cap > 0).then(|| Arc::new(Semaphore::new(cap))),
+            waiting: Arc::default(),
+        }
+    }
+}
 
 struct IdleSender {
     sender: Sender,
@@ -145,7 +187,7 @@ struct IdleSender {
 struct Shared {
     tls: TlsConnector,
     settings: PoolSettings,
-    idle: Mutex<IdleMap>,
+    upstreams: Mutex<UpstreamMap>,
 }
 
 /// Cheap to clone: every clone shares the same idle connections.
@@ -161,7 +203,7 @@ impl UpstreamPool {
         let shared = Arc::new(Shared {
             tls: TlsConnector::from(Arc::new(tls)),
             settings,
-            idle: Mutex::new(IdleMap::default()),
+            upstreams: Mutex::new(UpstreamMap::default()),
         });
         tokio::spawn(reap_expired(Arc::downgrade(&shared)));
         UpstreamPool { shared }
@@ -174,34 +216,60 @@ impl UpstreamPool {
         upstream: &UpstreamKey,
         mut request: UpstreamRequest,
     ) -> Result<Response<PooledBody>, SendError> {
+        let (mut idle, slot) = match self.shared.claim(upstream) {
+            Claim::Ready { idle, slot } => (idle, slot),
+            Claim::Wait { slots, waiting } => {
+                let slot = self.wait_for_slot(slots, waiting).await?;
+                (self.shared.checkout(upstream), Some(slot))
+            }
+        };
         for _ in 0..MAX_STALE_SKIPS {
-            let Some(mut sender) = self.shared.checkout(upstream) else {
+            let Some(mut sender) = idle.take() else {
                 break;
             };
-            if !sender.is_ready() && sender.ready().await.is_err() {
-                continue; // closed while idle
-            }
-            match sender.try_send_request(request).await {
-                Ok(response) => return Ok(self.lease(upstream, sender, response)),
-                Err(mut failed) => match failed.take_message() {
-                    // Never written: the upstream had closed this connection; try another.
-                    Some(unsent) => request = unsent,
-                    None => return Err(SendError::Request(failed.into_error())),
-                },
-            }
+            if sender.is_ready() || sender.ready().await.is_ok() {
+                match sender.try_send_request(request).await {
+                    Ok(response) => return Ok(self.lease(upstream, sender, slot, response)),
+                    Err(mut failed) => match failed.take_message() {
+                        // Never written: the upstream had closed this connection; try another.
+                        Some(unsent) => request = unsent,
+                        None => return Err(SendError::Request(failed.into_error())),
+                    },
+                }
+            } // else: closed while idle
+            idle = self.shared.checkout(upstream);
         }
         let mut sender = self.shared.connect(upstream).await?;
         let response = sender
             .send_request(request)
             .await
             .map_err(SendError::Request)?;
-        Ok(self.lease(upstream, sender, response))
+        Ok(self.lease(upstream, sender, slot, response))
+    }
+
+    /// Queues for a slot of a capped upstream, at most the connect timeout. Dropped (the call
+    /// gave up), the wait leaves the queue and holds nothing.
+    async fn wait_for_slot(
+        &self,
+        slots: Arc<Semaphore>,
+        _waiting: Waiting,
+    ) -> Result<OwnedSemaphorePermit, SendError> {
+        let waited = self.shared.settings.connect_timeout;
+        match tokio::time::timeout(waited, slots.acquire_owned()).await {
+            Ok(Ok(slot)) => Ok(slot),
+            // The semaphore is never closed; a timeout is the only way out.
+            Ok(Err(_)) | Err(_) => Err(SendError::NoConnectionFree {
+                cap: self.shared.settings.max_connections_per_upstream,
+                waited,
+            }),
+        }
     }
 
     fn lease(
         &self,
         upstream: &UpstreamKey,
         sender: Sender,
+        slot: Option<OwnedSemaphorePermit>,
         response: Response<Incoming>,
     ) -> Response<PooledBody> {
         response.map(|inner| {
@@ -211,6 +279,7 @@ impl UpstreamPool {
                     shared: self.shared.clone(),
                     upstream: upstream.clone(),
                     sender,
+                    slot,
                 }),
             };
             // An empty body (204, HEAD, Content-Length: 0) may never be polled.
@@ -223,20 +292,89 @@ impl UpstreamPool {
 
     /// Idle connections to `upstream` right now (tests, diagnostics).
     pub fn idle_count(&self, upstream: &UpstreamKey) -> usize {
-        self.shared.lock().get(upstream).map_or(0, Vec::len)
+        self.shared.lock().get(upstream).map_or(0, |s| s.idle.len())
+    }
+
+    /// Calls waiting for a connection to `upstream` right now (tests, diagnostics).
+    pub fn waiting_count(&self, upstream: &UpstreamKey) -> usize {
+        self.shared
+            .lock()
+            .get(upstream)
+            .map_or(0, |s| s.waiting.load(Ordering::Relaxed))
     }
 }
 
+/// Counts one waiting call from the moment it is turned away (under the pool's lock, so the
+/// reaper never forgets an upstream someone is about to wait on) until it leaves.
+struct Waiting(Arc<AtomicUsize>);
+
+impl Waiting {
+    fn start(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Waiting(count.clone())
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// What a call gets from the pool at once.
+enum Claim {
+    /// A slot (if capped) and perhaps an idle connection.
+    Ready {
+        idle: Option<Sender>,
+        slot: Option<OwnedSemaphorePermit>,
+    },
+    /// Every slot is taken: queue on these.
+    Wait {
+        slots: Arc<Semaphore>,
+        waiting: Waiting,
+    },
+}
+
 impl Shared {
-    fn lock(&self) -> std::sync::MutexGuard<'_, IdleMap> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, UpstreamMap> {
         // The map holds no invariant a panicking holder could break half-way.
-        self.idle.lock().unwrap_or_else(|e| e.into_inner())
+        self.upstreams.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A free slot and the warmest idle connection, under one lock. `try_acquire` fails while
+    /// others queue, so a newcomer never overtakes a waiter.
+    fn claim(&self, upstream: &UpstreamKey) -> Claim {
+        let mut upstreams = self.lock();
+        let state = upstreams
+            .entry(upstream.clone())
+            .or_insert_with(|| UpstreamState::new(self.settings.max_connections_per_upstream));
+        let slot = match &state.slots {
+            None => None,
+            Some(slots) => match slots.clone().try_acquire_owned() {
+                Ok(slot) => Some(slot),
+                Err(_) => {
+                    return Claim::Wait {
+                        slots: slots.clone(),
+                        waiting: Waiting::start(&state.waiting),
+                    };
+                }
+            },
+        };
+        Claim::Ready {
+            idle: self.pop_idle(state),
+            slot,
+        }
     }
 
     /// The most recently returned open connection younger than the idle timeout.
     fn checkout(&self, upstream: &UpstreamKey) -> Option<Sender> {
-        let mut idle = self.lock();
-        let stack = idle.get_mut(upstream)?;
+        let mut upstreams = self.lock();
+        let state = upstreams.get_mut(upstream)?;
+        self.pop_idle(state)
+    }
+
+    fn pop_idle(&self, state: &mut UpstreamState) -> Option<Sender> {
+        let stack = &mut state.idle;
         let now = Instant::now();
         while let Some(entry) = stack.pop() {
             if self.expired(&entry, now) {
@@ -255,8 +393,11 @@ impl Shared {
         if sender.is_closed() {
             return;
         }
-        let mut idle = self.lock();
-        let stack = idle.entry(upstream).or_default();
+        let mut upstreams = self.lock();
+        let stack = &mut upstreams
+            .entry(upstream)
+            .or_insert_with(|| UpstreamState::new(self.settings.max_connections_per_upstream))
+            .idle;
         if stack.len() < self.settings.max_idle_per_upstream {
             stack.push(IdleSender {
                 sender,
@@ -271,14 +412,23 @@ impl Shared {
 
     fn reap(&self) {
         let now = Instant::now();
-        let mut idle = self.lock();
-        for stack in idle.values_mut() {
+        let mut upstreams = self.lock();
+        for state in upstreams.values_mut() {
+            let stack = &mut state.idle;
             // Oldest first: the expired ones are a prefix.
             let expired = stack.partition_point(|e| self.expired(e, now));
             stack.drain(..expired);
             stack.retain(|e| !e.sender.is_closed());
         }
-        idle.retain(|_, stack| !stack.is_empty());
+        // An upstream nobody uses any more is forgotten (its slots with it: none are taken,
+        // and nobody waits).
+        upstreams.retain(|_, state| {
+            !state.idle.is_empty()
+                || state.slots.as_ref().is_some_and(|slots| {
+                    slots.available_permits() < self.settings.max_connections_per_upstream
+                })
+                || state.waiting.load(Ordering::Relaxed) > 0
+        });
     }
 
     async fn connect(&self, upstream: &UpstreamKey) -> Result<Sender, SendError> {
@@ -347,11 +497,13 @@ async fn reap_expired(shared: Weak<Shared>) {
     }
 }
 
-/// A connection on loan to one response.
+/// A connection on loan to one response, with its slot.
 struct Lease {
     shared: Arc<Shared>,
     upstream: UpstreamKey,
     sender: Sender,
+    /// Freed with the lease: after the connection is back in the pool, or closed.
+    slot: Option<OwnedSemaphorePermit>,
 }
 
 /// An upstream response body that gives its connection back to the pool when it has been read
@@ -374,6 +526,8 @@ impl PooledBody {
     fn release(&mut self) {
         if let Some(lease) = self.lease.take() {
             lease.shared.checkin(lease.upstream, lease.sender);
+            // Only now: the waiter this wakes finds the connection idle.
+            drop(lease.slot);
         }
     }
 }
@@ -423,7 +577,8 @@ mod tests {
 
     /// A minimal HTTP/1.1 upstream: answers each request (`GET /path`) with a fixed body, or
     /// for `/close` closes the connection right after answering, or for `/stream` sends the
-    /// head and one chunk of a chunked body and waits. Reports accepted connections and
+    /// head and one chunk of a chunked body and waits, or for `/slow` sends the head and half
+    /// the body and the rest when told (keeping the connection). Reports accepted connections and
     /// closes.
     struct Upstream {
         addr: std::net::SocketAddr,
@@ -431,7 +586,7 @@ mod tests {
         closed: mpsc::UnboundedReceiver<()>,
         /// Per request: the connection number it arrived on.
         requests: mpsc::UnboundedReceiver<usize>,
-        /// Lets a `/bye` connection close, after its answer.
+        /// Lets a `/bye` connection close after its answer, or a `/slow` body finish.
         close_idle: Arc<tokio::sync::Notify>,
     }
 
@@ -531,6 +686,16 @@ mod tests {
                 let _ = stream.read_line(&mut rest).await;
                 return;
             }
+            if path == "/slow" {
+                let (first, rest) = BODY.split_at(BODY.len() / 2);
+                let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", BODY.len());
+                let _ = out.write_all(format!("{head}{first}").as_bytes()).await;
+                let _ = out.flush().await;
+                close_idle.notified().await;
+                let _ = out.write_all(rest.as_bytes()).await;
+                let _ = out.flush().await;
+                continue;
+            }
             let close = path == "/close";
             // Closes after answering (when told to) without saying so: an idle keep-alive
             // connection the upstream drops.
@@ -559,6 +724,7 @@ mod tests {
             connect_timeout: Duration::from_secs(5),
             idle_timeout,
             max_idle_per_upstream: 256,
+            max_connections_per_upstream: 0,
         }
     }
 
@@ -666,6 +832,7 @@ mod tests {
         upstream.close_idle.notify_one();
         eventually("the idle connection is seen closed", || {
             pool.shared.lock()[&key]
+                .idle
                 .iter()
                 .all(|e| e.sender.is_closed())
         })
@@ -720,7 +887,7 @@ mod tests {
         // Expired but not yet reaped: checkout refuses it too.
         let stale = plain_pool(Duration::from_secs(60));
         read_all(stale.send(&key, get(&upstream, "/a")).await.unwrap()).await;
-        stale.shared.lock().get_mut(&key).unwrap()[0].since = Instant::now()
+        stale.shared.lock().get_mut(&key).unwrap().idle[0].since = Instant::now()
             .checked_sub(Duration::from_secs(61))
             .expect("the monotonic clock is older than a minute");
         assert!(stale.shared.checkout(&key).is_none());
@@ -746,6 +913,165 @@ mod tests {
         }
         assert_eq!(upstream.accepted(), 4);
         assert_eq!(pool.idle_count(&key), 2);
+    }
+
+    fn capped_pool(cap: usize, connect_timeout: Duration) -> UpstreamPool {
+        UpstreamPool::new(
+            tls_config(rustls::RootCertStore::empty()),
+            PoolSettings {
+                connect_timeout,
+                max_connections_per_upstream: cap,
+                ..settings(Duration::from_secs(60))
+            },
+        )
+    }
+
+    /// Starts a call that reads its whole body and then notes `name` in `log`.
+    fn spawn_call(
+        pool: &UpstreamPool,
+        upstream: &Upstream,
+        name: &'static str,
+        log: &Arc<Mutex<Vec<&'static str>>>,
+    ) -> tokio::task::JoinHandle<Result<String, SendError>> {
+        let (pool, key, request, log) = (
+            pool.clone(),
+            upstream.key(false),
+            get(upstream, "/a"),
+            log.clone(),
+        );
+        tokio::spawn(async move {
+            let body = read_all(pool.send(&key, request).await?).await;
+            log.lock().unwrap().push(name);
+            Ok(body)
+        })
+    }
+
+    #[tokio::test]
+    async fn calls_beyond_the_cap_wait_in_order_for_a_connection_to_finish() {
+        let mut upstream = Upstream::start(None).await;
+        let pool = capped_pool(1, Duration::from_secs(5));
+        let key = upstream.key(false);
+        let mut held = pool.send(&key, get(&upstream, "/slow")).await.unwrap();
+        upstream.next_request_conn().await;
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let second = spawn_call(&pool, &upstream, "second", &log);
+        eventually("the second call waits", || pool.waiting_count(&key) == 1).await;
+        let third = spawn_call(&pool, &upstream, "third", &log);
+        eventually("the third call waits", || pool.waiting_count(&key) == 2).await;
+        assert_eq!(upstream.accepted(), 1, "the cap was exceeded");
+        assert!(log.lock().unwrap().is_empty());
+
+        // The held body ends: its connection goes to the first waiter, then to the next.
+        upstream.close_idle.notify_one();
+        let mut body = Vec::new();
+        while let Some(frame) = held.body_mut().frame().await {
+            body.extend_from_slice(&frame.unwrap().into_data().unwrap());
+        }
+        assert_eq!(body, BODY.as_bytes());
+        assert_eq!(second.await.unwrap().unwrap(), BODY);
+        assert_eq!(third.await.unwrap().unwrap(), BODY);
+        assert_eq!(*log.lock().unwrap(), ["second", "third"]);
+        assert_eq!(
+            upstream.accepted(),
+            1,
+            "the waiters reused the one connection"
+        );
+        assert_eq!(pool.waiting_count(&key), 0);
+        assert_eq!(pool.idle_count(&key), 1);
+    }
+
+    #[tokio::test]
+    async fn a_waiter_gets_a_new_connection_when_a_busy_one_closes() {
+        let mut upstream = Upstream::start(None).await;
+        let pool = capped_pool(1, Duration::from_secs(5));
+        let key = upstream.key(false);
+        let mut streaming = pool.send(&key, get(&upstream, "/stream")).await.unwrap();
+        streaming.body_mut().frame().await.unwrap().unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let waiter = spawn_call(&pool, &upstream, "waiter", &log);
+        eventually("the call waits", || pool.waiting_count(&key) == 1).await;
+        assert_eq!(upstream.accepted(), 1);
+        // Abandoned mid-stream: that connection closes and its slot goes to the waiter.
+        drop(streaming);
+        assert_eq!(waiter.await.unwrap().unwrap(), BODY);
+        upstream.next_close().await;
+        assert_eq!(upstream.accepted(), 2);
+        assert_eq!(pool.waiting_count(&key), 0);
+    }
+
+    #[tokio::test]
+    async fn a_waiter_that_gives_up_holds_no_slot() {
+        let mut upstream = Upstream::start(None).await;
+        let wait = Duration::from_millis(200);
+        let pool = capped_pool(1, wait);
+        let key = upstream.key(false);
+        let mut held = pool.send(&key, get(&upstream, "/slow")).await.unwrap();
+        upstream.next_request_conn().await;
+
+        // One waits out the bound and fails closed; one is cancelled by its caller.
+        let started = tokio::time::Instant::now();
+        let err = pool.send(&key, get(&upstream, "/a")).await.unwrap_err();
+        assert!(
+            matches!(err, SendError::NoConnectionFree { cap: 1, waited } if waited == wait),
+            "{err}"
+        );
+        assert!(started.elapsed() >= wait);
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let cancelled = spawn_call(&pool, &upstream, "cancelled", &log);
+        eventually("the call waits", || pool.waiting_count(&key) == 1).await;
+        cancelled.abort();
+        assert!(cancelled.await.unwrap_err().is_cancelled());
+        assert_eq!(pool.waiting_count(&key), 0);
+
+        // Neither kept the only slot: once the held body ends, calls go through at once.
+        upstream.close_idle.notify_one();
+        while let Some(frame) = held.body_mut().frame().await {
+            frame.unwrap();
+        }
+        for _ in 0..3 {
+            let response = pool.send(&key, get(&upstream, "/a")).await.unwrap();
+            assert_eq!(read_all(response).await, BODY);
+        }
+        assert_eq!(upstream.accepted(), 1);
+        assert!(log.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn many_concurrent_calls_never_open_more_than_the_cap() {
+        let upstream = Upstream::start(None).await;
+        let pool = capped_pool(3, Duration::from_secs(5));
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let calls: Vec<_> = (0..40)
+            .map(|_| spawn_call(&pool, &upstream, "call", &log))
+            .collect();
+        for call in calls {
+            assert_eq!(call.await.unwrap().unwrap(), BODY);
+        }
+        assert_eq!(log.lock().unwrap().len(), 40);
+        assert!(upstream.accepted() <= 3, "opened {}", upstream.accepted());
+        // Uncapped, the same burst opens a connection per call in flight.
+        let uncapped = plain_pool(Duration::from_secs(60));
+        let before = upstream.accepted();
+        let held: Vec<_> = held_calls(&uncapped, &upstream, 5).await;
+        assert_eq!(upstream.accepted() - before, 5);
+        drop(held);
+    }
+
+    /// `n` calls whose bodies are not read yet (each holds its connection).
+    async fn held_calls(
+        pool: &UpstreamPool,
+        upstream: &Upstream,
+        n: usize,
+    ) -> Vec<Response<PooledBody>> {
+        let mut held = Vec::new();
+        for _ in 0..n {
+            held.push(
+                pool.send(&upstream.key(false), get(upstream, "/a"))
+                    .await
+                    .unwrap(),
+            );
+        }
+        held
     }
 
     #[tokio::test]
