@@ -186,31 +186,42 @@ fn connection_listed(headers: &HeaderMap, name: &HeaderName) -> bool {
     })
 }
 
-/// The headers sent upstream: the agent's, minus hop-by-hop, every `keybrake-*` header, the
-/// agent's credentials, `Host` (set from the upstream URL), framing (recomputed) and
-/// `Accept-Encoding` (so responses arrive as plain text the cost parser can read), plus the
-/// vendor secret in the vendor's auth slot.
-pub fn upstream_request_headers(from: &HeaderMap, authorization: HeaderValue) -> HeaderMap {
-    let mut out = HeaderMap::with_capacity(from.len() + 1);
-    let has_connection = from.contains_key(header::CONNECTION);
-    for (name, value) in from {
-        let n = name.as_str();
+/// Turns the agent's request headers, in place, into the headers sent upstream: minus
+/// hop-by-hop, every `keybrake-*` header, framing (recomputed) and `Accept-Encoding` (so
+/// responses arrive as plain text the cost parser can read), `Expect` and `Cookie`; with the
+/// agent's credentials replaced by the vendor secret in the vendor's auth slot and `Host` by the
+/// upstream's.
+///
+/// In place because hyper hands a connection's last written header map back to it for parsing
+/// the next message: reusing the agent's map keeps header maps circulating between the agent's
+/// and the upstream's connections with the room they have grown, instead of allocating one per
+/// call (and growing the response's map for the verdict header).
+pub fn to_upstream_request_headers(
+    headers: &mut HeaderMap,
+    authorization: HeaderValue,
+    host: HeaderValue,
+) {
+    let has_connection = headers.contains_key(header::CONNECTION);
+    // Usually nothing but `Authorization` and `Host` goes, and `insert` below replaces those
+    // (every value of them): collect the others (no allocation unless there are some).
+    let mut dropped: Vec<HeaderName> = Vec::new();
+    for name in headers.keys() {
         if is_hop_by_hop(name)
-            || (has_connection && connection_listed(from, name))
-            || n.starts_with("keybrake-")
-            || name == header::AUTHORIZATION
-            || name == header::HOST
+            || (has_connection && connection_listed(headers, name))
+            || name.as_str().starts_with("keybrake-")
             || name == header::CONTENT_LENGTH
             || name == header::ACCEPT_ENCODING
             || name == header::EXPECT
             || name == header::COOKIE
         {
-            continue;
+            dropped.push(name.clone());
         }
-        out.append(name.clone(), value.clone());
     }
-    out.insert(header::AUTHORIZATION, authorization);
-    out
+    for name in &dropped {
+        headers.remove(name);
+    }
+    headers.insert(header::AUTHORIZATION, authorization);
+    headers.insert(header::HOST, host);
 }
 
 /// Strips hop-by-hop headers from an upstream response (framing is hyper's business).
@@ -310,6 +321,10 @@ mod tests {
             header::AUTHORIZATION,
             HeaderValue::from_static("Bearer vault_key_x"),
         );
+        h.append(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Basic dmF1bHRfa2V5X3k6"),
+        );
         h.insert("keybrake-debug", HeaderValue::from_static("1"));
         h.insert("Keybrake-Verdict", HeaderValue::from_static("allow"));
         h.insert(
@@ -327,22 +342,74 @@ mod tests {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
-        let out = upstream_request_headers(&h, HeaderValue::from_static("Bearer sk_test_1"));
-        assert_eq!(out.get(header::AUTHORIZATION).unwrap(), "Bearer sk_test_1");
-        assert_eq!(out.get_all(header::AUTHORIZATION).iter().count(), 1);
-        assert_eq!(out.get("idempotency-key").unwrap(), "k1");
-        assert_eq!(out.get(header::CONTENT_TYPE).unwrap(), "application/json");
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("12"));
+        h.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("gzip"));
+        h.insert(header::EXPECT, HeaderValue::from_static("100-continue"));
+        h.insert(header::COOKIE, HeaderValue::from_static("session=1"));
+        h.append(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        h.append(header::TE, HeaderValue::from_static("trailers"));
+        h.append("accept", HeaderValue::from_static("a/b"));
+        h.append("accept", HeaderValue::from_static("c/d"));
+        to_upstream_request_headers(
+            &mut h,
+            HeaderValue::from_static("Bearer sk_test_1"),
+            HeaderValue::from_static("api.stripe.com"),
+        );
+        assert_eq!(h.get(header::AUTHORIZATION).unwrap(), "Bearer sk_test_1");
+        assert_eq!(h.get_all(header::AUTHORIZATION).iter().count(), 1);
+        assert_eq!(h.get(header::HOST).unwrap(), "api.stripe.com");
+        assert_eq!(h.get_all(header::HOST).iter().count(), 1);
+        assert_eq!(h.get("idempotency-key").unwrap(), "k1");
+        assert_eq!(h.get(header::CONTENT_TYPE).unwrap(), "application/json");
+        assert_eq!(
+            h.get_all("accept").iter().count(),
+            2,
+            "repeated headers kept"
+        );
         for gone in [
             "keybrake-debug",
             "keybrake-verdict",
             "connection",
             "x-secret-hop",
-            "host",
             "proxy-authorization",
+            "content-length",
+            "accept-encoding",
+            "expect",
+            "cookie",
+            "transfer-encoding",
+            "te",
         ] {
-            assert!(out.get(gone).is_none(), "{gone} was forwarded");
+            assert!(h.get(gone).is_none(), "{gone} was forwarded");
         }
-        assert!(!format!("{out:?}").contains("vault_key"));
+        assert_eq!(h.len(), 6, "{h:?}");
+        assert!(!format!("{h:?}").contains("vault_key"));
+        assert!(!format!("{h:?}").contains("dmF1bHRfa2V5X3k6"));
+    }
+
+    #[test]
+    fn request_headers_of_a_plain_call_keep_their_map() {
+        // The usual call: only the credential and Host change, nothing is removed.
+        let mut h = HeaderMap::with_capacity(8);
+        h.insert(header::HOST, HeaderValue::from_static("127.0.0.1:15001"));
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer vault_key_x"),
+        );
+        h.insert(header::USER_AGENT, HeaderValue::from_static("sdk/1"));
+        let room = h.capacity();
+        to_upstream_request_headers(
+            &mut h,
+            HeaderValue::from_static("Bearer sk"),
+            HeaderValue::from_static("h:8080"),
+        );
+        assert_eq!(h.len(), 3);
+        assert_eq!(h.capacity(), room);
+        assert_eq!(h.get(header::AUTHORIZATION).unwrap(), "Bearer sk");
+        assert_eq!(h.get(header::HOST).unwrap(), "h:8080");
+        assert_eq!(h.get(header::USER_AGENT).unwrap(), "sdk/1");
     }
 
     #[test]

@@ -4,7 +4,7 @@
 use std::{convert::Infallible, sync::Arc, time::Duration};
 
 use bytes::Bytes;
-use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use jiff::Timestamp;
@@ -20,7 +20,7 @@ use crate::{
         read_bounded,
     },
     decide::{self, Denied},
-    forward::{VERDICT_HEADER_NAME, clean_response_headers, upstream_request_headers},
+    forward::{VERDICT_HEADER_NAME, clean_response_headers, to_upstream_request_headers},
     ledger::{Reservation, SpendLedger},
     metrics::Metrics,
     path::{PathError, check_path, split_vendor_prefix},
@@ -105,7 +105,7 @@ impl Proxy {
         route: Route,
         req: Request<Incoming>,
     ) -> Result<Response<ProxyBody>, Infallible> {
-        let (parts, body) = req.into_parts();
+        let (mut parts, body) = req.into_parts();
         let mut call = Call {
             started_at: Timestamp::now(),
             clock: tokio::time::Instant::now(),
@@ -121,7 +121,7 @@ impl Proxy {
         let mut unread = Some(body);
         Ok(
             match self
-                .decide_and_forward(route, &parts, &mut unread, &mut call)
+                .decide_and_forward(route, &mut parts, &mut unread, &mut call)
                 .await
             {
                 Ok(response) => response,
@@ -138,7 +138,7 @@ impl Proxy {
     async fn decide_and_forward(
         &self,
         route: Route,
-        parts: &http::request::Parts,
+        parts: &mut http::request::Parts,
         unread: &mut Option<Incoming>,
         call: &mut Call,
     ) -> Result<Response<ProxyBody>, Refusal> {
@@ -280,13 +280,14 @@ impl Proxy {
                     )
                 })?,
         };
-        // Assembled from parts already validated (the builder would check them again).
+        // Assembled from parts already validated (the builder would check them again). The
+        // agent's header map becomes the upstream request's (nothing reads it after this).
+        let mut headers = std::mem::replace(&mut parts.headers, HeaderMap::new());
+        to_upstream_request_headers(&mut headers, authorization, base.host().clone());
         let mut upstream = Request::new(Full::new(upstream_body));
         *upstream.method_mut() = parts.method.clone();
         *upstream.uri_mut() = target;
-        let headers = upstream.headers_mut();
-        *headers = upstream_request_headers(&parts.headers, authorization);
-        headers.insert(header::HOST, base.host().clone());
+        *upstream.headers_mut() = headers;
 
         let timer = self.metrics.upstream_timer(vendor).start_timer();
         let sent = tokio::time::timeout(
