@@ -267,11 +267,15 @@ pub struct StreamTimeout(&'static str);
 /// The upstream's body, passed through frame by frame (never buffered).
 pub struct ObservedBody<B> {
     inner: B,
-    /// One timer for both limits: it fires at the earlier of the idle deadline (pushed back by
-    /// every frame) and the total deadline.
-    timer: Pin<Box<Sleep>>,
+    /// One timer for both limits, armed the first time the upstream makes the agent wait (a
+    /// response already read in full never arms one). A frame does not move it: when it fires
+    /// early (frames came since it was set), it is set again for the real deadline. Resetting it
+    /// on every frame would re-register it with the runtime's timer wheel each time.
+    timer: Option<Pin<Box<Sleep>>>,
     idle_for: Duration,
     total_deadline: Instant,
+    /// When the last frame arrived (or the body was created): the idle deadline counts from it.
+    last_frame_at: Instant,
     observer: Option<Box<dyn StreamObserver>>,
     bytes: u64,
     /// The observer may change the bytes: no exact size is promised to the agent.
@@ -287,12 +291,12 @@ impl<B> ObservedBody<B> {
         total_deadline: Instant,
         observer: Box<dyn StreamObserver>,
     ) -> Self {
-        let first = (Instant::now() + idle_for).min(total_deadline);
         ObservedBody {
             inner,
-            timer: Box::pin(tokio::time::sleep_until(first)),
+            timer: None,
             idle_for,
             total_deadline,
+            last_frame_at: Instant::now(),
             observer: Some(observer),
             bytes: 0,
             rewrites: false,
@@ -310,6 +314,31 @@ impl<B> ObservedBody<B> {
     fn end(&mut self, how: StreamEnd) {
         if let Some(observer) = self.observer.take() {
             observer.finish(how, self.bytes);
+        }
+    }
+
+    /// When the body gives up waiting: `idle_for` after the last frame, at the latest at the
+    /// total deadline.
+    fn deadline(&self) -> Instant {
+        (self.last_frame_at + self.idle_for).min(self.total_deadline)
+    }
+
+    /// Polls the timer (arming it first if need be); `Ready` once the real deadline has passed.
+    fn poll_deadline(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let deadline = self.deadline();
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        // Bounded: after a reset to a deadline still ahead, the timer is pending.
+        loop {
+            if timer.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            if Instant::now() >= deadline {
+                return Poll::Ready(());
+            }
+            // Set when an earlier frame was the last; frames came since.
+            timer.as_mut().reset(deadline);
         }
     }
 
@@ -350,8 +379,7 @@ where
                     if now >= this.total_deadline {
                         return this.total_timeout();
                     }
-                    let deadline = (now + this.idle_for).min(this.total_deadline);
-                    this.timer.as_mut().reset(deadline);
+                    this.last_frame_at = now;
                     let data = match frame.into_data() {
                         Ok(data) => data,
                         // Trailers pass untouched.
@@ -392,7 +420,7 @@ where
                     return Poll::Ready(None);
                 }
                 Poll::Pending => {
-                    if this.timer.as_mut().poll(cx).is_ready() {
+                    if this.poll_deadline(cx).is_ready() {
                         if Instant::now() >= this.total_deadline {
                             return this.total_timeout();
                         }
@@ -591,5 +619,96 @@ data: [DONE]\n\n";
         let out = body.collect().await.unwrap().to_bytes();
         assert_eq!(out, Bytes::from_static(b"hello"));
         assert_eq!(*seen.lock().unwrap(), Some((StreamEnd::Complete, 5)));
+    }
+
+    /// `count` chunks of `ab`, one every `every` (a slow upstream).
+    fn paced(
+        count: usize,
+        every: Duration,
+    ) -> impl futures::Stream<Item = Result<Frame<Bytes>, std::convert::Infallible>> + Unpin {
+        Box::pin(futures::stream::unfold(0, move |sent| async move {
+            if sent == count {
+                return None;
+            }
+            tokio::time::sleep(every).await;
+            Some((Ok(Frame::data(Bytes::from_static(b"ab"))), sent + 1))
+        }))
+    }
+
+    async fn read_all<B: Body<Data = Bytes, Error = BoxError> + Unpin>(
+        mut body: B,
+    ) -> (usize, Option<String>) {
+        let mut frames = 0;
+        while let Some(frame) = body.frame().await {
+            match frame {
+                Ok(_) => frames += 1,
+                Err(e) => return (frames, Some(e.to_string())),
+            }
+        }
+        (frames, None)
+    }
+
+    #[tokio::test]
+    async fn a_silent_upstream_times_out_after_its_last_frame() {
+        use futures::StreamExt;
+        let seen = Arc::new(Mutex::new(None));
+        let one_then_silence = futures::stream::iter([Ok::<_, std::convert::Infallible>(
+            Frame::data(Bytes::from_static(b"ab")),
+        )])
+        .chain(futures::stream::pending());
+        let started = Instant::now();
+        let body = ObservedBody::new(
+            StreamBody::new(one_then_silence),
+            Duration::from_millis(50),
+            Instant::now() + Duration::from_secs(30),
+            Box::new(Record(seen.clone())),
+        );
+        let (frames, error) = read_all(body).await;
+        assert_eq!(frames, 1);
+        assert_eq!(
+            error.as_deref(),
+            Some("upstream response went idle too long")
+        );
+        assert!(started.elapsed() >= Duration::from_millis(50));
+        assert_eq!(*seen.lock().unwrap(), Some((StreamEnd::IdleTimeout, 2)));
+    }
+
+    #[tokio::test]
+    async fn frames_keep_a_slow_stream_alive_past_the_idle_limit() {
+        // Ten frames 30 ms apart take longer than the 200 ms idle limit in all, but no gap
+        // comes near it: the timer, armed at the first wait, must be moved on, not fire.
+        let seen = Arc::new(Mutex::new(None));
+        let started = Instant::now();
+        let body = ObservedBody::new(
+            StreamBody::new(paced(10, Duration::from_millis(30))),
+            Duration::from_millis(200),
+            Instant::now() + Duration::from_secs(30),
+            Box::new(Record(seen.clone())),
+        );
+        let (frames, error) = read_all(body).await;
+        assert_eq!((frames, error), (10, None));
+        assert!(started.elapsed() >= Duration::from_millis(300));
+        assert_eq!(*seen.lock().unwrap(), Some((StreamEnd::Complete, 20)));
+    }
+
+    #[tokio::test]
+    async fn a_stream_that_never_pauses_long_still_ends_at_the_total_deadline() {
+        let seen = Arc::new(Mutex::new(None));
+        let started = Instant::now();
+        let body = ObservedBody::new(
+            StreamBody::new(paced(1000, Duration::from_millis(10))),
+            Duration::from_secs(30),
+            Instant::now() + Duration::from_millis(150),
+            Box::new(Record(seen.clone())),
+        );
+        let (frames, error) = read_all(body).await;
+        assert!(frames < 1000, "{frames} frames");
+        assert_eq!(
+            error.as_deref(),
+            Some("upstream response exceeded the total timeout")
+        );
+        assert!(started.elapsed() >= Duration::from_millis(150));
+        let (end, _) = seen.lock().unwrap().unwrap();
+        assert_eq!(end, StreamEnd::TotalTimeout);
     }
 }
