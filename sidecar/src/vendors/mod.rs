@@ -2,7 +2,7 @@
 //! operation catalogue, how to find the customer a call touches, a pre-flight cost estimate and
 //! the vendor's own error envelope. Adding a vendor is one new file plus one line in
 //! [`module_for`].
-use std::borrow::Cow;
+use std::{borrow::Cow, sync::OnceLock};
 
 use base64::Engine as _;
 use bytes::Bytes;
@@ -410,12 +410,53 @@ pub trait VendorModule: Send + Sync + 'static {
     /// Renders a refusal in the vendor's envelope so its SDK raises its native error.
     fn denial(&self, status: StatusCode, verdict: Verdict, message: &str) -> Denial;
 
-    /// The catalogue operation a request is, if any.
+    /// The catalogue operation a request is, if any: the first one whose method and template
+    /// match.
     fn match_operation(&self, method: &Method, path: &str) -> Option<&'static Operation> {
-        self.operations()
+        let slashes = count_slashes(path);
+        catalogue_index(self.vendor(), self.operations())
             .iter()
-            .find(|op| op.method == *method && template_matches(op.path, path))
+            .find(|i| {
+                i.op.method == *method
+                    && i.slashes == slashes
+                    && path.starts_with(i.literal_prefix)
+                    && template_matches(i.op.path, path)
+            })
+            .map(|i| i.op)
     }
+}
+
+/// A catalogue operation with two facts every path its template matches shares, so that most
+/// operations are ruled out without walking the template: as many `/` (a `{name}` never spans
+/// one), and the text before the first `{`.
+#[derive(Debug)]
+struct IndexedOperation {
+    op: &'static Operation,
+    slashes: usize,
+    literal_prefix: &'static str,
+}
+
+fn count_slashes(s: &str) -> usize {
+    s.bytes().filter(|b| *b == b'/').count()
+}
+
+/// `operations` (a vendor's fixed catalogue), indexed once per vendor.
+fn catalogue_index(
+    vendor: Vendor,
+    operations: &'static [Operation],
+) -> &'static [IndexedOperation] {
+    static INDEXES: [OnceLock<Box<[IndexedOperation]>>; Vendor::ALL.len()] =
+        [const { OnceLock::new() }; Vendor::ALL.len()];
+    INDEXES[vendor as usize].get_or_init(|| {
+        operations
+            .iter()
+            .map(|op| IndexedOperation {
+                op,
+                slashes: count_slashes(op.path),
+                literal_prefix: op.path.split('{').next().unwrap_or(""),
+            })
+            .collect()
+    })
 }
 
 static STRIPE: stripe::Stripe = stripe::Stripe;
@@ -581,6 +622,58 @@ mod tests {
                     body.to_string().contains("denied by keybrake"),
                     "{vendor} {verdict}: {body}"
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn indexed_operation_matching_agrees_with_a_plain_scan() {
+        let methods = [Method::GET, Method::POST, Method::DELETE, Method::PUT];
+        for vendor in Vendor::ALL {
+            let module = module_for(vendor);
+            // Every template filled in, plus near misses: a segment more or less, a trailing
+            // slash, an empty placeholder, another prefix.
+            let mut paths = vec!["/".to_owned(), "".to_owned(), "/v1".to_owned()];
+            for op in module.operations() {
+                let filled: String = op
+                    .path
+                    .split('/')
+                    .map(|seg| match seg.find('}') {
+                        Some(close) if seg.starts_with('{') => format!("x1{}", &seg[close + 1..]),
+                        _ => seg.to_owned(),
+                    })
+                    .collect::<Vec<_>>()
+                    .join("/");
+                paths.push(format!("{filled}/"));
+                paths.push(format!("{filled}/extra"));
+                paths.push(filled.rsplit_once('/').map_or("", |(a, _)| a).to_owned());
+                paths.push(op.path.replace("{id}", "").replace("{Sid}", ""));
+                paths.push(format!("/v2{filled}"));
+                paths.push(filled);
+            }
+            for method in &methods {
+                for path in &paths {
+                    let plain = module
+                        .operations()
+                        .iter()
+                        .find(|op| op.method == *method && template_matches(op.path, path));
+                    assert_eq!(
+                        module.match_operation(method, path).map(|o| o.name),
+                        plain.map(|o| o.name),
+                        "{vendor} {method} {path}"
+                    );
+                }
+            }
+            // Every operation is found by a path made from its own template (or an earlier
+            // one of the same shape).
+            for op in module.operations() {
+                let filled = op.path.replace("{id}", "x1");
+                if !filled.contains('{') {
+                    assert!(
+                        module.match_operation(&op.method, &filled).is_some(),
+                        "{filled}"
+                    );
+                }
             }
         }
     }
