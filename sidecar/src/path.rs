@@ -25,8 +25,20 @@ pub enum PathError {
 /// segments, no percent-encoded `/`, `\`, `.`, `%` or NUL, no backslashes or control characters.
 /// A single trailing slash is allowed (it simply will not match templates without one).
 pub fn check_path(path: &str) -> Result<(), PathError> {
-    let rest = path.strip_prefix('/').ok_or(PathError::NotOriginForm)?;
+    if !path.starts_with('/') {
+        return Err(PathError::NotOriginForm);
+    }
     let bytes = path.as_bytes();
+    // Segments: what lies between the leading `/` and one optional trailing `/`. One pass over
+    // the bytes checks characters and segments alike; a character error wins over a segment
+    // error found earlier (the order the checks have always been reported in).
+    let segments_end = if bytes.len() > 1 && bytes[bytes.len() - 1] == b'/' {
+        bytes.len() - 1
+    } else {
+        bytes.len()
+    };
+    let mut segment_error = None;
+    let mut segment_start = 1;
     for (i, &b) in bytes.iter().enumerate() {
         if b == b'\\' || b < 0x20 || b == 0x7f {
             return Err(PathError::ForbiddenCharacter);
@@ -41,19 +53,23 @@ pub fn check_path(path: &str) -> Result<(), PathError> {
                 return Err(PathError::EncodedTrick);
             }
         }
-    }
-    let trimmed = rest.strip_suffix('/').unwrap_or(rest);
-    if trimmed.is_empty() {
-        return Ok(());
-    }
-    for segment in trimmed.split('/') {
-        match segment {
-            "" => return Err(PathError::EmptySegment),
-            "." | ".." => return Err(PathError::DotSegment),
-            _ => {}
+        if b == b'/' && i > 0 && i < segments_end && segment_error.is_none() {
+            segment_error = segment_problem(&bytes[segment_start..i]);
+            segment_start = i + 1;
         }
     }
-    Ok(())
+    if segments_end > 1 && segment_error.is_none() {
+        segment_error = segment_problem(&bytes[segment_start..segments_end]);
+    }
+    segment_error.map_or(Ok(()), Err)
+}
+
+fn segment_problem(segment: &[u8]) -> Option<PathError> {
+    match segment {
+        b"" => Some(PathError::EmptySegment),
+        b"." | b".." => Some(PathError::DotSegment),
+        _ => None,
+    }
 }
 
 /// Splits a prefix-routed path `/{vendor}/rest` into the vendor and `/rest`.
@@ -141,6 +157,11 @@ mod tests {
             "/v1/charges/",
             "/",
             "/v1/customers/a%40b",
+            "//",
+            "/a",
+            "/a/",
+            "/...",
+            "/.x/x.",
         ] {
             assert_eq!(check_path(ok), Ok(()), "{ok}");
         }
@@ -165,9 +186,71 @@ mod tests {
             ("/v1/%2", PathError::EncodedTrick),
             ("/v1\\..\\x", PathError::ForbiddenCharacter),
             ("/v1/\tx", PathError::ForbiddenCharacter),
+            // Character errors are reported before segment errors wherever they sit.
+            ("/v1//x\\", PathError::ForbiddenCharacter),
+            ("/../%2F", PathError::EncodedTrick),
+            ("/v1/.//", PathError::DotSegment),
+            ("/v1/x//", PathError::EmptySegment),
+            ("/./", PathError::DotSegment),
+            ("/a/..", PathError::DotSegment),
         ] {
             assert_eq!(check_path(bad), Err(err), "{bad}");
         }
+    }
+
+    /// The two-pass check this module used before the one-pass one, kept as the reference.
+    fn two_pass_check_path(path: &str) -> Result<(), PathError> {
+        let rest = path.strip_prefix('/').ok_or(PathError::NotOriginForm)?;
+        let bytes = path.as_bytes();
+        for (i, &b) in bytes.iter().enumerate() {
+            if b == b'\\' || b < 0x20 || b == 0x7f {
+                return Err(PathError::ForbiddenCharacter);
+            }
+            if b == b'%' {
+                let hex = bytes.get(i + 1..i + 3).ok_or(PathError::EncodedTrick)?;
+                let decoded = std::str::from_utf8(hex)
+                    .ok()
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+                    .ok_or(PathError::EncodedTrick)?;
+                if matches!(decoded, b'/' | b'\\' | b'.' | b'%' | 0) {
+                    return Err(PathError::EncodedTrick);
+                }
+            }
+        }
+        let trimmed = rest.strip_suffix('/').unwrap_or(rest);
+        if trimmed.is_empty() {
+            return Ok(());
+        }
+        for segment in trimmed.split('/') {
+            match segment {
+                "" => return Err(PathError::EmptySegment),
+                "." | ".." => return Err(PathError::DotSegment),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn one_pass_check_agrees_with_the_two_pass_reference() {
+        // Every string up to 6 characters over an alphabet that makes every kind of trick.
+        let alphabet = ['/', '.', 'a', '%', '2', 'F', '\\'];
+        let mut checked = 0;
+        let mut current = vec![String::new()];
+        for _ in 0..6 {
+            let mut next = Vec::with_capacity(current.len() * alphabet.len());
+            for prefix in &current {
+                for c in alphabet {
+                    let mut path = prefix.clone();
+                    path.push(c);
+                    assert_eq!(check_path(&path), two_pass_check_path(&path), "{path:?}");
+                    checked += 1;
+                    next.push(path);
+                }
+            }
+            current = next;
+        }
+        assert_eq!(checked, (1..=6).map(|n| 7usize.pow(n)).sum::<usize>());
     }
 
     #[test]
