@@ -130,9 +130,21 @@ if [[ $SIDECAR == 1 ]]; then
     sleep 0.1
   done
   [[ $i -lt 150 ]] || die "sidecar never became ready: $(tail -20 "$LOG/sidecar.log")"
+  # At rest: ready (every key loaded), not one request served yet.
+  "$BENCH_BIN/bench-report" rss --via sidecar --keys "$KEYS" --pid "$SIDECAR_PID" --at-rest >> "$RESULTS"
 else
   VAULT_KEY="vault_key_benchnotused00000000000000000000000000000"
 fi
+
+# nginx's worker at rest (the master forks it once listening: wait for it).
+NGINX_WORKER=""
+for ((i = 0; i < 50; i++)); do
+  NGINX_WORKER="$(pgrep -P "$NGINX_PID" | head -1 || true)"
+  [[ -n "$NGINX_WORKER" ]] && break
+  sleep 0.1
+done
+[[ -n "$NGINX_WORKER" ]] || die "nginx started no worker: $(cat "$NGINX_DIR/error.log" 2>/dev/null)"
+"$BENCH_BIN/bench-report" rss --via nginx --pid "$NGINX_WORKER" --at-rest >> "$RESULTS"
 
 declare -A URL=(
   [direct]="http://127.0.0.1:$UPSTREAM_PORT$ROUTE"
@@ -187,9 +199,8 @@ for ((round = 0; round < ROUNDS; round++)); do
   done
 done
 
-# ---- memory: peak RSS over everything above -----------------------------------------------
-NGINX_WORKER="$(pgrep -P "$NGINX_PID" | head -1)"
-[[ -n "$NGINX_WORKER" ]] && "$BENCH_BIN/bench-report" rss --via nginx --pid "$NGINX_WORKER" >> "$RESULTS"
+# ---- memory: peak RSS over everything above (at rest was recorded before the load) ---------
+"$BENCH_BIN/bench-report" rss --via nginx --pid "$NGINX_WORKER" >> "$RESULTS"
 if [[ $SIDECAR == 1 ]]; then
   stop_pid "$SIDECAR_PID"
   wait "$TIME_PID" 2>/dev/null || true # the sidecar's exit status is not this benchmark's concern

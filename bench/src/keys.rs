@@ -9,6 +9,17 @@ use keybrake_api::TokenHash;
 /// Environment variable the generated config names for the upstream secret.
 pub const SECRET_ENV: &str = "KEYBRAKE_BENCH_UPSTREAM_SECRET";
 
+/// Which key the load generator presents unless told: key 4242 (what every run with the
+/// default 10,000 keys has used), or the middle one of a smaller file. `None` for no keys.
+pub fn default_bench_index(keys: usize) -> Option<usize> {
+    const USUAL: usize = 4242;
+    match keys {
+        0 => None,
+        k if k > USUAL => Some(USUAL),
+        k => Some(k / 2),
+    }
+}
+
 /// The `index`-th synthetic vault key.
 pub fn bench_token(index: usize) -> String {
     format!("vault_key_bench{index:038}")
@@ -60,6 +71,16 @@ mod tests {
         assert_eq!(tail.len(), 43);
         assert!(tail.chars().all(|c| c.is_ascii_alphanumeric()));
         assert_ne!(bench_token(1), bench_token(10));
+    }
+
+    #[test]
+    fn the_default_bench_key_is_always_in_the_file() {
+        assert_eq!(default_bench_index(10_000), Some(4242));
+        assert_eq!(default_bench_index(4243), Some(4242));
+        assert_eq!(default_bench_index(4242), Some(2121));
+        assert_eq!(default_bench_index(100), Some(50));
+        assert_eq!(default_bench_index(1), Some(0));
+        assert_eq!(default_bench_index(0), None);
     }
 
     #[test]

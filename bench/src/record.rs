@@ -62,6 +62,14 @@ pub enum Record {
         max_rss_kb: u64,
         source: String,
     },
+    /// Resident set size of a proxy process once started (the sidecar: ready, its keys
+    /// loaded), before any load.
+    RssAtRest {
+        via: Via,
+        keys: usize,
+        rss_kb: u64,
+        source: String,
+    },
     /// The sidecar's policy-store lookup micro-benchmark.
     Lookup {
         keys: usize,

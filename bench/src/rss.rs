@@ -1,4 +1,4 @@
-//! Peak resident set size, from the two places Linux reports it.
+//! Resident set size: the peak from the two places Linux reports it, and the current one.
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("no {0} line found")]
@@ -13,6 +13,11 @@ pub fn from_time_verbose(text: &str) -> Result<u64, RssParseError> {
 /// `VmHWM:   N kB` from /proc/PID/status.
 pub fn from_proc_status(text: &str) -> Result<u64, RssParseError> {
     field(text, "VmHWM:").ok_or(RssParseError("VmHWM"))
+}
+
+/// `VmRSS:   N kB` from /proc/PID/status: resident right now.
+pub fn current_from_proc_status(text: &str) -> Result<u64, RssParseError> {
+    field(text, "VmRSS:").ok_or(RssParseError("VmRSS"))
 }
 
 fn field(text: &str, label: &str) -> Option<u64> {
@@ -34,6 +39,8 @@ mod tests {
         let status =
             "Name:\tnginx\nVmPeak:\t   12000 kB\nVmHWM:\t    4321 kB\nVmRSS:\t    4000 kB\n";
         assert_eq!(from_proc_status(status), Ok(4321));
+        assert_eq!(current_from_proc_status(status), Ok(4000));
         assert!(from_proc_status(time).is_err());
+        assert!(current_from_proc_status(time).is_err());
     }
 }

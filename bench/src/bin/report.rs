@@ -48,7 +48,8 @@ enum Command {
         #[arg(long)]
         round: u32,
     },
-    /// Print a `peak_rss` record from `/usr/bin/time -v` output or /proc/PID/status.
+    /// Print a `peak_rss` record from `/usr/bin/time -v` output or /proc/PID/status, or with
+    /// --at-rest an `rss_at_rest` record (the process's RSS right now, from /proc/PID/status).
     Rss {
         #[arg(long, value_enum)]
         via: ViaArg,
@@ -58,6 +59,8 @@ enum Command {
         time_output: Option<PathBuf>,
         #[arg(long)]
         pid: Option<u32>,
+        #[arg(long, requires = "pid")]
+        at_rest: bool,
     },
     /// Render the data-plane Markdown from a results file of JSON records.
     Dataplane {
@@ -99,7 +102,21 @@ fn main() -> anyhow::Result<()> {
             keys,
             time_output,
             pid,
+            at_rest,
         } => {
+            if at_rest {
+                let pid = pid.context("--at-rest needs --pid")?;
+                let path = format!("/proc/{pid}/status");
+                let text = fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+                let record = Record::RssAtRest {
+                    via: via.into(),
+                    keys,
+                    rss_kb: rss::current_from_proc_status(&text)?,
+                    source: "VmRSS in /proc/PID/status".to_owned(),
+                };
+                println!("{}", serde_json::to_string(&record)?);
+                return Ok(());
+            }
             let (max_rss_kb, source) = match (time_output, pid) {
                 (Some(path), _) => {
                     let text = fs::read_to_string(&path)

@@ -6,16 +6,17 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 use clap::Parser;
-use keybrake_bench::keys::{PolicyFile, bench_token};
+use keybrake_bench::keys::{PolicyFile, bench_token, default_bench_index};
 
 #[derive(Parser)]
 #[command(about = "Generate the benchmark sidecar's policy file (JSON)")]
 struct Args {
     #[arg(long, default_value_t = 10_000)]
     keys: usize,
-    /// Which key the load generator presents.
-    #[arg(long, default_value_t = 4242)]
-    bench_index: usize,
+    /// Which key the load generator presents (default: 4242, or the middle key when there are
+    /// no more than 4242).
+    #[arg(long)]
+    bench_index: Option<usize>,
     #[arg(long, default_value = "http://127.0.0.1:18080")]
     upstream_url: String,
     #[arg(long, default_value = "customers.retrieve")]
@@ -26,8 +27,12 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let bench_index = match args.bench_index {
+        Some(index) => index,
+        None => default_bench_index(args.keys).context("--keys must be at least 1")?,
+    };
     anyhow::ensure!(
-        args.bench_index < args.keys,
+        bench_index < args.keys,
         "--bench-index must be below --keys"
     );
     let file = PolicyFile {
@@ -37,6 +42,6 @@ fn main() -> anyhow::Result<()> {
     };
     std::fs::write(&args.out, file.render())
         .with_context(|| format!("writing {}", args.out.display()))?;
-    println!("{}", bench_token(args.bench_index));
+    println!("{}", bench_token(bench_index));
     Ok(())
 }
