@@ -285,7 +285,9 @@ pub struct ObservedBody<B> {
 }
 
 impl<B> ObservedBody<B> {
+    /// `now`: the caller's current time (it has just read the clock).
     pub fn new(
+        now: Instant,
         inner: B,
         idle_for: Duration,
         total_deadline: Instant,
@@ -296,7 +298,7 @@ impl<B> ObservedBody<B> {
             timer: None,
             idle_for,
             total_deadline,
-            last_frame_at: Instant::now(),
+            last_frame_at: now,
             observer: Some(observer),
             bytes: 0,
             rewrites: false,
@@ -574,6 +576,7 @@ data: [DONE]\n\n";
         // hyper polls until a frame leaves `is_end_stream()` true, then drops the body.
         let seen = Arc::new(Mutex::new(None));
         let mut body = ObservedBody::new(
+            Instant::now(),
             Full::new(Bytes::from_static(b"hello")),
             Duration::from_secs(5),
             Instant::now() + Duration::from_secs(5),
@@ -590,6 +593,7 @@ data: [DONE]\n\n";
         let seen = Arc::new(Mutex::new(None));
         let chunks = futures_stream(vec![Bytes::from_static(b"ab"), Bytes::from_static(b"cd")]);
         let mut body = ObservedBody::new(
+            Instant::now(),
             StreamBody::new(chunks),
             Duration::from_secs(5),
             Instant::now() + Duration::from_secs(5),
@@ -611,6 +615,7 @@ data: [DONE]\n\n";
     async fn observed_body_reports_completion() {
         let seen = Arc::new(Mutex::new(None));
         let body = ObservedBody::new(
+            Instant::now(),
             Full::new(Bytes::from_static(b"hello")),
             Duration::from_secs(5),
             Instant::now() + Duration::from_secs(5),
@@ -658,6 +663,7 @@ data: [DONE]\n\n";
         .chain(futures::stream::pending());
         let started = Instant::now();
         let body = ObservedBody::new(
+            Instant::now(),
             StreamBody::new(one_then_silence),
             Duration::from_millis(50),
             Instant::now() + Duration::from_secs(30),
@@ -680,6 +686,7 @@ data: [DONE]\n\n";
         let seen = Arc::new(Mutex::new(None));
         let started = Instant::now();
         let body = ObservedBody::new(
+            Instant::now(),
             StreamBody::new(paced(10, Duration::from_millis(30))),
             Duration::from_millis(200),
             Instant::now() + Duration::from_secs(30),
@@ -696,6 +703,7 @@ data: [DONE]\n\n";
         let seen = Arc::new(Mutex::new(None));
         let started = Instant::now();
         let body = ObservedBody::new(
+            Instant::now(),
             StreamBody::new(paced(1000, Duration::from_millis(10))),
             Duration::from_secs(30),
             Instant::now() + Duration::from_millis(150),

@@ -289,13 +289,18 @@ impl Proxy {
         *upstream.uri_mut() = target;
         *upstream.headers_mut() = headers;
 
-        let timer = self.metrics.upstream_timer(vendor).start_timer();
-        let sent = tokio::time::timeout(
-            self.limits.upstream_header_timeout,
+        // One clock reading each side of the wait serves the deadline, the histogram and the
+        // body's idle timer (each would read the clock again).
+        let sent_at = tokio::time::Instant::now();
+        let sent = tokio::time::timeout_at(
+            sent_at + self.limits.upstream_header_timeout,
             self.upstream.send(base.key(), upstream),
         )
         .await;
-        timer.observe_duration();
+        let answered_at = tokio::time::Instant::now();
+        self.metrics
+            .upstream_timer(vendor)
+            .observe((answered_at - sent_at).as_secs_f64());
         let response = match sent {
             Ok(Ok(response)) => response,
             Ok(Err(e)) => {
@@ -366,6 +371,7 @@ impl Proxy {
         self.count(call, Verdict::Allow);
         let deadline = call.clock + self.limits.upstream_total_timeout;
         let body = ObservedBody::new(
+            answered_at,
             upstream_body,
             self.limits.upstream_idle_timeout,
             deadline,
