@@ -212,10 +212,11 @@ impl AuditPipeline {
         let Some(mut delivery) = self.delivery.take() else {
             return;
         };
+        // Read before the wait: the cancelled receiver may count its rows before we look again.
+        let dropped_before = self.metrics.dropped_rows.get();
         match delivery.wait(self.flush_timeout).await {
             true => tracing::info!("audit queue flushed"),
             false => {
-                let dropped_before = self.metrics.dropped_rows.get();
                 let stopped = delivery.wait_cancelled(CANCEL_GRACE).await;
                 tracing::error!(
                     dropped_rows = self.metrics.dropped_rows.get() - dropped_before,
