@@ -475,6 +475,19 @@ mod tests {
     }
 
     #[test]
+    fn the_upstream_connection_cap_reaches_the_settings() {
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["keybrake-sidecar", "--config=a.yaml"];
+            argv.extend_from_slice(extra);
+            Cli::try_parse_from(argv).map(|c| c.run.settings().upstream_max_connections)
+        };
+        assert_eq!(parse(&[]).unwrap(), 64);
+        assert_eq!(parse(&["--upstream-max-connections=0"]).unwrap(), 0);
+        assert_eq!(parse(&["--upstream-max-connections", "128"]).unwrap(), 128);
+        assert!(parse(&["--upstream-max-connections=-1"]).is_err());
+    }
+
+    #[test]
     fn no_vendor_port_drops_only_those_listeners() {
         let parse = |extra: &[&str]| {
             let mut argv = vec!["keybrake-sidecar", "--config=a.yaml"];
