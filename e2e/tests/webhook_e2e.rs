@@ -313,7 +313,11 @@ async fn controller_serves_the_injection_webhook_with_its_own_ca() {
             &PostParams::default(),
             &pod(
                 "agent",
-                json!({"keybrake.dev/inject": "true", "keybrake.dev/vault-key": "agent-key"}),
+                json!({
+                    "keybrake.dev/inject": "true",
+                    "keybrake.dev/vault-key": "agent-key",
+                    "keybrake.dev/upstream-max-connections": "128",
+                }),
                 false,
             ),
         )
@@ -354,6 +358,10 @@ async fn controller_serves_the_injection_webhook_with_its_own_ca() {
     );
     let settings = cli.run.settings();
     assert_eq!(settings.admin_port, 15020);
+    assert_eq!(
+        settings.upstream_max_connections, 128,
+        "the pod's keybrake.dev/upstream-max-connections"
+    );
     assert!(
         settings.admin_bind.is_unspecified(),
         "kubelet probes the pod IP"

@@ -3,6 +3,10 @@
 
 /// Pod annotation (or label) that opts a pod in. Only the value `"true"` opts in.
 pub const INJECT: &str = "keybrake.dev/inject";
+/// Optional pod annotation: the sidecar's cap on connections open at once to one vendor
+/// (`--upstream-max-connections`; "0" = no cap). For agents that hold more concurrent
+/// streams to one vendor than the sidecar's default allows.
+pub const UPSTREAM_MAX_CONNECTIONS: &str = "keybrake.dev/upstream-max-connections";
 /// Pod annotation naming the VaultKey whose token Secret feeds `VAULT_KEY`.
 pub const VAULT_KEY_ANNOTATION: &str = "keybrake.dev/vault-key";
 /// Optional pod annotation: comma-separated container names that receive the agent env.

@@ -68,6 +68,10 @@ pub enum InjectionFailure {
         "annotation keybrake.dev/agent-containers names {0:?}, which is not a container of this pod"
     )]
     UnknownAgentContainer(String),
+    #[error(
+        "annotation keybrake.dev/upstream-max-connections={0:?} is not a whole number from 0 (no cap) to 1000000"
+    )]
+    InvalidUpstreamMaxConnections(String),
     #[error("the pod has no containers to give the vault key to")]
     NoAgentContainers,
     #[error(
@@ -92,6 +96,9 @@ impl InjectionFailure {
             InjectionFailure::InvalidVaultKeyName(_) => "KeybrakeInvalidVaultKeyAnnotation",
             InjectionFailure::UnknownAgentContainer(_) | InjectionFailure::NoAgentContainers => {
                 "KeybrakeInvalidAgentContainers"
+            }
+            InjectionFailure::InvalidUpstreamMaxConnections(_) => {
+                "KeybrakeInvalidUpstreamMaxConnections"
             }
             InjectionFailure::HostNetwork => "KeybrakeHostNetworkUnsupported",
             InjectionFailure::PortConflict { .. } => "KeybrakePortConflict",

@@ -8,7 +8,7 @@ use crate::agent_env::agent_env;
 use crate::config::InjectionConfig;
 use crate::names;
 use crate::outcome::{InjectionFailure, InjectionResult};
-use crate::sidecar::{pod_marks, sidecar_container, sidecar_volumes};
+use crate::sidecar::{PodSettings, pod_marks, sidecar_container, sidecar_volumes};
 
 /// What to add to one pod.
 #[derive(Clone, Debug, PartialEq)]
@@ -127,6 +127,7 @@ fn plan(
         ));
     }
 
+    let upstream_max_connections = upstream_max_connections(pod)?;
     let agent_indices = agent_container_indices(pod, &spec.containers)?;
 
     let sidecar_ports = config.ports.all();
@@ -200,12 +201,36 @@ fn plan(
 
     let (annotations, labels) = pod_marks();
     Ok(Plan {
-        sidecar: sidecar_container(config, spec.termination_grace_period_seconds),
+        sidecar: sidecar_container(
+            config,
+            PodSettings {
+                grace_secs: spec.termination_grace_period_seconds,
+                upstream_max_connections,
+            },
+        ),
         volumes,
         agent_env: agent_env_plan,
         annotations,
         labels,
     })
+}
+
+/// Upper bound of [`names::UPSTREAM_MAX_CONNECTIONS`]; a pod asking for more has a typo.
+const MAX_UPSTREAM_CONNECTIONS: u32 = 1_000_000;
+
+/// The pod's connection cap, if it sets one. A value that is not a whole number in range
+/// refuses the pod: a sidecar started with a flag it rejects would never become ready.
+fn upstream_max_connections(pod: &Pod) -> Result<Option<u32>, InjectionFailure> {
+    let Some(value) = annotation(pod, names::UPSTREAM_MAX_CONNECTIONS) else {
+        return Ok(None);
+    };
+    value
+        .trim()
+        .parse::<u32>()
+        .ok()
+        .filter(|n| *n <= MAX_UPSTREAM_CONNECTIONS)
+        .map(Some)
+        .ok_or_else(|| InjectionFailure::InvalidUpstreamMaxConnections(value.to_string()))
 }
 
 fn agent_container_indices(

@@ -54,13 +54,21 @@ impl ShutdownBudget {
     }
 }
 
+/// What the pod itself decides about its sidecar.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PodSettings {
+    /// The pod's `terminationGracePeriodSeconds` (see [`ShutdownBudget`]).
+    pub grace_secs: Option<i64>,
+    /// From [`names::UPSTREAM_MAX_CONNECTIONS`]; `None` keeps the sidecar's default.
+    pub upstream_max_connections: Option<u32>,
+}
+
 /// Command-line flags the sidecar is started with. Kept here, in one list, so the sidecar's
-/// parser and this injector can be checked against each other. `grace_secs` is the pod's
-/// `terminationGracePeriodSeconds` (see [`ShutdownBudget`]).
-pub fn sidecar_args(config: &InjectionConfig, grace_secs: Option<i64>) -> Vec<String> {
+/// parser and this injector can be checked against each other.
+pub fn sidecar_args(config: &InjectionConfig, pod: PodSettings) -> Vec<String> {
     let p = &config.ports;
-    let shutdown = ShutdownBudget::for_grace(grace_secs);
-    vec![
+    let shutdown = ShutdownBudget::for_grace(pod.grace_secs);
+    let mut args = vec![
         format!("--controller-url={}", config.controller_url),
         format!("--token-file={}/{}", names::TOKEN_DIR, names::TOKEN_FILE),
         format!("--ca-file={}/{}", names::CA_DIR, config.ca_bundle_key),
@@ -77,7 +85,11 @@ pub fn sidecar_args(config: &InjectionConfig, grace_secs: Option<i64>) -> Vec<St
         format!("--admin-port={}", p.admin),
         format!("--drain-timeout={}s", shutdown.drain_secs),
         format!("--audit-flush-timeout={}s", shutdown.audit_flush_secs),
-    ]
+    ];
+    if let Some(max) = pod.upstream_max_connections {
+        args.push(format!("--upstream-max-connections={max}"));
+    }
+    args
 }
 
 /// Pod identity from the downward API (`POD_NAME` is what the sidecar's `--pod-name` reads): the
@@ -119,7 +131,7 @@ fn http_probe(path: &str, port: u16, period: i32, failures: i32) -> Probe {
     }
 }
 
-pub fn sidecar_container(config: &InjectionConfig, grace_secs: Option<i64>) -> Container {
+pub fn sidecar_container(config: &InjectionConfig, pod: PodSettings) -> Container {
     let mount = |name: &str, path: &str, read_only: bool| VolumeMount {
         name: name.into(),
         mount_path: path.into(),
@@ -131,7 +143,7 @@ pub fn sidecar_container(config: &InjectionConfig, grace_secs: Option<i64>) -> C
         image: Some(config.sidecar_image.clone()),
         image_pull_policy: config.image_pull_policy.clone(),
         restart_policy: Some("Always".into()),
-        args: Some(sidecar_args(config, grace_secs)),
+        args: Some(sidecar_args(config, pod)),
         env: Some(sidecar_env()),
         ports: Some(vec![ContainerPort {
             name: Some(names::ADMIN_PORT_NAME.into()),
@@ -234,7 +246,7 @@ mod tests {
 
     #[test]
     fn is_a_native_sidecar_gated_on_ready() {
-        let c = sidecar_container(&config(), None);
+        let c = sidecar_container(&config(), PodSettings::default());
         assert_eq!(c.restart_policy.as_deref(), Some("Always"));
         let probe = c.startup_probe.unwrap().http_get.unwrap();
         assert_eq!(probe.path.as_deref(), Some("/ready"));
@@ -243,7 +255,9 @@ mod tests {
 
     #[test]
     fn runs_locked_down() {
-        let sc = sidecar_container(&config(), None).security_context.unwrap();
+        let sc = sidecar_container(&config(), PodSettings::default())
+            .security_context
+            .unwrap();
         assert_eq!(sc.run_as_non_root, Some(true));
         assert_eq!(sc.read_only_root_filesystem, Some(true));
         assert_eq!(sc.allow_privilege_escalation, Some(false));
@@ -252,7 +266,7 @@ mod tests {
 
     #[test]
     fn args_carry_controller_paths_and_ports() {
-        let args = sidecar_args(&config(), None);
+        let args = sidecar_args(&config(), PodSettings::default());
         for expected in [
             "--controller-url=https://keybrake-controller-streams.keybrake-system.svc:8443",
             "--token-file=/var/run/secrets/keybrake/token/token",
@@ -271,7 +285,7 @@ mod tests {
         // Default grace (30 s): drain 20 s, leases 2 s, flush 5 s, 3 s to spare.
         let default = ShutdownBudget::for_grace(None);
         assert_eq!((default.drain_secs, default.audit_flush_secs), (20, 5));
-        let args = sidecar_args(&config(), None);
+        let args = sidecar_args(&config(), PodSettings::default());
         assert!(
             args.contains(&"--drain-timeout=20s".to_string()),
             "{args:?}"
@@ -290,7 +304,13 @@ mod tests {
         }
         // A longer grace goes to draining calls.
         assert_eq!(ShutdownBudget::for_grace(Some(120)).drain_secs, 110);
-        let args = sidecar_args(&config(), Some(120));
+        let args = sidecar_args(
+            &config(),
+            PodSettings {
+                grace_secs: Some(120),
+                ..PodSettings::default()
+            },
+        );
         assert!(args.contains(&"--drain-timeout=110s".to_string()));
     }
 
@@ -321,7 +341,10 @@ mod tests {
             .into_iter()
             .map(|v| v.name)
             .collect();
-        for m in sidecar_container(&config, None).volume_mounts.unwrap() {
+        for m in sidecar_container(&config, PodSettings::default())
+            .volume_mounts
+            .unwrap()
+        {
             assert!(volumes.contains(&m.name), "{} has no volume", m.name);
         }
     }

@@ -337,6 +337,59 @@ fn unknown_agent_container_is_a_failure() {
 }
 
 #[test]
+fn the_pod_can_set_the_sidecars_upstream_connection_cap() {
+    let args_with = |value: Option<&str>| {
+        let mut review = fixture("pod-create-opted-in");
+        if let Some(value) = value {
+            review["request"]["object"]["metadata"]["annotations"]["keybrake.dev/upstream-max-connections"] =
+                value.into();
+        }
+        let answer = send(&review);
+        assert_eq!(
+            answer.outcome.result,
+            InjectionResult::Injected,
+            "{value:?}"
+        );
+        let pod = answer.typed_pod();
+        let sidecar = &pod.spec.as_ref().unwrap().init_containers.as_ref().unwrap()[0];
+        sidecar.args.clone().unwrap()
+    };
+    let flag = |args: &[String]| {
+        args.iter()
+            .filter(|a| a.starts_with("--upstream-max-connections"))
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    assert!(
+        flag(&args_with(None)).is_empty(),
+        "no annotation: the sidecar's default"
+    );
+    assert_eq!(
+        flag(&args_with(Some("256"))),
+        ["--upstream-max-connections=256"]
+    );
+    assert_eq!(
+        flag(&args_with(Some("0"))),
+        ["--upstream-max-connections=0"]
+    );
+}
+
+#[test]
+fn an_invalid_upstream_connection_cap_is_a_failure() {
+    for bad in ["-1", "many", "1.5", "", "1000001"] {
+        let mut review = fixture("pod-create-opted-in");
+        review["request"]["object"]["metadata"]["annotations"]["keybrake.dev/upstream-max-connections"] =
+            bad.into();
+        let answer = send(&review);
+        assert_failed_but_allowed(&answer, "KeybrakeInvalidUpstreamMaxConnections");
+        assert_eq!(
+            answer.outcome.failure,
+            Some(InjectionFailure::InvalidUpstreamMaxConnections(bad.into()))
+        );
+    }
+}
+
+#[test]
 fn a_container_on_a_sidecar_port_is_a_failure() {
     let mut review = fixture("pod-create-opted-in");
     review["request"]["object"]["spec"]["containers"][0]["ports"] =
