@@ -37,6 +37,9 @@ pub struct Metrics {
     pub policy_revision: IntGauge,
     pub policy_staleness: Gauge,
     pub stale_allowed: IntCounterVec,
+    /// Calls refused because every connection to their upstream stayed busy (the
+    /// `--upstream-max-connections` cap); one series per vendor, exported from start-up at 0.
+    pub upstream_busy: IntCounterVec,
     /// `keybrake_audit_*`: defined and registered by keybrake-audit (the one owner), on this
     /// registry.
     pub audit: AuditMetrics,
@@ -90,6 +93,18 @@ impl Metrics {
             &["namespace", "vault_key"],
         )
         .expect("valid metric");
+        let upstream_busy = IntCounterVec::new(
+            Opts::new(
+                "keybrake_upstream_busy_calls_total",
+                "Allowed calls answered 502 upstream_busy: every connection to the upstream stayed \
+                 busy for --upstream-connect-timeout (cap: --upstream-max-connections).",
+            ),
+            &["vendor"],
+        )
+        .expect("valid metric");
+        for vendor in Vendor::ALL {
+            upstream_busy.with_label_values(&[vendor.as_str()]);
+        }
         for c in [
             Box::new(calls.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(cost_usd.clone()),
@@ -97,6 +112,7 @@ impl Metrics {
             Box::new(policy_revision.clone()),
             Box::new(policy_staleness.clone()),
             Box::new(stale_allowed.clone()),
+            Box::new(upstream_busy.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -111,6 +127,7 @@ impl Metrics {
             policy_revision,
             policy_staleness,
             stale_allowed,
+            upstream_busy,
             audit,
         }
     }

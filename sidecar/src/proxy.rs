@@ -26,7 +26,7 @@ use crate::{
     path::{PathError, check_path, split_vendor_prefix},
     pricing::Prices,
     store::{KeyEntry, PolicyStore},
-    upstream_pool::UpstreamPool,
+    upstream_pool::{SendError, UpstreamPool},
     vendors::{
         Operation, Preflight, RequestView, ResponseView, VendorModule, extract_credential,
         module_for, upstream_authorization,
@@ -305,9 +305,20 @@ impl Proxy {
             Ok(Ok(response)) => response,
             Ok(Err(e)) => {
                 tracing::warn!(key = %grant.id, vendor = %vendor, error = %e, "upstream request failed");
+                // Busy is the sidecar's own cap, not the vendor being down: told apart in the
+                // audit row and metered, so an operator knows to raise the cap.
+                let reason = if matches!(e, SendError::NoConnectionFree { .. }) {
+                    self.metrics
+                        .upstream_busy
+                        .with_label_values(&[vendor.as_str()])
+                        .inc();
+                    "upstream_busy"
+                } else {
+                    "upstream_unreachable"
+                };
                 return Err(Refusal::upstream(
                     StatusCode::BAD_GATEWAY,
-                    "upstream_unreachable",
+                    reason,
                     reservation,
                 ));
             }

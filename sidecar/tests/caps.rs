@@ -145,6 +145,63 @@ async fn a_failed_upstream_call_releases_its_reservation() {
     }
 }
 
+/// The sidecar's own connection cap is told apart from a vendor that is down: 502 with reason
+/// `upstream_busy` in the audit row, counted per vendor, and the held money released.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_that_finds_every_upstream_connection_busy_is_refused_as_upstream_busy() {
+    // An upstream that accepts and never answers: the first call holds the only connection.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", silent.local_addr().unwrap());
+    let (accepted_tx, mut accepted) = tokio::sync::mpsc::unbounded_channel();
+    let holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = silent.accept().await {
+            held.push(stream);
+            let _ = accepted_tx.send(());
+        }
+    });
+    let limits = Limits {
+        daily_usd_cap: Some(usd("1.00")),
+        ..Limits::default()
+    };
+    let key = stripe_key("busy", "vault_key_busy", &url, limits);
+    let mut h = Harness::start_with(Freshness::AlwaysFresh, Some(vec![key]), |settings| {
+        settings.upstream_max_connections = 1;
+        settings.upstream_connect_timeout = std::time::Duration::from_millis(200);
+    })
+    .await;
+    let proxy = h.proxy;
+    let first = tokio::spawn(async move { raw(proxy, &charge("vault_key_busy", 60)).await });
+    accepted
+        .recv()
+        .await
+        .expect("the first call reaches the upstream");
+
+    // $0.60 is held by the first call; the second fits only because nothing else is.
+    let busy = raw(h.proxy, &charge("vault_key_busy", 30)).await.unwrap();
+    assert_eq!(busy.status, 502, "{busy:?}");
+    assert_eq!(busy.verdict(), "allow");
+    let row = h.next_row().await;
+    assert_eq!(row.verdict_reason.as_deref(), Some("upstream_busy"));
+    assert_eq!(row.vendor_status, 0);
+    assert_eq!(
+        accepted.try_recv().ok(),
+        None,
+        "no second connection was opened"
+    );
+
+    let metrics = raw(h.admin, &request("GET", "/metrics", &[], b""))
+        .await
+        .unwrap();
+    let text = String::from_utf8(metrics.body).unwrap();
+    assert!(
+        text.contains("keybrake_upstream_busy_calls_total{vendor=\"stripe\"} 1"),
+        "{text}"
+    );
+    first.abort();
+    holder.abort();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn settlement_releases_the_difference_and_unbounded_calls_reserve_the_default() {
     let fakes = Fakes::start().await;

@@ -84,6 +84,12 @@ fn metrics_table_is_the_agreed_list() {
             &["namespace", "vault_key"],
             Sidecar,
         ),
+        (
+            "keybrake_upstream_busy_calls_total",
+            Counter,
+            &["vendor"],
+            Sidecar,
+        ),
         ("keybrake_audit_queue_depth", Gauge, &[], Sidecar),
         ("keybrake_audit_spool_bytes", Gauge, &[], Sidecar),
         ("keybrake_audit_dropped_rows_total", Counter, &[], Sidecar),
