@@ -41,6 +41,7 @@ refuse "zero replicas" --set controller.replicas=0
 refuse "an unknown key" --set controler.replicas=2
 refuse "an unknown failure policy" --set injection.failurePolicy=Maybe
 refuse "an invalid excluded namespace" --set 'injection.excludedNamespaces={Bad_NS}'
+refuse "a negative sidecar connection cap" --set injection.sidecar.upstreamMaxConnections=-1
 
 step "golden helm template output"
 render() { "$HELM" template keybrake "$CHART" --namespace keybrake-system --kube-version 1.35.4 "$@"; }

@@ -30,6 +30,11 @@ pub struct InjectionFlags {
     /// How long an injected sidecar trusts its policy without the controller (`30s`, `2m`).
     #[arg(long, default_value = "30s", value_parser = parse_duration, requires = "sidecar_image")]
     pub staleness_bound: Duration,
+    /// Connections an injected sidecar opens at once to one vendor (`--upstream-max-connections`;
+    /// 0 = no cap). Unset: the sidecar's default (64). A pod's annotation
+    /// `keybrake.dev/upstream-max-connections` wins.
+    #[arg(long, requires = "sidecar_image")]
+    pub sidecar_upstream_max_connections: Option<u32>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -95,6 +100,7 @@ impl InjectionFlags {
         }
         config.ca_bundle_configmap = ca_configmap.to_owned();
         config.staleness_bound = self.staleness_bound;
+        config.upstream_max_connections = self.sidecar_upstream_max_connections;
         let mut excluded: BTreeSet<String> = self
             .inject_excluded_namespaces
             .iter()
@@ -149,6 +155,7 @@ mod tests {
             "--controller-url=https://keybrake-controller.keybrake-system.svc:8443",
             "--inject-excluded-namespaces=kube-system,keybrake-system,istio-system",
             "--staleness-bound=45s",
+            "--sidecar-upstream-max-connections=128",
         ])
         .unwrap();
         let config = flags
@@ -158,6 +165,7 @@ mod tests {
         assert_eq!(config.sidecar_image, "ghcr.io/keybrake/sidecar:0.1.0");
         assert_eq!(config.image_pull_policy.as_deref(), Some("IfNotPresent"));
         assert_eq!(config.staleness_bound, Duration::from_secs(45));
+        assert_eq!(config.upstream_max_connections, Some(128));
         assert_eq!(
             config.resources.requests.unwrap()["cpu"].0,
             "50m".to_string()
@@ -177,6 +185,17 @@ mod tests {
         assert!(parse(&["--controller-url=https://c:8443"]).is_err());
         assert!(parse(&["--webhook-addr=127.0.0.1:9443"]).is_err());
         assert!(parse(&["--staleness-bound=10s"]).is_err());
+        assert!(parse(&["--sidecar-upstream-max-connections=8"]).is_err());
+        let huge_cap = parse(&[
+            "--sidecar-image=img",
+            "--controller-url=https://c:8443",
+            "--sidecar-upstream-max-connections=1000001",
+        ])
+        .unwrap();
+        assert!(matches!(
+            huge_cap.injection_config("ns", "keybrake-ca"),
+            Err(FlagError::Config(_))
+        ));
         // An image without a controller to connect to: refused.
         assert!(parse(&["--sidecar-image=img"]).is_err());
         assert!(parse(&["--sidecar-image=img", "--sidecar-pull-policy=Sometimes"]).is_err());

@@ -74,7 +74,13 @@ pub struct InjectionConfig {
     /// Never inject here, whatever the pod says (kube-system, the controller's own namespace).
     /// The webhook's namespaceSelector already keeps them out; this is the second lock.
     pub excluded_namespaces: BTreeSet<String>,
+    /// Cluster-wide `--upstream-max-connections` for injected sidecars; a pod's
+    /// `keybrake.dev/upstream-max-connections` annotation wins. `None`: the sidecar's default.
+    pub upstream_max_connections: Option<u32>,
 }
+
+/// Largest connection cap the injector passes on (a larger one is a typo, refused).
+pub const MAX_UPSTREAM_CONNECTIONS: u32 = 1_000_000;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
@@ -94,6 +100,8 @@ pub enum ConfigError {
     TokenAudience,
     #[error("token expiration must be between 600 and 86400 seconds, got {0}")]
     TokenExpiration(i64),
+    #[error("sidecar upstream connection cap must be at most {MAX_UPSTREAM_CONNECTIONS}, got {0}")]
+    UpstreamMaxConnections(u32),
 }
 
 impl InjectionConfig {
@@ -114,12 +122,18 @@ impl InjectionConfig {
             spool_size_limit: Quantity("256Mi".into()),
             run_as_user: 65532,
             excluded_namespaces: ["kube-system".to_string()].into(),
+            upstream_max_connections: None,
         }
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.sidecar_image.trim().is_empty() {
             return Err(ConfigError::MissingImage);
+        }
+        if let Some(cap) = self.upstream_max_connections
+            && cap > MAX_UPSTREAM_CONNECTIONS
+        {
+            return Err(ConfigError::UpstreamMaxConnections(cap));
         }
         let host = self.controller_url.strip_prefix("https://").unwrap_or("");
         if host.is_empty() || host.starts_with('/') || host.contains('@') {

@@ -215,9 +215,6 @@ fn plan(
     })
 }
 
-/// Upper bound of [`names::UPSTREAM_MAX_CONNECTIONS`]; a pod asking for more has a typo.
-const MAX_UPSTREAM_CONNECTIONS: u32 = 1_000_000;
-
 /// The pod's connection cap, if it sets one. A value that is not a whole number in range
 /// refuses the pod: a sidecar started with a flag it rejects would never become ready.
 fn upstream_max_connections(pod: &Pod) -> Result<Option<u32>, InjectionFailure> {
@@ -228,7 +225,7 @@ fn upstream_max_connections(pod: &Pod) -> Result<Option<u32>, InjectionFailure> 
         .trim()
         .parse::<u32>()
         .ok()
-        .filter(|n| *n <= MAX_UPSTREAM_CONNECTIONS)
+        .filter(|n| *n <= crate::config::MAX_UPSTREAM_CONNECTIONS)
         .map(Some)
         .ok_or_else(|| InjectionFailure::InvalidUpstreamMaxConnections(value.to_string()))
 }

@@ -59,7 +59,8 @@ impl ShutdownBudget {
 pub struct PodSettings {
     /// The pod's `terminationGracePeriodSeconds` (see [`ShutdownBudget`]).
     pub grace_secs: Option<i64>,
-    /// From [`names::UPSTREAM_MAX_CONNECTIONS`]; `None` keeps the sidecar's default.
+    /// From [`names::UPSTREAM_MAX_CONNECTIONS`]; `None` falls back to the cluster's
+    /// [`InjectionConfig::upstream_max_connections`], then to the sidecar's default.
     pub upstream_max_connections: Option<u32>,
 }
 
@@ -86,7 +87,10 @@ pub fn sidecar_args(config: &InjectionConfig, pod: PodSettings) -> Vec<String> {
         format!("--drain-timeout={}s", shutdown.drain_secs),
         format!("--audit-flush-timeout={}s", shutdown.audit_flush_secs),
     ];
-    if let Some(max) = pod.upstream_max_connections {
+    if let Some(max) = pod
+        .upstream_max_connections
+        .or(config.upstream_max_connections)
+    {
         args.push(format!("--upstream-max-connections={max}"));
     }
     args
@@ -278,6 +282,26 @@ mod tests {
         ] {
             assert!(args.iter().any(|a| a == expected), "missing {expected}");
         }
+    }
+
+    #[test]
+    fn the_pods_connection_cap_wins_over_the_clusters() {
+        let cap = |cluster: Option<u32>, pod: Option<u32>| {
+            let mut config = config();
+            config.upstream_max_connections = cluster;
+            let pod = PodSettings {
+                upstream_max_connections: pod,
+                ..PodSettings::default()
+            };
+            sidecar_args(&config, pod)
+                .into_iter()
+                .filter(|a| a.starts_with("--upstream-max-connections"))
+                .collect::<Vec<_>>()
+        };
+        assert!(cap(None, None).is_empty(), "the sidecar's own default");
+        assert_eq!(cap(Some(128), None), ["--upstream-max-connections=128"]);
+        assert_eq!(cap(Some(128), Some(0)), ["--upstream-max-connections=0"]);
+        assert_eq!(cap(None, Some(16)), ["--upstream-max-connections=16"]);
     }
 
     #[test]
