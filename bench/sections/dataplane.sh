@@ -213,7 +213,7 @@ fi
 {
   echo "Targets: \`direct\` = load generator → upstream; \`nginx\` = → nginx $(nginx -v 2>&1 | sed 's/.*nginx\///') \
 (Debian nginx-light, 1 worker, keep-alive pool to the upstream, swaps \`Authorization\`); \`sidecar\` = → \
-keybrake-sidecar (standalone, \`--worker-threads 1\` = a current-thread Tokio runtime, no audit sink, $KEYS keys loaded from a JSON policy file, route \`GET /stripe$ROUTE\` = \
+keybrake-sidecar (standalone, \`--worker-threads 1\` = a current-thread Tokio runtime, no audit sink, default \`--upstream-max-connections\` (64: at 256 client connections calls queue for an upstream connection), $KEYS keys loaded from a JSON policy file, route \`GET /stripe$ROUTE\` = \
 \`customers.retrieve\`). Upstream: bench-upstream (1 KB body, keep-alive, current-thread runtime, checks the \
 swapped credential). Cores: upstream and load generators on core $LOAD_CORE (taskset), proxy under test alone on \
 core $PROXY_CORE. Loopback only. Raw records: \`target/bench/dataplane/results.jsonl\`."
