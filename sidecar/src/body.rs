@@ -653,7 +653,8 @@ data: [DONE]\n\n";
         (frames, None)
     }
 
-    #[tokio::test]
+    // Paused clock: time moves only when every task waits, so gaps and deadlines are exact.
+    #[tokio::test(start_paused = true)]
     async fn a_silent_upstream_times_out_after_its_last_frame() {
         use futures::StreamExt;
         let seen = Arc::new(Mutex::new(None));
@@ -679,7 +680,8 @@ data: [DONE]\n\n";
         assert_eq!(*seen.lock().unwrap(), Some((StreamEnd::IdleTimeout, 2)));
     }
 
-    #[tokio::test]
+    // Paused clock: time moves only when every task waits, so gaps and deadlines are exact.
+    #[tokio::test(start_paused = true)]
     async fn frames_keep_a_slow_stream_alive_past_the_idle_limit() {
         // Ten frames 30 ms apart take longer than the 200 ms idle limit in all, but no gap
         // comes near it: the timer, armed at the first wait, must be moved on, not fire.
@@ -698,7 +700,8 @@ data: [DONE]\n\n";
         assert_eq!(*seen.lock().unwrap(), Some((StreamEnd::Complete, 20)));
     }
 
-    #[tokio::test]
+    // Paused clock: time moves only when every task waits, so gaps and deadlines are exact.
+    #[tokio::test(start_paused = true)]
     async fn a_stream_that_never_pauses_long_still_ends_at_the_total_deadline() {
         let seen = Arc::new(Mutex::new(None));
         let started = Instant::now();
