@@ -17,6 +17,7 @@ pub mod body;
 pub mod budget_client;
 pub mod cli;
 pub mod decide;
+pub mod drain;
 pub mod forward;
 pub mod ledger;
 pub mod metrics;
