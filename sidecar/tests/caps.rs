@@ -189,13 +189,21 @@ async fn a_call_that_finds_every_upstream_connection_busy_is_refused_as_upstream
         None,
         "no second connection was opened"
     );
+    // The busy call's $0.30 hold was released: $0.60 held + $0.35 fits the $1.00 cap only then
+    // (this call is busy too, but passes the cap check first).
+    let after = raw(h.proxy, &charge("vault_key_busy", 35)).await.unwrap();
+    assert_eq!(after.verdict(), "allow", "{after:?}");
+    assert_eq!(
+        h.next_row().await.verdict_reason.as_deref(),
+        Some("upstream_busy")
+    );
 
     let metrics = raw(h.admin, &request("GET", "/metrics", &[], b""))
         .await
         .unwrap();
     let text = String::from_utf8(metrics.body).unwrap();
     assert!(
-        text.contains("keybrake_upstream_busy_calls_total{vendor=\"stripe\"} 1"),
+        text.contains("keybrake_upstream_busy_calls_total{vendor=\"stripe\"} 2"),
         "{text}"
     );
     first.abort();
