@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Data-plane benchmark (issue 3): direct vs nginx vs keybrake-sidecar, interleaved.
-# Run through bench/run.sh (which sets BENCH_OUT, BENCH_BIN, BENCH_ROOT). Cores: the upstream
-# and the load generators share core 0; the proxy under test gets core 1 to itself.
+# Run through bench/run.sh (which sets BENCH_OUT, BENCH_BIN, BENCH_ROOT). Cores: for throughput,
+# the upstream and the load generators share core 0 and the proxy under test gets core 1 to
+# itself. Added latency is measured in two layouts (bench/src/record.rs, Layout): that one
+# ("isolated") and "pod" (load generator and proxy on core 0, upstream on core 1), each with a
+# byte-splicing relay (socat) as the floor of what any extra hop costs there.
 # Knobs (environment): BENCH_ROUNDS (3), BENCH_THROUGHPUT_SECONDS (5), BENCH_LATENCY_SECONDS (10),
 # BENCH_LATENCY_RATE (1000), BENCH_KEYS (10000), BENCH_CONNECTIONS ("1 16 256"),
 # BENCH_SKIP_SIDECAR (1 = measure only direct and nginx), BENCH_DATAPLANE_SIDECAR (a sidecar binary
@@ -18,7 +21,7 @@ LAT_RATE="${BENCH_LATENCY_RATE:-1000}"
 LAT_CONNECTIONS=16
 KEYS="${BENCH_KEYS:-10000}"
 read -r -a CONNECTIONS <<< "${BENCH_CONNECTIONS:-1 16 256}"
-UPSTREAM_PORT=18080 NGINX_PORT=18081 SIDECAR_PORT=18082 SIDECAR_ADMIN_PORT=18083
+UPSTREAM_PORT=18080 NGINX_PORT=18081 SIDECAR_PORT=18082 SIDECAR_ADMIN_PORT=18083 SPLICE_PORT=18084
 LOAD_CORE=0 PROXY_CORE=1
 SIDECAR_BINARY="${BENCH_DATAPLANE_SIDECAR:-$BENCH_BIN/keybrake-sidecar}"
 UPSTREAM_SECRET="sk_test_upstream"
@@ -39,7 +42,7 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 # Debian packages this section needs; installed when missing (the machines run as root).
-ensure_tools "$LOG/apt.log" wrk=wrk nginx=nginx-light curl=curl taskset=util-linux /usr/bin/time=time
+ensure_tools "$LOG/apt.log" wrk=wrk nginx=nginx-light curl=curl taskset=util-linux /usr/bin/time=time socat=socat
 [[ $(nproc) -ge 2 ]] || die "needs 2 cores (load on core $LOAD_CORE, proxy on core $PROXY_CORE)"
 
 # expect_response NAME URL AUTH WANT: one request, "STATUS BYTES" must equal WANT.
@@ -49,7 +52,7 @@ expect_response() {
   [[ "$got" == "$4" ]] || die "$1: $2 answered '$got', expected '$4'"
 }
 
-for port in $UPSTREAM_PORT $NGINX_PORT $SIDECAR_PORT $SIDECAR_ADMIN_PORT; do
+for port in $UPSTREAM_PORT $NGINX_PORT $SIDECAR_PORT $SIDECAR_ADMIN_PORT $SPLICE_PORT; do
   port_free "$port" || die "port $port is in use; stop whatever holds it (ss -ltnp 'sport = :$port')"
 done
 
@@ -111,6 +114,13 @@ NGINX_PID=$!
 PIDS+=("$NGINX_PID")
 wait_port "$NGINX_PORT" "$NGINX_PID" || die "nginx did not start: $(cat "$LOG/nginx.log" "$NGINX_DIR/error.log" 2>/dev/null)"
 
+# ---- splice: a TCP relay that copies bytes both ways (one process per connection) -----------
+taskset -c "$PROXY_CORE" socat "TCP-LISTEN:$SPLICE_PORT,bind=127.0.0.1,fork,reuseaddr,nodelay,backlog=4096" \
+  "TCP:127.0.0.1:$UPSTREAM_PORT,nodelay" > "$LOG/splice.log" 2>&1 &
+SPLICE_PID=$!
+PIDS+=("$SPLICE_PID")
+wait_port "$SPLICE_PORT" "$SPLICE_PID" || die "socat did not start: $(cat "$LOG/splice.log")"
+
 # ---- sidecar: standalone, one worker thread, one core, $KEYS keys -------------------------
 if [[ $SIDECAR == 1 ]]; then
   export KEYBRAKE_BENCH_UPSTREAM_SECRET="$UPSTREAM_SECRET"
@@ -148,21 +158,24 @@ done
 
 declare -A URL=(
   [direct]="http://127.0.0.1:$UPSTREAM_PORT$ROUTE"
+  [splice]="http://127.0.0.1:$SPLICE_PORT$ROUTE"
   [nginx]="http://127.0.0.1:$NGINX_PORT/stripe$ROUTE"
   [sidecar]="http://127.0.0.1:$SIDECAR_PORT/stripe$ROUTE"
 )
 declare -A AUTH=(
   [direct]="Bearer $UPSTREAM_SECRET"
+  [splice]="Bearer $UPSTREAM_SECRET"
   [nginx]="Bearer $VAULT_KEY"
   [sidecar]="Bearer $VAULT_KEY"
 )
 TARGETS=(direct nginx)
 [[ $SIDECAR == 1 ]] && TARGETS+=(sidecar)
+LATENCY_TARGETS=(direct splice "${TARGETS[@]:1}")
 
 # Each target must return the upstream's 1 KB body (so its credential reached the upstream
 # swapped), and the sidecar must refuse a key it does not know: otherwise there is nothing
 # worth measuring.
-for via in "${TARGETS[@]}"; do
+for via in "${LATENCY_TARGETS[@]}"; do
   expect_response "$via" "${URL[$via]}" "${AUTH[$via]}" "200 1024"
 done
 if [[ $SIDECAR == 1 ]]; then
@@ -187,15 +200,34 @@ for ((round = 0; round < ROUNDS; round++)); do
 done
 
 # ---- added latency at a fixed rate: open loop, corrected for coordinated omission ---------
-say "latency: ${LAT_RATE} req/s, $LAT_CONNECTIONS connections, $ROUNDS rounds x (${LAT_WARMUP}+${LAT_SECONDS})s"
-for ((round = 0; round < ROUNDS; round++)); do
-  for via in $(rotate "$round" "${TARGETS[@]}"); do
-    timeout --foreground $((LAT_WARMUP + LAT_SECONDS + 60)) taskset -c "$LOAD_CORE" "$BENCH_BIN/bench-loadgen" \
-      --url "${URL[$via]}" -H "Authorization: ${AUTH[$via]}" --expect-body 1024 \
-      --rate "$LAT_RATE" --connections "$LAT_CONNECTIONS" --warmup "$LAT_WARMUP" \
-      --duration "$LAT_SECONDS" --via "$via" --round "$round" >> "$RESULTS" 2> "$LOG/loadgen-$via-r$round.err" \
-      || die "loadgen failed: $(cat "$LOG/loadgen-$via-r$round.err")"
-    say "  round $round $via: $(tail -1 "$RESULTS" | grep -oE '"p50_us":[0-9.]+|"p99_us":[0-9.]+' | tr '\n' ' ')"
+# pin CORE PID...: every thread of each process and of its children (nginx's worker, socat's
+# per-connection copies) onto CORE.
+pin() {
+  local core="$1" pid child
+  shift
+  for pid in "$@"; do
+    for child in $(pgrep -P "$pid" 2>/dev/null || true); do taskset -a -p -c "$core" "$child" > /dev/null; done
+    taskset -a -p -c "$core" "$pid" > /dev/null
+  done
+}
+PROXY_PIDS=("$NGINX_PID" "$SPLICE_PID")
+[[ $SIDECAR == 1 ]] && PROXY_PIDS+=("$SIDECAR_PID")
+for layout in isolated pod; do
+  if [[ $layout == pod ]]; then # the agent's core takes the proxy; the upstream moves away
+    pin "$LOAD_CORE" "${PROXY_PIDS[@]}"
+    pin "$PROXY_CORE" "$UPSTREAM_PID"
+  fi
+  say "latency ($layout layout): ${LAT_RATE} req/s, $LAT_CONNECTIONS connections, $ROUNDS rounds x (${LAT_WARMUP}+${LAT_SECONDS})s"
+  for ((round = 0; round < ROUNDS; round++)); do
+    for via in $(rotate "$round" "${LATENCY_TARGETS[@]}"); do
+      timeout --foreground $((LAT_WARMUP + LAT_SECONDS + 60)) taskset -c "$LOAD_CORE" "$BENCH_BIN/bench-loadgen" \
+        --url "${URL[$via]}" -H "Authorization: ${AUTH[$via]}" --expect-body 1024 \
+        --rate "$LAT_RATE" --connections "$LAT_CONNECTIONS" --warmup "$LAT_WARMUP" \
+        --duration "$LAT_SECONDS" --via "$via" --layout "$layout" --round "$round" >> "$RESULTS" \
+        2> "$LOG/loadgen-$layout-$via-r$round.err" \
+        || die "loadgen failed: $(cat "$LOG/loadgen-$layout-$via-r$round.err")"
+      say "  $layout round $round $via: $(tail -1 "$RESULTS" | grep -oE '"p50_us":[0-9.]+|"p99_us":[0-9.]+' | tr '\n' ' ')"
+    done
   done
 done
 
@@ -215,8 +247,10 @@ fi
 (Debian nginx-light, 1 worker, keep-alive pool to the upstream, swaps \`Authorization\`); \`sidecar\` = → \
 keybrake-sidecar (standalone, \`--worker-threads 1\` = a current-thread Tokio runtime, no audit sink, default \`--upstream-max-connections\` (64: at 256 client connections calls queue for an upstream connection), $KEYS keys loaded from a JSON policy file, route \`GET /stripe$ROUTE\` = \
 \`customers.retrieve\`). Upstream: bench-upstream (1 KB body, keep-alive, current-thread runtime, checks the \
-swapped credential). Cores: upstream and load generators on core $LOAD_CORE (taskset), proxy under test alone on \
-core $PROXY_CORE. Loopback only. Raw records: \`target/bench/dataplane/results.jsonl\`."
+swapped credential). \`splice\` = → socat $(socat -V 2>/dev/null | sed -n 's/^socat version \([^ ]*\).*/\1/p') \
+(Debian, \`TCP-LISTEN,fork,nodelay\` → upstream: copies bytes, parses nothing; latency rows only). \
+Cores (taskset): for throughput, upstream and load generators on core $LOAD_CORE, proxy under test alone on \
+core $PROXY_CORE; latency in the layouts its tables name. Loopback only. Raw records: \`target/bench/dataplane/results.jsonl\`."
   [[ "$SIDECAR_BINARY" == "$BENCH_BIN/keybrake-sidecar" ]] || echo "Sidecar binary: \`$SIDECAR_BINARY\`."
   [[ $SIDECAR == 1 ]] || echo $'\n'"**The sidecar was not measured (BENCH_SKIP_SIDECAR=1).**"
   echo

@@ -4,23 +4,71 @@
 use serde::{Deserialize, Serialize};
 
 /// Which path the load took.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Via {
     Direct,
+    /// A byte-splicing TCP relay (socat): no HTTP parsing at all, so what it adds is the floor
+    /// any proxy pays for the extra hop on this machine.
+    Splice,
     Nginx,
     Sidecar,
 }
 
 impl Via {
-    pub const ALL: [Via; 3] = [Via::Direct, Via::Nginx, Via::Sidecar];
-    pub const PROXIES: [Via; 2] = [Via::Nginx, Via::Sidecar];
-
     pub fn label(self) -> &'static str {
         match self {
             Via::Direct => "direct",
+            Via::Splice => "splice",
             Via::Nginx => "nginx",
             Via::Sidecar => "sidecar",
+        }
+    }
+}
+
+/// Where the processes of a latency run sat on the two cores.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Layout {
+    /// Load generator and upstream on core 0, the proxy alone on core 1: the direct path stays
+    /// on one core while a proxied call crosses cores four times.
+    #[default]
+    Isolated,
+    /// Load generator and proxy share core 0 (an agent and its sidecar in one pod), the
+    /// upstream on core 1 (the remote vendor): direct and proxied calls cross cores alike.
+    Pod,
+}
+
+impl Layout {
+    pub fn label(self) -> &'static str {
+        match self {
+            Layout::Isolated => "isolated",
+            Layout::Pod => "pod",
         }
     }
 }
@@ -41,6 +89,9 @@ pub enum Record {
     /// An open-loop run at a fixed rate (bench-loadgen); latencies in microseconds.
     Latency {
         via: Via,
+        /// Absent in records written before layouts existed: those ran isolated.
+        #[serde(default)]
+        layout: Layout,
         round: u32,
         rate: f64,
         connections: usize,

@@ -11,7 +11,7 @@ use clap::Parser;
 use keybrake_bench::{
     client::Target,
     openloop::{self, Arm, Plan, Samples},
-    record::{Record, Via},
+    record::{Layout, Record, Via},
     stats::percentile,
 };
 
@@ -39,7 +39,9 @@ struct Args {
     expect_body: Option<usize>,
     /// Labels copied into the record.
     #[arg(long, value_enum)]
-    via: ViaArg,
+    via: Via,
+    #[arg(long, value_enum, default_value_t = Layout::Isolated)]
+    layout: Layout,
     #[arg(long, default_value_t = 0)]
     round: u32,
     /// Also write every measured latency (µs, one per line, ascending) to this file, so
@@ -50,13 +52,6 @@ struct Args {
     /// counted from the end of the warm-up), for resampling by blocks of time. One per `--url`.
     #[arg(long)]
     timed_out: Vec<std::path::PathBuf>,
-}
-
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum ViaArg {
-    Direct,
-    Nginx,
-    Sidecar,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -140,11 +135,8 @@ fn record(args: &Args, samples: &Samples) -> Record {
         percentile(sorted, q).map_or(f64::NAN, |d| (d.as_secs_f64() * 1e7).round() / 10.0)
     };
     Record::Latency {
-        via: match args.via {
-            ViaArg::Direct => Via::Direct,
-            ViaArg::Nginx => Via::Nginx,
-            ViaArg::Sidecar => Via::Sidecar,
-        },
+        via: args.via,
+        layout: args.layout,
         round: args.round,
         rate: args.rate,
         connections: args.connections,

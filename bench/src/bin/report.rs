@@ -20,29 +20,12 @@ struct Args {
     command: Command,
 }
 
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum ViaArg {
-    Direct,
-    Nginx,
-    Sidecar,
-}
-
-impl From<ViaArg> for Via {
-    fn from(via: ViaArg) -> Via {
-        match via {
-            ViaArg::Direct => Via::Direct,
-            ViaArg::Nginx => Via::Nginx,
-            ViaArg::Sidecar => Via::Sidecar,
-        }
-    }
-}
-
 #[derive(Subcommand)]
 enum Command {
     /// Read wrk's output on stdin, print a `throughput` record.
     Wrk {
         #[arg(long, value_enum)]
-        via: ViaArg,
+        via: Via,
         #[arg(long)]
         connections: usize,
         #[arg(long)]
@@ -52,7 +35,7 @@ enum Command {
     /// --at-rest an `rss_at_rest` record (the process's RSS right now, from /proc/PID/status).
     Rss {
         #[arg(long, value_enum)]
-        via: ViaArg,
+        via: Via,
         #[arg(long, default_value_t = 0)]
         keys: usize,
         #[arg(long, conflicts_with = "pid")]
@@ -88,7 +71,7 @@ fn main() -> anyhow::Result<()> {
             let output = std::io::read_to_string(std::io::stdin())?;
             let summary = wrk::parse(&output).with_context(|| format!("wrk said:\n{output}"))?;
             let record = Record::Throughput {
-                via: via.into(),
+                via,
                 connections,
                 round,
                 requests_per_sec: summary.requests_per_sec,
@@ -109,7 +92,7 @@ fn main() -> anyhow::Result<()> {
                 let path = format!("/proc/{pid}/status");
                 let text = fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
                 let record = Record::RssAtRest {
-                    via: via.into(),
+                    via,
                     keys,
                     rss_kb: rss::current_from_proc_status(&text)?,
                     source: "VmRSS in /proc/PID/status".to_owned(),
@@ -138,7 +121,7 @@ fn main() -> anyhow::Result<()> {
                 (None, None) => anyhow::bail!("give --time-output FILE or --pid PID"),
             };
             let record = Record::PeakRss {
-                via: via.into(),
+                via,
                 keys,
                 max_rss_kb,
                 source,
