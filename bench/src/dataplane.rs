@@ -236,8 +236,8 @@ fn latency_table(records: &[Record], out: &mut String, outcomes: &mut Vec<(Strin
          interleaved rounds. `splice` is a byte-splicing TCP relay (socat, no HTTP parsing): \
          what it adds is the floor any proxy pays for the extra hop in that layout. Targets are \
          judged in the {} layout: there a direct call crosses cores as often as a proxied one, as \
-         between an agent's pod and a remote vendor; in the isolated layout the relay alone adds \
-         what it adds below.\n",
+         between an agent's pod and a remote vendor. The isolated table shows what the same \
+         proxies, and the relay, add when the proxy has a core to itself.\n",
         judged.label()
     );
     for layout in [Layout::Pod, Layout::Isolated] {
