@@ -1,6 +1,9 @@
 //! Keep-alive connections to the upstreams, on hyper's low-level HTTP/1 client.
 //!
-//! Per upstream (scheme + authority) a LIFO stack of idle senders: the most recently used
+//! A connection has no task of its own: the call using it drives it ([`conn`]), from the wait
+//! for the response head through the end of the response body, and in the pool it sits still.
+//!
+//! Per upstream (scheme + authority) a LIFO stack of idle connections: the most recently used
 //! connection is the warmest and the likeliest still open, and the old ones at the bottom are
 //! the ones the idle timeout reaps. A connection goes back to the stack only once its response
 //! body has been read to the end ([`PooledBody`]); a long streamed response simply holds its
@@ -13,7 +16,10 @@
 //! call beyond the cap waits its turn (first come, first served) for a connection to finish or
 //! close, at most the connect timeout, and then fails like an unreachable upstream. A connection
 //! is in use until its response body has ended, so a long stream holds its slot throughout.
+mod conn;
+
 use std::{
+    cell::RefCell,
     collections::HashMap,
     hash::{BuildHasherDefault, Hash, Hasher},
     pin::Pin,
@@ -29,10 +35,7 @@ use bytes::Bytes;
 use http::{Request, Response, uri::Authority};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
-use hyper::{
-    body::Incoming,
-    client::conn::http1::{self, SendRequest},
-};
+use hyper::{body::Incoming, client::conn::http1};
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
 use tokio::{
@@ -41,10 +44,14 @@ use tokio::{
 };
 use tokio_rustls::TlsConnector;
 
-pub type UpstreamRequest = Request<Full<Bytes>>;
-type Sender = SendRequest<Full<Bytes>>;
+use conn::{UpstreamConn, UpstreamIo};
 
-/// Idle connections that turn out closed are skipped; after this many, a new one is opened.
+pub type UpstreamRequest = Request<Full<Bytes>>;
+/// Connections move between the pool and the calls using them: boxed, that is one pointer.
+type Conn = Box<UpstreamConn>;
+
+/// Idle connections that turn out closed are skipped; after this many that looked open but
+/// refused the request anyway, a new one is opened.
 const MAX_STALE_SKIPS: usize = 16;
 
 /// Default of [`PoolSettings::max_connections_per_upstream`] (`--upstream-max-connections`).
@@ -180,8 +187,19 @@ impl UpstreamState {
 }
 
 struct IdleSender {
-    sender: Sender,
+    /// The request handle with its connection. In a cell: [`IdleConn::is_closed`] polls the
+    /// connection, and the pool's lock already makes that access exclusive.
+    sender: IdleConn,
     since: Instant,
+}
+
+struct IdleConn(RefCell<Conn>);
+
+impl IdleConn {
+    /// Polls the connection once (nobody is woken by it while idle) and tells whether it ended.
+    fn is_closed(&self) -> bool {
+        !self.0.borrow_mut().is_open()
+    }
 }
 
 struct Shared {
@@ -223,28 +241,32 @@ impl UpstreamPool {
                 (self.shared.checkout(upstream), Some(slot))
             }
         };
-        for _ in 0..MAX_STALE_SKIPS {
-            let Some(mut sender) = idle.take() else {
-                break;
-            };
-            if sender.is_ready() || sender.ready().await.is_ok() {
-                match sender.try_send_request(request).await {
-                    Ok(response) => return Ok(self.lease(upstream, sender, slot, response)),
+        let mut tries = 0;
+        while let Some(mut conn) = idle.take() {
+            // One poll notices a close that happened while idle (and lets the connection ask
+            // for its next request); a connection still finishing the last one is waited for.
+            if conn.is_open() && (conn.is_ready() || conn.ready().await) {
+                match conn.send(request).await {
+                    Ok(response) => return Ok(self.lease(upstream, conn, slot, response)),
                     Err(mut failed) => match failed.take_message() {
                         // Never written: the upstream had closed this connection; try another.
                         Some(unsent) => request = unsent,
                         None => return Err(SendError::Request(failed.into_error())),
                     },
                 }
-            } // else: closed while idle
+                tries += 1;
+                if tries == MAX_STALE_SKIPS {
+                    break;
+                }
+            } // else: closed while idle, dropped here
             idle = self.shared.checkout(upstream);
         }
-        let mut sender = self.shared.connect(upstream).await?;
-        let response = sender
-            .send_request(request)
+        let mut conn = self.shared.connect(upstream).await?;
+        let response = conn
+            .send(request)
             .await
-            .map_err(SendError::Request)?;
-        Ok(self.lease(upstream, sender, slot, response))
+            .map_err(|failed| SendError::Request(failed.into_error()))?;
+        Ok(self.lease(upstream, conn, slot, response))
     }
 
     /// Queues for a slot of a capped upstream, at most the connect timeout. Dropped (the call
@@ -268,7 +290,7 @@ impl UpstreamPool {
     fn lease(
         &self,
         upstream: &UpstreamKey,
-        sender: Sender,
+        conn: Conn,
         slot: Option<OwnedSemaphorePermit>,
         response: Response<Incoming>,
     ) -> Response<PooledBody> {
@@ -278,7 +300,7 @@ impl UpstreamPool {
                 lease: Some(Lease {
                     shared: self.shared.clone(),
                     upstream: upstream.clone(),
-                    sender,
+                    conn,
                     slot,
                 }),
             };
@@ -325,7 +347,7 @@ impl Drop for Waiting {
 enum Claim {
     /// A slot (if capped) and perhaps an idle connection.
     Ready {
-        idle: Option<Sender>,
+        idle: Option<Conn>,
         slot: Option<OwnedSemaphorePermit>,
     },
     /// Every slot is taken: queue on these.
@@ -367,30 +389,27 @@ impl Shared {
     }
 
     /// The most recently returned open connection younger than the idle timeout.
-    fn checkout(&self, upstream: &UpstreamKey) -> Option<Sender> {
+    fn checkout(&self, upstream: &UpstreamKey) -> Option<Conn> {
         let mut upstreams = self.lock();
         let state = upstreams.get_mut(upstream)?;
         self.pop_idle(state)
     }
 
-    fn pop_idle(&self, state: &mut UpstreamState) -> Option<Sender> {
+    /// The warmest connection unless it is too old; whether it is still open is checked by
+    /// the caller, outside the lock.
+    fn pop_idle(&self, state: &mut UpstreamState) -> Option<Conn> {
         let stack = &mut state.idle;
-        let now = Instant::now();
-        while let Some(entry) = stack.pop() {
-            if self.expired(&entry, now) {
-                // The stack is ordered by age: everything below is older still.
-                stack.clear();
-                return None;
-            }
-            if !entry.sender.is_closed() {
-                return Some(entry.sender);
-            }
+        let entry = stack.pop()?;
+        if self.expired(&entry, Instant::now()) {
+            // The stack is ordered by age: everything below is older still.
+            stack.clear();
+            return None;
         }
-        None
+        Some(entry.sender.0.into_inner())
     }
 
-    fn checkin(&self, upstream: UpstreamKey, sender: Sender) {
-        if sender.is_closed() {
+    fn checkin(&self, upstream: UpstreamKey, conn: Conn) {
+        if !conn.is_reusable() {
             return;
         }
         let mut upstreams = self.lock();
@@ -400,7 +419,7 @@ impl Shared {
             .idle;
         if stack.len() < self.settings.max_idle_per_upstream {
             stack.push(IdleSender {
-                sender,
+                sender: IdleConn(RefCell::new(conn)),
                 since: Instant::now(),
             });
         }
@@ -431,7 +450,7 @@ impl Shared {
         });
     }
 
-    async fn connect(&self, upstream: &UpstreamKey) -> Result<Sender, SendError> {
+    async fn connect(&self, upstream: &UpstreamKey) -> Result<Conn, SendError> {
         let timeout = self.settings.connect_timeout;
         let https = upstream.https();
         let host = upstream.authority().host();
@@ -450,33 +469,25 @@ impl Shared {
                 .map_err(SendError::Connect)?;
             tcp.set_nodelay(true).map_err(SendError::Connect)?;
             if !https {
-                return handshake(tcp).await;
+                return handshake(UpstreamIo::Plain(tcp)).await;
             }
             let name = ServerName::try_from(host.to_owned())
                 .map_err(|_| SendError::ServerName(host.to_owned()))?;
             let tls = self.tls.connect(name, tcp).await.map_err(SendError::Tls)?;
-            handshake(tls).await
+            handshake(UpstreamIo::Tls(Box::new(tls))).await
         })
         .await;
         connected.unwrap_or(Err(SendError::ConnectTimeout(timeout)))
     }
 }
 
-async fn handshake<IO>(io: IO) -> Result<Sender, SendError>
-where
-    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    let (sender, connection) = http1::Builder::new()
+async fn handshake(io: UpstreamIo) -> Result<Conn, SendError> {
+    let (sender, driver) = http1::Builder::new()
         .handshake(TokioIo::new(io))
         .await
         .map_err(SendError::Handshake)?;
-    // Drives the connection; it ends when the upstream closes it or its sender is dropped.
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::debug!(error = %e, "upstream connection ended with an error");
-        }
-    });
-    Ok(sender)
+    // Not spawned: the calls using the connection drive it.
+    Ok(Box::new(UpstreamConn::new(sender, driver)))
 }
 
 /// Closes idle connections past the idle timeout even when no call comes to reuse them.
@@ -501,7 +512,8 @@ async fn reap_expired(shared: Weak<Shared>) {
 struct Lease {
     shared: Arc<Shared>,
     upstream: UpstreamKey,
-    sender: Sender,
+    /// Driven by the body while it is read; dropped (closed) with an unfinished body.
+    conn: Conn,
     /// Freed with the lease: after the connection is back in the pool, or closed.
     slot: Option<OwnedSemaphorePermit>,
 }
@@ -525,7 +537,7 @@ impl std::fmt::Debug for PooledBody {
 impl PooledBody {
     fn release(&mut self) {
         if let Some(lease) = self.lease.take() {
-            lease.shared.checkin(lease.upstream, lease.sender);
+            lease.shared.checkin(lease.upstream, lease.conn);
             // Only now: the waiter this wakes finds the connection idle.
             drop(lease.slot);
         }
@@ -540,7 +552,15 @@ impl Body for PooledBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        let this = &mut *self;
+        let inner = &mut this.inner;
+        let polled = match this.lease.as_mut() {
+            Some(lease) => lease
+                .conn
+                .poll_driven(cx, |cx| Pin::new(&mut *inner).poll_frame(cx)),
+            // Released: the body has ended.
+            None => Pin::new(inner).poll_frame(cx),
+        };
         match &polled {
             Poll::Ready(None) => self.release(),
             // hyper's server stops polling a body that says it has ended: release here too.
@@ -780,6 +800,33 @@ mod tests {
         // Keys made separately for the same upstream share its connections.
         assert_eq!(pool.idle_count(&upstream.key(false)), 1);
         assert_eq!(pool.idle_count(&upstream.key(true)), 0);
+    }
+
+    #[tokio::test]
+    async fn a_connection_is_ready_for_the_next_request_once_its_body_is_read() {
+        let mut upstream = Upstream::start(None).await;
+        let pool = plain_pool(Duration::from_secs(60));
+        let key = upstream.key(false);
+        read_all(pool.send(&key, get(&upstream, "/a")).await.unwrap()).await;
+        upstream.next_request_conn().await;
+        // No task drives an idle connection: reading the body through must have left it
+        // asking for its next request, and nothing registered to wake a finished call.
+        {
+            let upstreams = pool.shared.lock();
+            let idle = &upstreams[&key].idle;
+            assert_eq!(idle.len(), 1);
+            assert!(idle[0].sender.0.borrow().is_ready());
+        }
+        // A streamed body is read as its chunks come, each read driving the connection.
+        let mut streaming = pool.send(&key, get(&upstream, "/stream")).await.unwrap();
+        let first = streaming.body_mut().frame().await.unwrap().unwrap();
+        assert_eq!(first.into_data().unwrap(), "first");
+        assert_eq!(upstream.accepted(), 1, "the idle connection was reused");
+        assert_eq!(
+            pool.idle_count(&key),
+            0,
+            "a streaming response holds its connection"
+        );
     }
 
     #[tokio::test]
