@@ -1,6 +1,7 @@
 //! Listeners: the prefix-routed proxy port, one port per vendor, and the admin port; graceful
 //! shutdown that stops accepting and drains in-flight calls (streams included).
 use std::{
+    convert::Infallible,
     future::Future,
     net::{IpAddr, Ipv4Addr, SocketAddr},
     sync::Arc,
@@ -24,6 +25,9 @@ use crate::{
     store::PolicyStore,
     upstream_pool::{PoolSettings, UpstreamPool},
 };
+
+mod head_deadline;
+use head_deadline::{HeadClock, HeadDeadline};
 
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -158,8 +162,10 @@ impl Sidecar {
         });
         let (shutdown, _) = watch::channel(false);
         let mut http = http1::Builder::new();
+        // The header read timeout is HeadDeadline's (one timer per connection, not per request);
+        // hyper's own is off. hyper still needs a timer for its other deadlines.
         http.timer(TokioTimer::new())
-            .header_read_timeout(settings.header_read_timeout)
+            .header_read_timeout(None::<Duration>)
             .keep_alive(true)
             // Bounds the request head (and so oversized auth headers): 431 beyond it.
             .max_buf_size(64 * 1024);
@@ -174,6 +180,7 @@ impl Sidecar {
         };
         let mut tasks = Vec::new();
         let drain = settings.drain_timeout;
+        let head_timeout = settings.header_read_timeout;
 
         let listener = bind(settings.proxy_port).await?;
         let proxy_addr = listener.local_addr().map_err(|source| StartError::Bind {
@@ -201,6 +208,7 @@ impl Sidecar {
                 http.clone(),
                 shutdown.subscribe(),
                 drain,
+                head_timeout,
             )));
         }
 
@@ -215,7 +223,7 @@ impl Sidecar {
         let metrics = deps.metrics;
         let admin = move |req: Request<Incoming>| {
             let response = admin_response(&req, &store, &metrics);
-            async move { Ok::<_, std::convert::Infallible>(response) }
+            async move { Ok::<_, Infallible>(response) }
         };
         tasks.push(tokio::spawn(serve(
             admin_listener,
@@ -223,6 +231,7 @@ impl Sidecar {
             http.clone(),
             shutdown.subscribe(),
             drain,
+            head_timeout,
         )));
 
         let addrs = BoundAddrs {
@@ -282,9 +291,10 @@ async fn serve<H, F>(
     http: http1::Builder,
     mut shutdown: watch::Receiver<bool>,
     drain: Duration,
+    head_timeout: Duration,
 ) where
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
-    F: Future<Output = Result<Response<ProxyBody>, std::convert::Infallible>> + Send + 'static,
+    F: Future<Output = Result<Response<ProxyBody>, Infallible>> + Send + 'static,
 {
     let drain_group = DrainGroup::default();
     loop {
@@ -300,9 +310,14 @@ async fn serve<H, F>(
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let handler = handler.clone();
-                let conn = http.serve_connection(TokioIo::new(stream), service_fn(handler));
-                let conn = drain_group.watch(conn);
+                let clock = HeadClock::new(tokio::time::Instant::now());
+                let service = {
+                    let handler = handler.clone();
+                    let clock = clock.clone();
+                    service_fn(move |req| clock.serve(handler(req)))
+                };
+                let conn = http.serve_connection(TokioIo::new(stream), service);
+                let conn = drain_group.watch(HeadDeadline::new(conn, clock, head_timeout));
                 tokio::spawn(async move {
                     if let Err(e) = conn.await {
                         tracing::debug!(error = %e, "connection ended with an error");
