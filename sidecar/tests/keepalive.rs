@@ -178,3 +178,46 @@ async fn a_refused_body_above_the_drain_bound_closes_the_connection() {
     );
     assert_eq!(fakes.total_requests(), 0);
 }
+
+/// The header read timeout (500 ms in the harness) also bounds how long a kept-alive connection
+/// may wait for its next request: counted from the end of the last response, not from the
+/// connection's start, and never while a call is being served.
+#[tokio::test]
+async fn an_idle_kept_alive_connection_is_closed_one_header_timeout_after_its_last_response() {
+    let (fakes, h) = setup().await;
+    let mut stream = TcpStream::connect(h.proxy).await.unwrap();
+    let started = tokio::time::Instant::now();
+    // Calls paced 150 ms apart until the connection has lived two timeouts: it never waits one.
+    let mut calls = 0;
+    while started.elapsed() < Duration::from_secs(1) {
+        if calls > 0 {
+            tokio::time::sleep(Duration::from_millis(150)).await;
+        }
+        stream
+            .write_all(&keep_alive_request(
+                "POST",
+                "/stripe/v1/charges",
+                &bearer(STRIPE_KEY),
+                b"amount=500&currency=usd",
+            ))
+            .await
+            .unwrap();
+        let r = read_one(&mut stream)
+            .await
+            .unwrap_or_else(|| panic!("closed after {calls} calls while calls kept coming"));
+        assert_eq!(r.status, 200, "{r:?}");
+        calls += 1;
+    }
+    let answered = tokio::time::Instant::now();
+    assert!(
+        closed_by_server(&mut stream).await,
+        "an idle connection stays open"
+    );
+    let idle = answered.elapsed();
+    // The server starts counting just before the response leaves: allow a little slack.
+    assert!(
+        idle >= Duration::from_millis(450),
+        "closed after {idle:?} idle"
+    );
+    assert_eq!(fakes.stripe.request_count(), calls);
+}
