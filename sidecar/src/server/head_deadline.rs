@@ -13,7 +13,7 @@ use std::{
         Arc,
         atomic::{AtomicU64, Ordering},
     },
-    task::{Context, Poll},
+    task::{Context, Poll, Waker},
     time::Duration,
 };
 
@@ -152,6 +152,9 @@ pub struct HeadDeadline<C> {
     timeout: Duration,
     /// Armed once, at the first deadline; afterwards only reset when it fires.
     timer: Pin<Box<Sleep>>,
+    /// The waker the timer was last polled with: while it is the current one and the timer has
+    /// not fired, polling the timer again would only re-register the same waker.
+    timer_waker: Option<Waker>,
 }
 
 impl<C> HeadDeadline<C> {
@@ -165,6 +168,7 @@ impl<C> HeadDeadline<C> {
             clock,
             timeout,
             timer: Box::pin(tokio::time::sleep_until(first)),
+            timer_waker: None,
         }
     }
 }
@@ -181,9 +185,19 @@ where
         if let Poll::Ready(done) = this.conn.as_mut().poll(cx) {
             return Poll::Ready(done.map_err(ConnectionEnd::from));
         }
+        let registered = this
+            .timer_waker
+            .as_ref()
+            .is_some_and(|w| w.will_wake(cx.waker()));
+        if registered && !this.timer.is_elapsed() {
+            return Poll::Pending;
+        }
         // Bounded: after a reset to an instant still ahead, the timer is pending.
         loop {
             if this.timer.as_mut().poll(cx).is_pending() {
+                if !registered {
+                    this.timer_waker = Some(cx.waker().clone());
+                }
                 return Poll::Pending;
             }
             let now = Instant::now();
