@@ -243,9 +243,11 @@ impl UpstreamPool {
         };
         let mut tries = 0;
         while let Some(mut conn) = idle.take() {
-            // One poll notices a close that happened while idle (and lets the connection ask
-            // for its next request); a connection still finishing the last one is waited for.
-            if conn.is_open() && (conn.is_ready() || conn.ready().await) {
+            // A connection that asked for its next request is polled once by `send` before it
+            // takes the request (hyper reads before it writes): a close that happened while it
+            // sat idle is seen then, and the request comes back unsent. One still finishing its
+            // last response is polled here until it asks, or found closed.
+            if conn.is_ready() || (conn.is_open() && conn.ready().await) {
                 match conn.send(request).await {
                     Ok(response) => return Ok(self.lease(upstream, conn, slot, response)),
                     Err(mut failed) => match failed.take_message() {
@@ -890,6 +892,32 @@ mod tests {
             BODY
         );
         assert_eq!(upstream.accepted(), conns_before + 1);
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_closed_unseen_gets_the_request_back_and_another_takes_it() {
+        let mut upstream = Upstream::start(None).await;
+        let pool = plain_pool(Duration::from_secs(60));
+        let key = upstream.key(false);
+        read_all(pool.send(&key, get(&upstream, "/bye")).await.unwrap()).await;
+        upstream.next_request_conn().await;
+        upstream.close_idle.notify_one();
+        upstream.next_close().await;
+        // Deferred until the runtime has polled its I/O driver: the close is recorded on the
+        // socket, and nobody has polled the idle connection since.
+        tokio::task::yield_now().await;
+        {
+            let upstreams = pool.shared.lock();
+            let idle = &upstreams[&key].idle;
+            assert_eq!(idle.len(), 1);
+            assert!(idle[0].sender.0.borrow().is_ready(), "not polled since");
+        }
+        assert_eq!(
+            read_all(pool.send(&key, get(&upstream, "/a")).await.unwrap()).await,
+            BODY
+        );
+        assert_eq!(upstream.accepted(), 2);
+        assert_eq!(upstream.next_request_conn().await, 1);
     }
 
     #[tokio::test]
