@@ -149,6 +149,8 @@ pub struct RunArgs {
     pub audit_flush_timeout: Duration,
     #[arg(long, default_value_t = 1 << 20)]
     pub max_body_bytes: usize,
+    /// A request head must arrive within this after the connection is accepted or its last
+    /// response ended; otherwise the connection is closed (slow clients, idle keep-alive).
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub header_read_timeout: Duration,
     #[arg(long, default_value = "30s", value_parser = parse_duration)]

@@ -40,7 +40,8 @@ pub struct Settings {
     /// Address of the admin listener (may be wider than `bind`: it serves no secrets).
     pub admin_bind: IpAddr,
     pub limits: ProxyLimits,
-    /// Slow clients: the request head must arrive within this.
+    /// Slow clients: the request head must arrive within this, counted from the accept or from
+    /// the end of the connection's last response (so it also closes idle kept-alive connections).
     pub header_read_timeout: Duration,
     pub upstream_connect_timeout: Duration,
     pub upstream_pool_idle_timeout: Duration,
@@ -162,8 +163,8 @@ impl Sidecar {
         });
         let (shutdown, _) = watch::channel(false);
         let mut http = http1::Builder::new();
-        // The header read timeout is HeadDeadline's (one timer per connection, not per request);
-        // hyper's own is off. hyper still needs a timer for its other deadlines.
+        // The header read timeout is HeadDeadline's (one timer per connection); hyper's own, off
+        // explicitly (it defaults to 30 s once a timer is set), would arm one per request head.
         http.timer(TokioTimer::new())
             .header_read_timeout(None::<Duration>)
             .keep_alive(true)
