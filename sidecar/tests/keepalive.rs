@@ -75,6 +75,20 @@ async fn read_one(stream: &mut TcpStream) -> Option<RawResponse> {
     }
 }
 
+/// An allowed Stripe charge on `stream`, and its answer (`None`: the connection closed).
+async fn allowed_charge(stream: &mut TcpStream) -> Option<RawResponse> {
+    stream
+        .write_all(&keep_alive_request(
+            "POST",
+            "/stripe/v1/charges",
+            &bearer(STRIPE_KEY),
+            b"amount=500&currency=usd",
+        ))
+        .await
+        .unwrap();
+    read_one(stream).await
+}
+
 /// `true` once the server has closed the connection (EOF or reset), within 10 s.
 async fn closed_by_server(stream: &mut TcpStream) -> bool {
     let mut chunk = [0u8; 4096];
@@ -120,16 +134,7 @@ async fn refused_requests_with_bodies_keep_the_connection() {
         assert_eq!(r.verdict(), verdict);
     }
     // The same connection still carries an allowed call to the upstream.
-    stream
-        .write_all(&keep_alive_request(
-            "POST",
-            "/stripe/v1/charges",
-            &bearer(STRIPE_KEY),
-            b"amount=500&currency=usd",
-        ))
-        .await
-        .unwrap();
-    let r = read_one(&mut stream)
+    let r = allowed_charge(&mut stream)
         .await
         .expect("the connection survived both refusals");
     assert_eq!(r.status, 200, "{r:?}");
@@ -193,16 +198,7 @@ async fn an_idle_kept_alive_connection_is_closed_one_header_timeout_after_its_la
         if calls > 0 {
             tokio::time::sleep(Duration::from_millis(150)).await;
         }
-        stream
-            .write_all(&keep_alive_request(
-                "POST",
-                "/stripe/v1/charges",
-                &bearer(STRIPE_KEY),
-                b"amount=500&currency=usd",
-            ))
-            .await
-            .unwrap();
-        let r = read_one(&mut stream)
+        let r = allowed_charge(&mut stream)
             .await
             .unwrap_or_else(|| panic!("closed after {calls} calls while calls kept coming"));
         assert_eq!(r.status, 200, "{r:?}");
