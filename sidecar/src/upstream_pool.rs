@@ -19,7 +19,6 @@
 mod conn;
 
 use std::{
-    cell::RefCell,
     collections::HashMap,
     hash::{BuildHasherDefault, Hash, Hasher},
     pin::Pin,
@@ -168,7 +167,7 @@ type UpstreamMap = HashMap<UpstreamKey, UpstreamState, BuildHasherDefault<Prehas
 /// One upstream's idle connections and, when capped, its slots.
 struct UpstreamState {
     /// Oldest at the bottom, most recently freed on top.
-    idle: Vec<IdleSender>,
+    idle: Vec<IdleConn>,
     /// One permit per connection in use or being opened (idle ones hold none); tokio's
     /// semaphore hands freed permits to waiters in arrival order. `None`: no cap.
     slots: Option<Arc<Semaphore>>,
@@ -186,20 +185,9 @@ impl UpstreamState {
     }
 }
 
-struct IdleSender {
-    /// The request handle with its connection. In a cell: [`IdleConn::is_closed`] polls the
-    /// connection, and the pool's lock already makes that access exclusive.
-    sender: IdleConn,
+struct IdleConn {
+    conn: Conn,
     since: Instant,
-}
-
-struct IdleConn(RefCell<Conn>);
-
-impl IdleConn {
-    /// Polls the connection once (nobody is woken by it while idle) and tells whether it ended.
-    fn is_closed(&self) -> bool {
-        !self.0.borrow_mut().is_open()
-    }
 }
 
 struct Shared {
@@ -407,7 +395,7 @@ impl Shared {
             stack.clear();
             return None;
         }
-        Some(entry.sender.0.into_inner())
+        Some(entry.conn)
     }
 
     fn checkin(&self, upstream: UpstreamKey, conn: Conn) {
@@ -420,14 +408,14 @@ impl Shared {
             .or_insert_with(|| UpstreamState::new(self.settings.max_connections_per_upstream))
             .idle;
         if stack.len() < self.settings.max_idle_per_upstream {
-            stack.push(IdleSender {
-                sender: IdleConn(RefCell::new(conn)),
+            stack.push(IdleConn {
+                conn,
                 since: Instant::now(),
             });
         }
     }
 
-    fn expired(&self, entry: &IdleSender, now: Instant) -> bool {
+    fn expired(&self, entry: &IdleConn, now: Instant) -> bool {
         now.saturating_duration_since(entry.since) > self.settings.idle_timeout
     }
 
@@ -439,7 +427,8 @@ impl Shared {
             // Oldest first: the expired ones are a prefix.
             let expired = stack.partition_point(|e| self.expired(e, now));
             stack.drain(..expired);
-            stack.retain(|e| !e.sender.is_closed());
+            // Polls each once (nobody is woken by it while idle) to drop the ones that ended.
+            stack.retain_mut(|e| e.conn.is_open());
         }
         // An upstream nobody uses any more is forgotten (its slots with it: none are taken,
         // and nobody waits).
@@ -817,7 +806,7 @@ mod tests {
             let upstreams = pool.shared.lock();
             let idle = &upstreams[&key].idle;
             assert_eq!(idle.len(), 1);
-            assert!(idle[0].sender.0.borrow().is_ready());
+            assert!(idle[0].conn.is_ready());
         }
         // A streamed body is read as its chunks come, each read driving the connection.
         let mut streaming = pool.send(&key, get(&upstream, "/stream")).await.unwrap();
@@ -880,10 +869,13 @@ mod tests {
         assert_eq!(pool.idle_count(&key), 1);
         upstream.close_idle.notify_one();
         eventually("the idle connection is seen closed", || {
-            pool.shared.lock()[&key]
+            pool.shared
+                .lock()
+                .get_mut(&key)
+                .expect("the upstream is known")
                 .idle
-                .iter()
-                .all(|e| e.sender.is_closed())
+                .iter_mut()
+                .all(|e| !e.conn.is_open())
         })
         .await;
         assert_eq!(pool.idle_count(&key), 1, "still in the stack, closed");
@@ -910,7 +902,7 @@ mod tests {
             let upstreams = pool.shared.lock();
             let idle = &upstreams[&key].idle;
             assert_eq!(idle.len(), 1);
-            assert!(idle[0].sender.0.borrow().is_ready(), "not polled since");
+            assert!(idle[0].conn.is_ready(), "not polled since");
         }
         assert_eq!(
             read_all(pool.send(&key, get(&upstream, "/a")).await.unwrap()).await,
