@@ -7,6 +7,11 @@
 //! (in hand until the consumer asks for more) before the depth gauge moves, and when it is
 //! dropped (delivery ended or was cancelled at a timed-out shutdown) it counts that batch and
 //! whatever is still queued as dropped.
+//!
+//! The depth gauge only moves by atomic adds: a row counts before it is offered (un-counted if
+//! refused) and stops counting when the receiver takes it. It never reads below the rows
+//! really queued and is exact whenever the queue is quiet; setting it from either end's view
+//! of the channel let a late writer leave a stale value.
 use std::sync::{
     Arc,
     atomic::{AtomicU64, Ordering},
@@ -61,14 +66,14 @@ pub fn channel(capacity: usize, metrics: AuditMetrics) -> (AuditQueue, QueueRece
 
 impl AuditQueue {
     pub fn record(&self, row: AuditRow) -> Result<(), RecordError> {
+        // Counted before the receiver can see it, so the gauge never dips below zero.
+        self.metrics.queue_depth.inc();
         let result = self.tx.try_send(row).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => RecordError::Full,
             mpsc::error::TrySendError::Closed(_) => RecordError::Closed,
         });
-        self.metrics
-            .queue_depth
-            .set((self.tx.max_capacity() - self.tx.capacity()) as i64);
         if let Err(e) = &result {
+            self.metrics.queue_depth.dec();
             self.metrics.dropped_rows.inc();
             // Log the 1st, 2nd, 4th, 8th... drop: visible without flooding the log.
             let n = self.drops.fetch_add(1, Ordering::Relaxed) + 1;
@@ -89,6 +94,7 @@ impl QueueReceiver {
         let first = self.rx.recv().await?;
         // Counted before any await or gauge update: from here on the row is this batch's.
         self.in_hand = 1;
+        self.metrics.queue_depth.dec();
         let mut batch = vec![first];
         self.fill(&mut batch, max);
         Some(batch)
@@ -126,6 +132,7 @@ impl QueueReceiver {
     }
 
     fn fill(&mut self, batch: &mut Vec<AuditRow>, max: usize) {
+        let before = batch.len();
         while batch.len() < max {
             match self.rx.try_recv() {
                 Ok(row) => {
@@ -135,7 +142,7 @@ impl QueueReceiver {
                 Err(_) => break,
             }
         }
-        self.metrics.queue_depth.set(self.rx.len() as i64);
+        self.metrics.queue_depth.sub((batch.len() - before) as i64);
     }
 }
 
@@ -146,8 +153,9 @@ impl Drop for QueueReceiver {
         // No sender can add rows once the receiver is gone; close first so none arrives while
         // we count.
         self.rx.close();
-        let lost = self.in_hand + self.rx.len();
-        self.metrics.queue_depth.set(0);
+        let queued = self.rx.len();
+        let lost = self.in_hand + queued;
+        self.metrics.queue_depth.sub(queued as i64);
         if lost > 0 {
             self.metrics.dropped_rows.inc_by(lost as u64);
             tracing::error!(
@@ -249,6 +257,63 @@ mod tests {
         assert_eq!(receiver.in_hand(), 0);
         drop(receiver);
         assert_eq!(metrics.dropped_rows.get(), 0, "every batch was settled");
+    }
+
+    #[tokio::test]
+    async fn a_refused_row_does_not_count_as_queued() {
+        let metrics = AuditMetrics::unregistered();
+        let (queue, receiver) = channel(2, metrics.clone());
+        for n in 0..3 {
+            let _ = queue.record(row(n));
+        }
+        assert_eq!(metrics.queue_depth.get(), 2, "the third was refused: full");
+        drop(receiver);
+        assert_eq!(metrics.queue_depth.get(), 0);
+        assert_eq!(queue.record(row(4)), Err(RecordError::Closed));
+        assert_eq!(metrics.queue_depth.get(), 0, "refused: closed");
+        assert_eq!(
+            metrics.dropped_rows.get(),
+            4,
+            "1 full + 2 queued at the end + 1 closed"
+        );
+    }
+
+    /// Producers and the consumer race on other threads; whatever interleaving happened, the
+    /// gauge never read below zero and is back at exactly zero once everything is taken.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn the_depth_gauge_is_exact_once_producers_and_consumer_are_done() {
+        let metrics = AuditMetrics::unregistered();
+        let (queue, mut receiver) = channel(16, metrics.clone());
+        let producers: Vec<_> = (0..4)
+            .map(|_| {
+                let queue = queue.clone();
+                let gauge = metrics.queue_depth.clone();
+                tokio::task::spawn_blocking(move || {
+                    let mut accepted = 0;
+                    for n in 0..2_000 {
+                        accepted += usize::from(queue.record(row(n)).is_ok());
+                        assert!(gauge.get() >= 0, "depth read below zero");
+                    }
+                    accepted
+                })
+            })
+            .collect();
+        drop(queue);
+        let consumer = tokio::spawn(async move {
+            let mut taken = 0;
+            while let Some(batch) = receiver.recv_batch(5).await {
+                taken += batch.len();
+            }
+            taken
+        });
+        let mut accepted = 0;
+        for producer in producers {
+            accepted += producer.await.unwrap();
+        }
+        let taken = consumer.await.unwrap();
+        assert_eq!(taken, accepted, "every accepted row reached the consumer");
+        assert_eq!(metrics.queue_depth.get(), 0);
+        assert_eq!(metrics.dropped_rows.get() as usize, 8_000 - accepted);
     }
 
     /// The window a timed-out shutdown used to miss: the batch is off the queue (gauge at 0)
