@@ -73,10 +73,13 @@ pub fn render(records: &[Record]) -> Report {
 fn throughput_table(records: &[Record], out: &mut String, outcomes: &mut Vec<(String, Outcome)>) {
     // (connections, via) -> (rates per round, errors)
     let mut runs: BTreeMap<(usize, Via), (Vec<f64>, u64)> = BTreeMap::new();
+    // (connections, round, via) -> rate, for ratios paired within a round.
+    let mut by_round: BTreeMap<(usize, u32, Via), f64> = BTreeMap::new();
     for record in records {
         if let Record::Throughput {
             via,
             connections,
+            round,
             requests_per_sec,
             errors,
             ..
@@ -85,6 +88,7 @@ fn throughput_table(records: &[Record], out: &mut String, outcomes: &mut Vec<(St
             let entry = runs.entry((*connections, *via)).or_default();
             entry.0.push(*requests_per_sec);
             entry.1 += errors;
+            by_round.insert((*connections, *round, *via), *requests_per_sec);
         }
     }
     let rounds = runs
@@ -96,21 +100,39 @@ fn throughput_table(records: &[Record], out: &mut String, outcomes: &mut Vec<(St
         out,
         "### Throughput at saturation\n\n\
          Requests/s, median of {rounds} interleaved rounds (min–max in brackets); wrk, one \
-         thread, pinned to core 0 with the upstream; each proxy pinned to core 1.\n"
+         thread, pinned to core 0 with the upstream; each proxy pinned to core 1. \
+         `hyper (floor)` is bench-hyper-relay: the cheapest correct proxy on the sidecar's stack \
+         (current-thread Tokio, hyper 1 http1 server and client, one upstream connection per \
+         client connection) doing only what nginx does here (strip `/stripe`, replace \
+         `Authorization`, stream the response back); no policy, metering, pool, timers or \
+         audit. So hyper ÷ nginx is what hyper + Tokio cost and sidecar ÷ hyper is the sidecar's \
+         own work. The floor is shown, not judged: the target is against nginx. \
+         \"Per round\" pairs sidecar and nginx within each round (the rounds are interleaved, so \
+         slow drift of the machine cancels): median of the rounds' ratios (min–max).\n"
     );
     out.push_str(
-        "| connections | direct | nginx (baseline) | sidecar | sidecar ÷ nginx | target | met? |\n\
-         |---:|---:|---:|---:|---:|---|---|\n",
+        "| connections | direct | nginx (baseline) | hyper (floor) | sidecar | sidecar ÷ nginx | \
+         sidecar ÷ nginx per round | hyper ÷ nginx | sidecar ÷ hyper | target | met? |\n\
+         |---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|\n",
     );
     let mut connection_counts: Vec<usize> = runs.keys().map(|(c, _)| *c).collect();
     connection_counts.dedup();
     for connections in connection_counts {
         let cell = |via: Via| runs.get(&(connections, via));
         let med = |via: Via| cell(via).and_then(|(rates, _)| median(rates.iter().copied()));
-        let ratio = match (med(Via::Sidecar), med(Via::Nginx)) {
-            (Some(s), Some(n)) if n > 0.0 => Some(s / n),
+        let ratio_of = |over: Via, under: Via| match (med(over), med(under)) {
+            (Some(o), Some(u)) if u > 0.0 => Some(o / u),
             _ => None,
         };
+        let ratio = ratio_of(Via::Sidecar, Via::Nginx);
+        let paired: Vec<f64> = by_round
+            .iter()
+            .filter(|((c, _, via), _)| *c == connections && *via == Via::Sidecar)
+            .filter_map(|((_, round, _), sidecar)| {
+                let nginx = by_round.get(&(connections, *round, Via::Nginx))?;
+                (*nginx > 0.0).then(|| sidecar / nginx)
+            })
+            .collect();
         let errors = cell(Via::Sidecar).is_some_and(|(_, e)| *e > 0);
         let outcome = if errors {
             Outcome::Errors
@@ -123,11 +145,15 @@ fn throughput_table(records: &[Record], out: &mut String, outcomes: &mut Vec<(St
         ));
         let _ = writeln!(
             out,
-            "| {connections} | {} | {} | {} | {} | ≥ 1.00 | {} |",
+            "| {connections} | {} | {} | {} | {} | {} | {} | {} | {} | ≥ 1.00 | {} |",
             rate_cell(cell(Via::Direct)),
             rate_cell(cell(Via::Nginx)),
+            rate_cell(cell(Via::Hyper)),
             rate_cell(cell(Via::Sidecar)),
-            ratio.map_or("—".into(), |r| format!("{r:.2}")),
+            ratio_cell(ratio),
+            spread_cell(&paired),
+            ratio_cell(ratio_of(Via::Hyper, Via::Nginx)),
+            ratio_cell(ratio_of(Via::Sidecar, Via::Hyper)),
             outcome.label()
         );
     }
@@ -137,6 +163,23 @@ fn throughput_table(records: &[Record], out: &mut String, outcomes: &mut Vec<(St
             .map(|((connections, via), (_, errors))| (*via, *connections, *errors)),
     );
     out.push('\n');
+}
+
+fn ratio_cell(ratio: Option<f64>) -> String {
+    ratio.map_or("—".into(), |r| format!("{r:.2}"))
+}
+
+/// Median of ratios with their min–max; a single ratio alone.
+fn spread_cell(ratios: &[f64]) -> String {
+    let Some(mid) = median(ratios.iter().copied()) else {
+        return "—".into();
+    };
+    if ratios.len() == 1 {
+        return format!("{mid:.2}");
+    }
+    let low = ratios.iter().copied().fold(f64::INFINITY, f64::min);
+    let high = ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    format!("{mid:.2} ({low:.2}–{high:.2})")
 }
 
 fn rate_cell(runs: Option<&(Vec<f64>, u64)>) -> String {
@@ -234,7 +277,9 @@ fn latency_table(records: &[Record], out: &mut String, outcomes: &mut Vec<(Strin
          intended send time; bench-loadgen, open loop). \"Added\" is (through the proxy) minus \
          (direct) for the same percentile in the same round; every value is the median of the \
          interleaved rounds. `splice` is a byte-splicing TCP relay (socat, no HTTP parsing): \
-         what it adds is the floor any proxy pays for the extra hop in that layout. Targets are \
+         what it adds is the floor any proxy pays for the extra hop in that layout. `hyper` is \
+         bench-hyper-relay, the cheapest hyper + Tokio proxy doing nginx's job (see the \
+         throughput table): the floor of a proxy on the sidecar's stack, shown, not judged. Targets are \
          judged in the {} layout: there a direct call crosses cores as often as a proxied one, as \
          between an agent's pod and a remote vendor. The isolated table shows what the same \
          proxies, and the relay, add when the proxy has a core to itself.\n",
@@ -274,9 +319,10 @@ fn layout_latency_table(
         if judged { ", judged" } else { ", not judged" }
     );
     out.push_str(
-        "| percentile | direct | splice | nginx | sidecar | splice added (floor) | nginx added \
-         (baseline) | sidecar added | sidecar added ÷ nginx added | target (sidecar added) | met? |\n\
-         |---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|\n",
+        "| percentile | direct | splice | nginx | hyper | sidecar | splice added (floor) | nginx added \
+         (baseline) | hyper added (floor) | sidecar added | sidecar added ÷ nginx added | target \
+         (sidecar added) | met? |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|\n",
     );
     let find = |round: u32, via: Via| rounds.iter().find(|r| r.round == round && r.via == via);
     let level = |via: Via, index: usize| {
@@ -329,13 +375,15 @@ fn layout_latency_table(
         };
         let _ = writeln!(
             out,
-            "| {name} | {} | {} | {} | {} | {} | {} | {} | {ratio} | {target} | {verdict} |",
+            "| {name} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {ratio} | {target} | {verdict} |",
             ms(level(Via::Direct, index)),
             ms(level(Via::Splice, index)),
             ms(level(Via::Nginx, index)),
+            ms(level(Via::Hyper, index)),
             ms(level(Via::Sidecar, index)),
             ms(added(Via::Splice, index)),
             ms(nginx_added),
+            ms(added(Via::Hyper, index)),
             ms(sidecar_added),
         );
     }
@@ -347,17 +395,23 @@ fn layout_latency_table(
                 .map(|r| r.service[index]),
         )
     };
-    let uncorrected: Vec<String> = [Via::Direct, Via::Splice, Via::Nginx, Via::Sidecar]
-        .into_iter()
-        .map(|via| {
-            format!(
-                "{} {} / {}",
-                via.label(),
-                ms(service(via, 0)),
-                ms(service(via, 1))
-            )
-        })
-        .collect();
+    let uncorrected: Vec<String> = [
+        Via::Direct,
+        Via::Splice,
+        Via::Nginx,
+        Via::Hyper,
+        Via::Sidecar,
+    ]
+    .into_iter()
+    .map(|via| {
+        format!(
+            "{} {} / {}",
+            via.label(),
+            ms(service(via, 0)),
+            ms(service(via, 1))
+        )
+    })
+    .collect();
     let _ = writeln!(
         out,
         "\nUncorrected (from actual send) p50 / p99, for comparison: {} ms.",
@@ -558,7 +612,7 @@ mod tests {
         assert!(
             report
                 .markdown
-                .contains("| 16 | not run | 44000 (40000–90000) | 45000 (10000–46000) | 1.02 |"),
+                .contains("| 16 | not run | 44000 (40000–90000) | not run | 45000 (10000–46000) | 1.02 | 1.05 (0.11–1.12) | — | — |"),
             "{}",
             report.markdown
         );
@@ -571,6 +625,40 @@ mod tests {
             Outcome::Errors
         );
         assert!(report.markdown.contains("sidecar at 1: 3"));
+    }
+
+    #[test]
+    fn throughput_shows_the_hyper_floor_and_ratios_paired_per_round() {
+        // Round 1 ran slow for everyone: the paired ratios stay put where medians would not.
+        let records = vec![
+            throughput(Via::Nginx, 16, 0, 40_000.0, 0),
+            throughput(Via::Hyper, 16, 0, 50_000.0, 0),
+            throughput(Via::Sidecar, 16, 0, 36_000.0, 0),
+            throughput(Via::Nginx, 16, 1, 20_000.0, 0),
+            throughput(Via::Hyper, 16, 1, 25_000.0, 0),
+            throughput(Via::Sidecar, 16, 1, 19_000.0, 0),
+            throughput(Via::Nginx, 16, 2, 40_000.0, 0),
+            throughput(Via::Hyper, 16, 2, 50_000.0, 0),
+            throughput(Via::Sidecar, 16, 2, 38_000.0, 0),
+        ];
+        let report = render(&records);
+        // Paired: 0.90, 0.95, 0.95. Medians: 40000, 50000, 36000.
+        assert!(
+            report.markdown.contains(
+                "| 16 | not run | 40000 (20000–40000) | 50000 (25000–50000) | 36000 (19000–38000) \
+                 | 0.90 | 0.95 (0.90–0.95) | 1.25 | 0.72 | ≥ 1.00 | **not met** |"
+            ),
+            "{}",
+            report.markdown
+        );
+        // The floor is shown, never judged.
+        assert_eq!(report.outcomes.len(), render(&records[..3]).outcomes.len());
+        assert!(
+            !report
+                .outcomes
+                .iter()
+                .any(|(name, _)| name.contains("hyper"))
+        );
     }
 
     #[test]
@@ -591,7 +679,7 @@ mod tests {
         assert!(
             report
                 .markdown
-                .contains("| p50 | 0.100 | — | — | 0.170 | — | — | 0.060 |"),
+                .contains("| p50 | 0.100 | — | — | — | 0.170 | — | — | — | 0.060 |"),
             "{}",
             report.markdown
         );
@@ -614,6 +702,7 @@ mod tests {
             latency_in(Layout::Pod, Via::Direct, 0, 180.0, 300.0),
             latency_in(Layout::Pod, Via::Splice, 0, 230.0, 400.0),
             latency_in(Layout::Pod, Via::Nginx, 0, 210.0, 360.0),
+            latency_in(Layout::Pod, Via::Hyper, 0, 200.0, 350.0),
             latency_in(Layout::Pod, Via::Sidecar, 0, 250.0, 420.0),
         ];
         let report = render(&records);
@@ -624,14 +713,14 @@ mod tests {
         assert!(
             report
                 .markdown
-                .contains("| p50 | 0.180 | 0.230 | 0.210 | 0.250 | 0.050 | 0.030 | 0.070 | 2.33 | ≤ 0.100 | met |"),
+                .contains("| p50 | 0.180 | 0.230 | 0.210 | 0.200 | 0.250 | 0.050 | 0.030 | 0.020 | 0.070 | 2.33 | ≤ 0.100 | met |"),
             "{}",
             report.markdown
         );
         assert!(
             report
                 .markdown
-                .contains("| p50 | 0.130 | 0.300 | — | 0.320 | 0.170 | — | 0.190 | — | (≤ 0.100) | not judged |"),
+                .contains("| p50 | 0.130 | 0.300 | — | — | 0.320 | 0.170 | — | — | 0.190 | — | (≤ 0.100) | not judged |"),
             "{}",
             report.markdown
         );

@@ -10,6 +10,7 @@ pub mod keys;
 pub mod openloop;
 pub mod overhead;
 pub mod record;
+pub mod relay;
 pub mod rss;
 pub mod stats;
 pub mod upstream;

@@ -24,6 +24,9 @@ pub enum Via {
     /// any proxy pays for the extra hop on this machine.
     Splice,
     Nginx,
+    /// bench-hyper-relay: the cheapest hyper-based proxy doing nginx's job (bench/src/relay.rs),
+    /// the floor any proxy built on hyper + tokio pays.
+    Hyper,
     Sidecar,
 }
 
@@ -33,6 +36,7 @@ impl Via {
             Via::Direct => "direct",
             Via::Splice => "splice",
             Via::Nginx => "nginx",
+            Via::Hyper => "hyper",
             Via::Sidecar => "sidecar",
         }
     }
