@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Data-plane benchmark (issue 3): direct vs nginx vs keybrake-sidecar, interleaved.
+# Data-plane benchmark (issue 3): direct vs nginx vs keybrake-sidecar, interleaved, with
+# bench-hyper-relay (the cheapest hyper + Tokio proxy doing nginx's job) as the hyper floor.
 # Run through bench/run.sh (which sets BENCH_OUT, BENCH_BIN, BENCH_ROOT). Cores: for throughput,
 # the upstream and the load generators share core 0 and the proxy under test gets core 1 to
 # itself. Added latency is measured in two layouts (bench/src/record.rs, Layout): that one
@@ -22,6 +23,7 @@ LAT_CONNECTIONS=16
 KEYS="${BENCH_KEYS:-10000}"
 read -r -a CONNECTIONS <<< "${BENCH_CONNECTIONS:-1 16 256}"
 UPSTREAM_PORT=18080 NGINX_PORT=18081 SIDECAR_PORT=18082 SIDECAR_ADMIN_PORT=18083 SPLICE_PORT=18084
+HYPER_PORT=18085
 LOAD_CORE=0 PROXY_CORE=1
 SIDECAR_BINARY="${BENCH_DATAPLANE_SIDECAR:-$BENCH_BIN/keybrake-sidecar}"
 UPSTREAM_SECRET="sk_test_upstream"
@@ -52,7 +54,7 @@ expect_response() {
   [[ "$got" == "$4" ]] || die "$1: $2 answered '$got', expected '$4'"
 }
 
-for port in $UPSTREAM_PORT $NGINX_PORT $SIDECAR_PORT $SIDECAR_ADMIN_PORT $SPLICE_PORT; do
+for port in $UPSTREAM_PORT $NGINX_PORT $SIDECAR_PORT $SIDECAR_ADMIN_PORT $SPLICE_PORT $HYPER_PORT; do
   port_free "$port" || die "port $port is in use; stop whatever holds it (ss -ltnp 'sport = :$port')"
 done
 
@@ -121,9 +123,16 @@ SPLICE_PID=$!
 PIDS+=("$SPLICE_PID")
 wait_port "$SPLICE_PORT" "$SPLICE_PID" || die "socat did not start: $(cat "$LOG/splice.log")"
 
+# ---- hyper floor: bench-hyper-relay, current-thread runtime, one core ---------------------
+export KEYBRAKE_BENCH_UPSTREAM_SECRET="$UPSTREAM_SECRET"
+taskset -c "$PROXY_CORE" "$BENCH_BIN/bench-hyper-relay" --listen "127.0.0.1:$HYPER_PORT" \
+  --upstream "127.0.0.1:$UPSTREAM_PORT" > "$LOG/hyper.log" 2>&1 &
+HYPER_PID=$!
+PIDS+=("$HYPER_PID")
+wait_port "$HYPER_PORT" "$HYPER_PID" || die "bench-hyper-relay did not start: $(cat "$LOG/hyper.log")"
+
 # ---- sidecar: standalone, one worker thread, one core, $KEYS keys -------------------------
 if [[ $SIDECAR == 1 ]]; then
-  export KEYBRAKE_BENCH_UPSTREAM_SECRET="$UPSTREAM_SECRET"
   VAULT_KEY="$("$BENCH_BIN/bench-sidecar-config" --keys "$KEYS" \
     --upstream-url "http://127.0.0.1:$UPSTREAM_PORT" --out "$BENCH_OUT/sidecar-policy.json")"
   /usr/bin/time -v -o "$BENCH_OUT/sidecar.time" \
@@ -160,15 +169,17 @@ declare -A URL=(
   [direct]="http://127.0.0.1:$UPSTREAM_PORT$ROUTE"
   [splice]="http://127.0.0.1:$SPLICE_PORT$ROUTE"
   [nginx]="http://127.0.0.1:$NGINX_PORT/stripe$ROUTE"
+  [hyper]="http://127.0.0.1:$HYPER_PORT/stripe$ROUTE"
   [sidecar]="http://127.0.0.1:$SIDECAR_PORT/stripe$ROUTE"
 )
 declare -A AUTH=(
   [direct]="Bearer $UPSTREAM_SECRET"
   [splice]="Bearer $UPSTREAM_SECRET"
   [nginx]="Bearer $VAULT_KEY"
+  [hyper]="Bearer $VAULT_KEY"
   [sidecar]="Bearer $VAULT_KEY"
 )
-TARGETS=(direct nginx)
+TARGETS=(direct nginx hyper)
 [[ $SIDECAR == 1 ]] && TARGETS+=(sidecar)
 LATENCY_TARGETS=(direct splice "${TARGETS[@]:1}")
 
@@ -210,7 +221,7 @@ pin() {
     taskset -a -p -c "$core" "$pid" > /dev/null
   done
 }
-PROXY_PIDS=("$NGINX_PID" "$SPLICE_PID")
+PROXY_PIDS=("$NGINX_PID" "$SPLICE_PID" "$HYPER_PID")
 [[ $SIDECAR == 1 ]] && PROXY_PIDS+=("$SIDECAR_PID")
 for layout in isolated pod; do
   if [[ $layout == pod ]]; then # the agent's core takes the proxy; the upstream moves away
@@ -244,7 +255,11 @@ fi
 
 {
   echo "Targets: \`direct\` = load generator → upstream; \`nginx\` = → nginx $(nginx -v 2>&1 | sed 's/.*nginx\///') \
-(Debian nginx-light, 1 worker, keep-alive pool to the upstream, swaps \`Authorization\`); \`sidecar\` = → \
+(Debian nginx-light, 1 worker, keep-alive pool to the upstream, swaps \`Authorization\`); \`hyper\` = → \
+bench-hyper-relay (bench/src/relay.rs: current-thread Tokio, hyper http1 server + one hyper http1 client \
+connection per client connection, opened on its first request, its own task; strips \`/stripe\`, replaces \
+\`Authorization\`, streams the body; no policy, pool, timers, metrics or audit: the floor of a hyper-based \
+proxy, not judged); \`sidecar\` = → \
 keybrake-sidecar (standalone, \`--worker-threads 1\` = a current-thread Tokio runtime, no audit sink, default \`--upstream-max-connections\` (64: at 256 client connections calls queue for an upstream connection), $KEYS keys loaded from a JSON policy file, route \`GET /stripe$ROUTE\` = \
 \`customers.retrieve\`). Upstream: bench-upstream (1 KB body, keep-alive, current-thread runtime, checks the \
 swapped credential). \`splice\` = → socat $(socat -V 2>/dev/null | sed -n 's/^socat version \([^ ]*\).*/\1/p') \
