@@ -16,15 +16,21 @@
 //! call beyond the cap waits its turn (first come, first served) for a connection to finish or
 //! close, at most the connect timeout, and then fails like an unreachable upstream. A connection
 //! is in use until its response body has ended, so a long stream holds its slot throughout.
+//!
+//! The wait is built to be cheap, since at a few hundred concurrent calls most calls wait: a
+//! finished connection goes straight to the oldest waiter, slot and all, under the same lock
+//! that would have put it back on the stack (no second checkout, no semaphore), and the waits
+//! are timed out by one timer per pool (the housekeeping task sleeps until the oldest waiter's
+//! deadline) rather than one per waiting call.
 mod conn;
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     hash::{BuildHasherDefault, Hash, Hasher},
     pin::Pin,
     sync::{
         Arc, Mutex, Weak,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicBool, Ordering},
     },
     task::{Context, Poll},
     time::{Duration, Instant},
@@ -39,7 +45,7 @@ use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
 use tokio::{
     net::TcpStream,
-    sync::{OwnedSemaphorePermit, Semaphore},
+    sync::{Notify, oneshot},
 };
 use tokio_rustls::TlsConnector;
 
@@ -164,25 +170,42 @@ impl Hasher for PrehashedHasher {
 
 type UpstreamMap = HashMap<UpstreamKey, UpstreamState, BuildHasherDefault<PrehashedHasher>>;
 
-/// One upstream's idle connections and, when capped, its slots.
+/// One upstream's idle connections and, when capped, its slots and the calls waiting for one.
+#[derive(Default)]
 struct UpstreamState {
     /// Oldest at the bottom, most recently freed on top.
     idle: Vec<IdleConn>,
-    /// One permit per connection in use or being opened (idle ones hold none); tokio's
-    /// semaphore hands freed permits to waiters in arrival order. `None`: no cap.
-    slots: Option<Arc<Semaphore>>,
-    /// Calls waiting for a slot right now (diagnostics, tests).
-    waiting: Arc<AtomicUsize>,
+    /// Slots taken: connections in use or being opened (idle ones hold none). Only counted
+    /// when capped; never above the cap, and below it only while nobody waits.
+    in_use: usize,
+    /// Calls turned away at the cap, oldest first (so deadlines ascend too). One that gave up
+    /// leaves an entry with a closed channel, skipped when its turn comes and swept by the
+    /// housekeeping task.
+    waiters: VecDeque<Waiter>,
 }
 
 impl UpstreamState {
-    fn new(cap: usize) -> Self {
-        UpstreamState {
-            idle: Vec::new(),
-            slots: (cap > 0).then(|| Arc::new(Semaphore::new(cap))),
-            waiting: Arc::default(),
+    /// Gives `turn` (a slot, and the connection that freed it if reusable) to the oldest
+    /// waiter still waiting; hands it back when there is none.
+    fn hand_over(&mut self, mut turn: Turn) -> Result<(), Turn> {
+        while let Some(waiter) = self.waiters.pop_front() {
+            match waiter.turn.send(turn) {
+                Ok(()) => return Ok(()),
+                // That one had given up.
+                Err(back) => turn = back,
+            }
         }
+        Err(turn)
     }
+}
+
+/// A waiter's turn: a slot, with a connection ready for its request when one was freed.
+type Turn = Option<Conn>;
+
+struct Waiter {
+    turn: oneshot::Sender<Turn>,
+    /// Dropping `turn` at this instant fails the wait.
+    deadline: tokio::time::Instant,
 }
 
 struct IdleConn {
@@ -194,6 +217,11 @@ struct Shared {
     tls: TlsConnector,
     settings: PoolSettings,
     upstreams: Mutex<UpstreamMap>,
+    /// Wakes the housekeeping task when a call starts waiting and it is timing no wait.
+    waiter_queued: Arc<Notify>,
+    /// Whether the housekeeping task knows some call waits (it then wakes by itself at the
+    /// oldest waiter's deadline, which no later waiter can precede). Written under the map lock.
+    expiry_armed: AtomicBool,
 }
 
 /// Cheap to clone: every clone shares the same idle connections.
@@ -203,15 +231,19 @@ pub struct UpstreamPool {
 }
 
 impl UpstreamPool {
-    /// Must run inside a Tokio runtime: a background task closes expired idle connections
-    /// (it ends when the last clone of the pool is dropped).
+    /// Must run inside a Tokio runtime: a background task closes expired idle connections and
+    /// times out calls waiting beyond the cap (it ends when the last clone of the pool is
+    /// dropped).
     pub fn new(tls: rustls::ClientConfig, settings: PoolSettings) -> Self {
+        let waiter_queued = Arc::new(Notify::new());
         let shared = Arc::new(Shared {
             tls: TlsConnector::from(Arc::new(tls)),
             settings,
             upstreams: Mutex::new(UpstreamMap::default()),
+            waiter_queued: waiter_queued.clone(),
+            expiry_armed: AtomicBool::new(false),
         });
-        tokio::spawn(reap_expired(Arc::downgrade(&shared)));
+        tokio::spawn(housekeeping(Arc::downgrade(&shared), waiter_queued));
         UpstreamPool { shared }
     }
 
@@ -222,12 +254,19 @@ impl UpstreamPool {
         upstream: &UpstreamKey,
         mut request: UpstreamRequest,
     ) -> Result<Response<PooledBody>, SendError> {
-        let (mut idle, slot) = match self.shared.claim(upstream) {
+        let (mut idle, held) = match self.shared.claim(upstream) {
             Claim::Ready { idle, slot } => (idle, slot),
-            Claim::Wait { slots, waiting } => {
-                let slot = self.wait_for_slot(slots, waiting).await?;
-                (self.shared.checkout(upstream), Some(slot))
-            }
+            Claim::Wait(turn) => match self.wait_turn(upstream, turn).await? {
+                Some(conn) => (Some(conn), true),
+                // A connection closed and left its slot: perhaps one went idle meanwhile.
+                None => (self.shared.checkout(upstream), true),
+            },
+        };
+        // From here on, however the call ends (error, cancelled), the slot is given back.
+        let slot = Slot {
+            shared: self.shared.clone(),
+            upstream: upstream.clone(),
+            held,
         };
         let mut tries = 0;
         while let Some(mut conn) = idle.take() {
@@ -237,7 +276,7 @@ impl UpstreamPool {
             // last response is polled here until it asks, or found closed.
             if conn.is_ready() || (conn.is_open() && conn.ready().await) {
                 match conn.send(request).await {
-                    Ok(response) => return Ok(self.lease(upstream, conn, slot, response)),
+                    Ok(response) => return Ok(lease(conn, slot, response)),
                     Err(mut failed) => match failed.take_message() {
                         // Never written: the upstream had closed this connection; try another.
                         Some(unsent) => request = unsent,
@@ -256,50 +295,27 @@ impl UpstreamPool {
             .send(request)
             .await
             .map_err(|failed| SendError::Request(failed.into_error()))?;
-        Ok(self.lease(upstream, conn, slot, response))
+        Ok(lease(conn, slot, response))
     }
 
-    /// Queues for a slot of a capped upstream, at most the connect timeout. Dropped (the call
-    /// gave up), the wait leaves the queue and holds nothing.
-    async fn wait_for_slot(
-        &self,
-        slots: Arc<Semaphore>,
-        _waiting: Waiting,
-    ) -> Result<OwnedSemaphorePermit, SendError> {
-        let waited = self.shared.settings.connect_timeout;
-        match tokio::time::timeout(waited, slots.acquire_owned()).await {
-            Ok(Ok(slot)) => Ok(slot),
-            // The semaphore is never closed; a timeout is the only way out.
-            Ok(Err(_)) | Err(_) => Err(SendError::NoConnectionFree {
-                cap: self.shared.settings.max_connections_per_upstream,
-                waited,
-            }),
-        }
-    }
-
-    fn lease(
+    /// Waits for the turn queued in [`Shared::claim`]: fails once the housekeeping task drops
+    /// it at the deadline. Dropped (the call gave up), a turn already handed over is passed on.
+    async fn wait_turn(
         &self,
         upstream: &UpstreamKey,
-        conn: Conn,
-        slot: Option<OwnedSemaphorePermit>,
-        response: Response<Incoming>,
-    ) -> Response<PooledBody> {
-        response.map(|inner| {
-            let mut body = PooledBody {
-                inner,
-                lease: Some(Lease {
-                    shared: self.shared.clone(),
-                    upstream: upstream.clone(),
-                    conn,
-                    slot,
-                }),
-            };
-            // An empty body (204, HEAD, Content-Length: 0) may never be polled.
-            if body.inner.is_end_stream() {
-                body.release();
-            }
-            body
-        })
+        turn: oneshot::Receiver<Turn>,
+    ) -> Result<Turn, SendError> {
+        let mut waiting = Waiting {
+            shared: &self.shared,
+            upstream,
+            turn,
+        };
+        (&mut waiting.turn)
+            .await
+            .map_err(|_| SendError::NoConnectionFree {
+                cap: self.shared.settings.max_connections_per_upstream,
+                waited: self.shared.settings.connect_timeout,
+            })
     }
 
     /// Idle connections to `upstream` right now (tests, diagnostics).
@@ -309,42 +325,55 @@ impl UpstreamPool {
 
     /// Calls waiting for a connection to `upstream` right now (tests, diagnostics).
     pub fn waiting_count(&self, upstream: &UpstreamKey) -> usize {
-        self.shared
-            .lock()
-            .get(upstream)
-            .map_or(0, |s| s.waiting.load(Ordering::Relaxed))
+        self.shared.lock().get(upstream).map_or(0, |s| {
+            s.waiters.iter().filter(|w| !w.turn.is_closed()).count()
+        })
     }
 }
 
-/// Counts one waiting call from the moment it is turned away (under the pool's lock, so the
-/// reaper never forgets an upstream someone is about to wait on) until it leaves.
-struct Waiting(Arc<AtomicUsize>);
-
-impl Waiting {
-    fn start(count: &Arc<AtomicUsize>) -> Self {
-        count.fetch_add(1, Ordering::Relaxed);
-        Waiting(count.clone())
-    }
+/// A queued call's end of its turn. Dropped before the turn was taken (the call gave up just
+/// as it came), the turn goes to the next waiter or back to the pool: no slot is ever lost.
+struct Waiting<'a> {
+    shared: &'a Shared,
+    upstream: &'a UpstreamKey,
+    turn: oneshot::Receiver<Turn>,
 }
 
-impl Drop for Waiting {
+impl Drop for Waiting<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        // After a taken turn (or a timeout) there is nothing to receive.
+        self.turn.close();
+        if let Ok(turn) = self.turn.try_recv() {
+            match turn {
+                Some(conn) => self.shared.checkin(self.upstream, conn, true),
+                None => self.shared.free_slot(self.upstream),
+            }
+        }
     }
 }
 
 /// What a call gets from the pool at once.
 enum Claim {
-    /// A slot (if capped) and perhaps an idle connection.
-    Ready {
-        idle: Option<Conn>,
-        slot: Option<OwnedSemaphorePermit>,
-    },
-    /// Every slot is taken: queue on these.
-    Wait {
-        slots: Arc<Semaphore>,
-        waiting: Waiting,
-    },
+    /// A slot (if capped: `slot` says whether one is held) and perhaps an idle connection.
+    Ready { idle: Option<Conn>, slot: bool },
+    /// Every slot is taken: the call is queued and its turn comes through this.
+    Wait(oneshot::Receiver<Turn>),
+}
+
+/// One slot of a capped upstream, given back when dropped (`held` is false when uncapped,
+/// or once the slot has gone with its connection to a waiter).
+struct Slot {
+    shared: Arc<Shared>,
+    upstream: UpstreamKey,
+    held: bool,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if self.held {
+            self.shared.free_slot(&self.upstream);
+        }
+    }
 }
 
 impl Shared {
@@ -353,29 +382,61 @@ impl Shared {
         self.upstreams.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A free slot and the warmest idle connection, under one lock. `try_acquire` fails while
-    /// others queue, so a newcomer never overtakes a waiter.
+    /// A free slot and the warmest idle connection, under one lock; or, at the cap, a place
+    /// at the end of the queue. A newcomer never overtakes a waiter: slots below the cap only
+    /// exist while nobody waits.
     fn claim(&self, upstream: &UpstreamKey) -> Claim {
+        let cap = self.settings.max_connections_per_upstream;
         let mut upstreams = self.lock();
-        let state = upstreams
-            .entry(upstream.clone())
-            .or_insert_with(|| UpstreamState::new(self.settings.max_connections_per_upstream));
-        let slot = match &state.slots {
-            None => None,
-            Some(slots) => match slots.clone().try_acquire_owned() {
-                Ok(slot) => Some(slot),
-                Err(_) => {
-                    return Claim::Wait {
-                        slots: slots.clone(),
-                        waiting: Waiting::start(&state.waiting),
-                    };
-                }
-            },
-        };
+        let state = upstreams.entry(upstream.clone()).or_default();
+        if cap > 0 {
+            if state.in_use >= cap {
+                return Claim::Wait(self.queue(state));
+            }
+            state.in_use += 1;
+        }
         Claim::Ready {
             idle: self.pop_idle(state),
-            slot,
+            slot: cap > 0,
         }
+    }
+
+    fn queue(&self, state: &mut UpstreamState) -> oneshot::Receiver<Turn> {
+        // Those at the front that gave up are gone for good: no need to keep them.
+        while state.waiters.front().is_some_and(|w| w.turn.is_closed()) {
+            state.waiters.pop_front();
+        }
+        let (turn, receiver) = oneshot::channel();
+        state.waiters.push_back(Waiter {
+            turn,
+            deadline: tokio::time::Instant::now() + self.settings.connect_timeout,
+        });
+        if !self.expiry_armed.load(Ordering::Relaxed) {
+            self.expiry_armed.store(true, Ordering::Relaxed);
+            self.waiter_queued.notify_one();
+        }
+        receiver
+    }
+
+    /// Fails the waits past their deadline (dropping their senders) and forgets the waiters
+    /// that left. Returns the earliest deadline still pending.
+    fn expire_waits(&self, now: tokio::time::Instant) -> Option<tokio::time::Instant> {
+        let mut upstreams = self.lock();
+        let mut earliest: Option<tokio::time::Instant> = None;
+        for state in upstreams.values_mut() {
+            // Oldest first: the expired ones are a prefix.
+            while state.waiters.front().is_some_and(|w| w.deadline <= now) {
+                state.waiters.pop_front();
+            }
+            state.waiters.retain(|w| !w.turn.is_closed());
+            if let Some(oldest) = state.waiters.front() {
+                earliest = Some(earliest.map_or(oldest.deadline, |e| e.min(oldest.deadline)));
+            }
+        }
+        if earliest.is_none() {
+            self.expiry_armed.store(false, Ordering::Relaxed);
+        }
+        earliest
     }
 
     /// The most recently returned open connection younger than the idle timeout.
@@ -398,20 +459,47 @@ impl Shared {
         Some(entry.conn)
     }
 
-    fn checkin(&self, upstream: UpstreamKey, conn: Conn) {
+    /// A finished connection: to the oldest waiter with its slot (`slot_held`), else onto the
+    /// idle stack (freeing the slot). A closed one only frees its slot.
+    fn checkin(&self, upstream: &UpstreamKey, conn: Conn, slot_held: bool) {
         if !conn.is_reusable() {
+            drop(conn);
+            if slot_held {
+                self.free_slot(upstream);
+            }
             return;
         }
         let mut upstreams = self.lock();
-        let stack = &mut upstreams
-            .entry(upstream)
-            .or_insert_with(|| UpstreamState::new(self.settings.max_connections_per_upstream))
-            .idle;
-        if stack.len() < self.settings.max_idle_per_upstream {
-            stack.push(IdleConn {
+        let state = upstreams.entry(upstream.clone()).or_default();
+        let conn = if slot_held {
+            match state.hand_over(Some(conn)) {
+                Ok(()) => return,
+                Err(back) => {
+                    state.in_use -= 1;
+                    // What went in comes back: a connection.
+                    let Some(conn) = back else { return };
+                    conn
+                }
+            }
+        } else {
+            conn
+        };
+        if state.idle.len() < self.settings.max_idle_per_upstream {
+            state.idle.push(IdleConn {
                 conn,
                 since: Instant::now(),
             });
+        }
+    }
+
+    /// A slot whose connection closed (or never opened): to the oldest waiter, who opens one.
+    fn free_slot(&self, upstream: &UpstreamKey) {
+        let mut upstreams = self.lock();
+        // A held slot keeps its upstream's state from being reaped.
+        if let Some(state) = upstreams.get_mut(upstream)
+            && state.hand_over(None).is_err()
+        {
+            state.in_use -= 1;
         }
     }
 
@@ -430,14 +518,9 @@ impl Shared {
             // Polls each once (nobody is woken by it while idle) to drop the ones that ended.
             stack.retain_mut(|e| e.conn.is_open());
         }
-        // An upstream nobody uses any more is forgotten (its slots with it: none are taken,
-        // and nobody waits).
+        // An upstream nobody uses any more is forgotten (no slot is taken, nobody waits).
         upstreams.retain(|_, state| {
-            !state.idle.is_empty()
-                || state.slots.as_ref().is_some_and(|slots| {
-                    slots.available_permits() < self.settings.max_connections_per_upstream
-                })
-                || state.waiting.load(Ordering::Relaxed) > 0
+            !state.idle.is_empty() || state.in_use > 0 || !state.waiters.is_empty()
         });
     }
 
@@ -481,32 +564,55 @@ async fn handshake(io: UpstreamIo) -> Result<Conn, SendError> {
     Ok(Box::new(UpstreamConn::new(sender, driver)))
 }
 
-/// Closes idle connections past the idle timeout even when no call comes to reuse them.
-async fn reap_expired(shared: Weak<Shared>) {
-    let period = match shared.upgrade() {
+/// Closes idle connections past the idle timeout even when no call comes to reuse them, and
+/// fails the calls that waited beyond the cap for as long as the connect timeout: one timer for
+/// all of them, set to the oldest waiter's deadline.
+async fn housekeeping(shared: Weak<Shared>, waiter_queued: Arc<Notify>) {
+    let reap_every = match shared.upgrade() {
         Some(s) => (s.settings.idle_timeout / 2).max(Duration::from_millis(10)),
         None => return,
     };
-    let mut ticks = tokio::time::interval(period);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    ticks.tick().await;
+    let mut next_reap = tokio::time::Instant::now() + reap_every;
     loop {
-        ticks.tick().await;
-        let Some(shared) = shared.upgrade() else {
-            return;
+        let wake_at = {
+            // Not held while asleep: the pool ends when its last user drops it.
+            let Some(shared) = shared.upgrade() else {
+                return;
+            };
+            let now = tokio::time::Instant::now();
+            if now >= next_reap {
+                shared.reap();
+                next_reap = now + reap_every;
+            }
+            shared
+                .expire_waits(now)
+                .map_or(next_reap, |deadline| deadline.min(next_reap))
         };
-        shared.reap();
+        // Woken early when a call starts waiting while none did.
+        let _ = tokio::time::timeout_at(wake_at, waiter_queued.notified()).await;
     }
 }
 
 /// A connection on loan to one response, with its slot.
 struct Lease {
-    shared: Arc<Shared>,
-    upstream: UpstreamKey,
-    /// Driven by the body while it is read; dropped (closed) with an unfinished body.
+    /// Driven by the body while it is read; dropped (closed) with an unfinished body, before
+    /// its slot is freed.
     conn: Conn,
-    /// Freed with the lease: after the connection is back in the pool, or closed.
-    slot: Option<OwnedSemaphorePermit>,
+    slot: Slot,
+}
+
+fn lease(conn: Conn, slot: Slot, response: Response<Incoming>) -> Response<PooledBody> {
+    response.map(|inner| {
+        let mut body = PooledBody {
+            inner,
+            lease: Some(Lease { conn, slot }),
+        };
+        // An empty body (204, HEAD, Content-Length: 0) may never be polled.
+        if body.inner.is_end_stream() {
+            body.release();
+        }
+        body
+    })
 }
 
 /// An upstream response body that gives its connection back to the pool when it has been read
@@ -527,10 +633,10 @@ impl std::fmt::Debug for PooledBody {
 
 impl PooledBody {
     fn release(&mut self) {
-        if let Some(lease) = self.lease.take() {
-            lease.shared.checkin(lease.upstream, lease.conn);
-            // Only now: the waiter this wakes finds the connection idle.
-            drop(lease.slot);
+        if let Some(Lease { conn, mut slot }) = self.lease.take() {
+            // The slot goes along with the connection (to a waiter, or freed at the stack).
+            let held = std::mem::take(&mut slot.held);
+            slot.shared.checkin(&slot.upstream, conn, held);
         }
     }
 }
@@ -1139,6 +1245,158 @@ mod tests {
             );
         }
         held
+    }
+
+    /// A key for an upstream the wait tests never reach: they hold its only slot themselves.
+    fn unreached() -> (UpstreamKey, UpstreamRequest) {
+        let key = UpstreamKey::new(false, "127.0.0.1:1".parse().unwrap());
+        let request = Request::get("/")
+            .header(http::header::HOST, "127.0.0.1:1")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        (key, request)
+    }
+
+    fn take_slot(pool: &UpstreamPool, key: &UpstreamKey) {
+        assert!(
+            matches!(pool.shared.claim(key), Claim::Ready { slot: true, .. }),
+            "a slot was free"
+        );
+    }
+
+    fn queue(pool: &UpstreamPool, key: &UpstreamKey) -> oneshot::Receiver<Turn> {
+        match pool.shared.claim(key) {
+            Claim::Wait(turn) => turn,
+            Claim::Ready { .. } => panic!("got a slot beyond the cap"),
+        }
+    }
+
+    fn slots_in_use(pool: &UpstreamPool, key: &UpstreamKey) -> usize {
+        pool.shared.lock().get(key).map_or(0, |s| s.in_use)
+    }
+
+    #[tokio::test]
+    async fn freed_slots_go_to_the_waiters_in_arrival_order() {
+        let pool = capped_pool(1, Duration::from_secs(10));
+        let (key, _) = unreached();
+        take_slot(&pool, &key);
+        let mut first = queue(&pool, &key);
+        let mut second = queue(&pool, &key);
+        assert_eq!(pool.waiting_count(&key), 2);
+
+        pool.shared.free_slot(&key);
+        assert!(
+            matches!(first.try_recv(), Ok(None)),
+            "the first waiter's turn"
+        );
+        assert!(second.try_recv().is_err(), "not yet the second's");
+        assert_eq!(slots_in_use(&pool, &key), 1, "the slot moved, not freed");
+        pool.shared.free_slot(&key);
+        assert!(matches!(second.try_recv(), Ok(None)));
+        pool.shared.free_slot(&key);
+        assert_eq!(slots_in_use(&pool, &key), 0);
+        assert_eq!(pool.waiting_count(&key), 0);
+        take_slot(&pool, &key);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn each_wait_fails_at_its_own_deadline() {
+        let wait = Duration::from_secs(10);
+        let pool = capped_pool(1, wait);
+        let (key, _) = unreached();
+        take_slot(&pool, &key);
+        let start = tokio::time::Instant::now();
+        let wait_from = |at: Duration| {
+            let pool = pool.clone();
+            let (key, request) = unreached();
+            tokio::spawn(async move {
+                tokio::time::sleep_until(start + at).await;
+                let err = pool.send(&key, request).await.unwrap_err();
+                assert!(
+                    matches!(err, SendError::NoConnectionFree { cap: 1, waited } if waited == wait),
+                    "{err}"
+                );
+                start.elapsed()
+            })
+        };
+        let (early, late) = (wait_from(Duration::ZERO), wait_from(Duration::from_secs(3)));
+        // Bounded: a timer that never fired would otherwise idle the paused clock forever.
+        let (early, late) = tokio::time::timeout(Duration::from_secs(60), async {
+            (early.await.unwrap(), late.await.unwrap())
+        })
+        .await
+        .expect("the waits ended by their deadlines");
+        // The pool's one timer wakes at the oldest deadline, then at the next (ms resolution).
+        let slack = Duration::from_millis(5);
+        assert!(early >= wait && early <= wait + slack, "{early:?}");
+        let late_deadline = wait + Duration::from_secs(3);
+        assert!(
+            late >= late_deadline && late <= late_deadline + slack,
+            "{late:?}"
+        );
+        assert_eq!(pool.waiting_count(&key), 0);
+        assert!(pool.shared.lock()[&key].waiters.is_empty(), "swept");
+        assert_eq!(slots_in_use(&pool, &key), 1, "only the slot held here");
+    }
+
+    #[tokio::test]
+    async fn a_waiter_dropped_before_its_turn_holds_nothing() {
+        let pool = capped_pool(1, Duration::from_secs(10));
+        let (key, request) = unreached();
+        take_slot(&pool, &key);
+        let mut gone = Box::pin(pool.send(&key, request));
+        assert!(futures::poll!(gone.as_mut()).is_pending());
+        assert_eq!(pool.waiting_count(&key), 1);
+        drop(gone);
+        assert_eq!(pool.waiting_count(&key), 0);
+        // Its place is skipped: the slot is freed, not handed to nobody.
+        pool.shared.free_slot(&key);
+        assert_eq!(slots_in_use(&pool, &key), 0);
+        assert!(pool.shared.lock()[&key].waiters.is_empty());
+        take_slot(&pool, &key);
+    }
+
+    #[tokio::test]
+    async fn a_waiter_dropped_just_after_its_turn_came_passes_it_on() {
+        let pool = capped_pool(1, Duration::from_secs(10));
+        let (key, request) = unreached();
+        take_slot(&pool, &key);
+        let mut first = Box::pin(pool.send(&key, request));
+        assert!(futures::poll!(first.as_mut()).is_pending());
+        let mut second = queue(&pool, &key);
+        // The first waiter's turn comes, and it gives up before it runs again.
+        pool.shared.free_slot(&key);
+        assert_eq!(pool.waiting_count(&key), 1);
+        drop(first);
+        assert!(matches!(second.try_recv(), Ok(None)), "passed on");
+        assert_eq!(slots_in_use(&pool, &key), 1);
+        pool.shared.free_slot(&key);
+        assert_eq!(slots_in_use(&pool, &key), 0, "no slot lost on the way");
+    }
+
+    #[tokio::test]
+    async fn a_finished_connection_goes_straight_to_the_oldest_waiter() {
+        let mut upstream = Upstream::start(None).await;
+        let pool = capped_pool(1, Duration::from_secs(5));
+        let key = upstream.key(false);
+        let mut held = pool.send(&key, get(&upstream, "/slow")).await.unwrap();
+        upstream.next_request_conn().await;
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let waiter = spawn_call(&pool, &upstream, "waiter", &log);
+        eventually("the call waits", || pool.waiting_count(&key) == 1).await;
+
+        upstream.close_idle.notify_one();
+        while let Some(frame) = held.body_mut().frame().await {
+            frame.unwrap();
+        }
+        // Not via the idle stack (where a newcomer could take it): handed over with its slot.
+        assert_eq!(pool.idle_count(&key), 0);
+        assert_eq!(pool.waiting_count(&key), 0);
+        assert_eq!(slots_in_use(&pool, &key), 1);
+        assert_eq!(waiter.await.unwrap().unwrap(), BODY);
+        assert_eq!(upstream.next_request_conn().await, 0, "the same connection");
+        assert_eq!(pool.idle_count(&key), 1);
+        assert_eq!(slots_in_use(&pool, &key), 0);
     }
 
     #[tokio::test]
