@@ -78,7 +78,20 @@ pub trait StreamObserver: Send {
     fn flush(&mut self) -> Bytes {
         Bytes::new()
     }
-    fn finish(self: Box<Self>, end: StreamEnd, bytes: u64);
+    /// Called once, when the body ends (or is dropped); the observer is dropped right after.
+    fn finish(&mut self, end: StreamEnd, bytes: u64);
+}
+
+impl<T: StreamObserver + ?Sized> StreamObserver for Box<T> {
+    fn on_chunk(&mut self, chunk: Bytes) -> Bytes {
+        (**self).on_chunk(chunk)
+    }
+    fn flush(&mut self) -> Bytes {
+        (**self).flush()
+    }
+    fn finish(&mut self, end: StreamEnd, bytes: u64) {
+        (**self).finish(end, bytes)
+    }
 }
 
 /// Largest single server-sent event kept while looking for usage; a longer one ends the
@@ -264,8 +277,9 @@ fn inspect_event(event: &[u8]) -> (Option<serde_json::Value>, bool) {
 #[error("upstream response {0}")]
 pub struct StreamTimeout(&'static str);
 
-/// The upstream's body, passed through frame by frame (never buffered).
-pub struct ObservedBody<B> {
+/// The upstream's body, passed through frame by frame (never buffered). The observer lives in
+/// the body itself (one allocation per call when the body is boxed, not two).
+pub struct ObservedBody<B, O: StreamObserver = Box<dyn StreamObserver>> {
     inner: B,
     /// One timer for both limits, armed the first time the upstream makes the agent wait (a
     /// response already read in full never arms one). A frame does not move it: when it fires
@@ -276,7 +290,7 @@ pub struct ObservedBody<B> {
     total_deadline: Instant,
     /// When the last frame arrived (or the body was created): the idle deadline counts from it.
     last_frame_at: Instant,
-    observer: Option<Box<dyn StreamObserver>>,
+    observer: Option<O>,
     bytes: u64,
     /// The observer may change the bytes: no exact size is promised to the agent.
     rewrites: bool,
@@ -284,14 +298,14 @@ pub struct ObservedBody<B> {
     inner_done: bool,
 }
 
-impl<B> ObservedBody<B> {
+impl<B, O: StreamObserver> ObservedBody<B, O> {
     /// `now`: the caller's current time (it has just read the clock).
     pub fn new(
         now: Instant,
         inner: B,
         idle_for: Duration,
         total_deadline: Instant,
-        observer: Box<dyn StreamObserver>,
+        observer: O,
     ) -> Self {
         ObservedBody {
             inner,
@@ -314,7 +328,7 @@ impl<B> ObservedBody<B> {
     }
 
     fn end(&mut self, how: StreamEnd) {
-        if let Some(observer) = self.observer.take() {
+        if let Some(mut observer) = self.observer.take() {
             observer.finish(how, self.bytes);
         }
     }
@@ -352,9 +366,10 @@ impl<B> ObservedBody<B> {
     }
 }
 
-impl<B> Body for ObservedBody<B>
+impl<B, O> Body for ObservedBody<B, O>
 where
     B: Body<Data = Bytes> + Unpin,
+    O: StreamObserver + Unpin,
     B::Error: Into<BoxError>,
 {
     type Data = Bytes;
@@ -450,7 +465,7 @@ where
     }
 }
 
-impl<B> Drop for ObservedBody<B> {
+impl<B, O: StreamObserver> Drop for ObservedBody<B, O> {
     fn drop(&mut self) {
         // An empty body may never be polled: if the inner body had already ended, it is complete.
         self.end(StreamEnd::Dropped);
@@ -467,7 +482,7 @@ mod tests {
 
     struct Record(Arc<Mutex<Option<(StreamEnd, u64)>>>);
     impl StreamObserver for Record {
-        fn finish(self: Box<Self>, end: StreamEnd, bytes: u64) {
+        fn finish(&mut self, end: StreamEnd, bytes: u64) {
             *self.0.lock().unwrap() = Some((end, bytes));
         }
     }

@@ -7,7 +7,7 @@ use jiff::Timestamp;
 use keybrake_api::{KeyGrant, KeyState, OnStale, Usd, Verdict};
 
 use crate::{
-    path::{PathError, template_matches},
+    path::{CheckedPath, PathError, template_matches},
     vendors::{CustomerScope, Operation, VendorModule},
 };
 
@@ -73,10 +73,11 @@ pub fn check_operation<'a>(
     grant: &'a KeyGrant,
     module: &dyn VendorModule,
     method: &Method,
-    path: Result<&str, PathError>,
+    path: Result<CheckedPath<'_>, PathError>,
 ) -> Result<OperationMatch<'a>, Denied> {
     let path = path.map_err(|_| Denied::new(Verdict::OperationDenied, "path_refused"))?;
-    let operation = module.match_operation(method, path);
+    let operation = module.match_checked(method, path);
+    let path = path.as_str();
     for rule in &grant.allow {
         if let (Some(name), Some(op)) = (&rule.operation, operation)
             && name == op.name
@@ -144,7 +145,7 @@ mod tests {
     };
 
     use super::*;
-    use crate::vendors::module_for;
+    use crate::{path::checked_path, vendors::module_for};
 
     fn grant() -> KeyGrant {
         KeyGrant {
@@ -216,9 +217,15 @@ mod tests {
     fn operations_by_name_or_template() {
         let g = grant();
         let stripe = module_for(Vendor::Stripe);
-        let m = check_operation(&g, stripe, &Method::POST, Ok("/v1/refunds")).unwrap();
+        let m = check_operation(&g, stripe, &Method::POST, checked_path("/v1/refunds")).unwrap();
         assert_eq!(m.operation.unwrap().name, "refunds.create");
-        let m = check_operation(&g, stripe, &Method::GET, Ok("/v1/customers/cus_1")).unwrap();
+        let m = check_operation(
+            &g,
+            stripe,
+            &Method::GET,
+            checked_path("/v1/customers/cus_1"),
+        )
+        .unwrap();
         assert_eq!(m.template, "/v1/customers/{id}");
         for (method, path) in [
             (Method::POST, "/v1/charges"),
@@ -227,7 +234,7 @@ mod tests {
             (Method::GET, "/v1/customers/cus_1/sources"),
         ] {
             assert_eq!(
-                check_operation(&g, stripe, &method, Ok(path))
+                check_operation(&g, stripe, &method, checked_path(path))
                     .unwrap_err()
                     .verdict,
                 Verdict::OperationDenied,
@@ -242,7 +249,9 @@ mod tests {
         );
         let mut empty = grant();
         empty.allow.clear();
-        assert!(check_operation(&empty, stripe, &Method::POST, Ok("/v1/refunds")).is_err());
+        assert!(
+            check_operation(&empty, stripe, &Method::POST, checked_path("/v1/refunds")).is_err()
+        );
     }
 
     #[test]

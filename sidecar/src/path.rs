@@ -21,14 +21,58 @@ pub enum PathError {
     UnknownPrefix,
 }
 
+/// A path that passed [`check_path`], with the one fact the operation matcher needs from it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CheckedPath<'a> {
+    path: &'a str,
+    slashes: usize,
+}
+
+impl<'a> CheckedPath<'a> {
+    pub fn as_str(&self) -> &'a str {
+        self.path
+    }
+
+    /// How many `/` the path holds (a `{name}` placeholder never spans one, so only templates
+    /// with as many can match).
+    pub fn slashes(&self) -> usize {
+        self.slashes
+    }
+}
+
 /// Checks that `path` (without the query) is a plain absolute path: no empty, `.` or `..`
 /// segments, no percent-encoded `/`, `\`, `.`, `%` or NUL, no backslashes or control characters.
 /// A single trailing slash is allowed (it simply will not match templates without one).
 pub fn check_path(path: &str) -> Result<(), PathError> {
-    if !path.starts_with('/') {
+    checked_path(path).map(|_| ())
+}
+
+/// What [`checked_path`] does with each byte: most are plain and cost one table lookup.
+const PLAIN: u8 = 0;
+const SLASH: u8 = 1;
+const PERCENT: u8 = 2;
+const FORBIDDEN: u8 = 3;
+
+static BYTE_CLASS: [u8; 256] = {
+    let mut class = [PLAIN; 256];
+    let mut b = 0;
+    while b < 0x20 {
+        class[b] = FORBIDDEN;
+        b += 1;
+    }
+    class[0x7f] = FORBIDDEN;
+    class[b'\\' as usize] = FORBIDDEN;
+    class[b'/' as usize] = SLASH;
+    class[b'%' as usize] = PERCENT;
+    class
+};
+
+/// [`check_path`], counting the path's slashes on the way (one pass over the bytes).
+pub fn checked_path(path: &str) -> Result<CheckedPath<'_>, PathError> {
+    let bytes = path.as_bytes();
+    if bytes.first() != Some(&b'/') {
         return Err(PathError::NotOriginForm);
     }
-    let bytes = path.as_bytes();
     // Segments: what lies between the leading `/` and one optional trailing `/`. One pass over
     // the bytes checks characters and segments alike; a character error wins over a segment
     // error found earlier (the order the checks have always been reported in).
@@ -39,29 +83,37 @@ pub fn check_path(path: &str) -> Result<(), PathError> {
     };
     let mut segment_error = None;
     let mut segment_start = 1;
+    let mut slashes = 0;
     for (i, &b) in bytes.iter().enumerate() {
-        if b == b'\\' || b < 0x20 || b == 0x7f {
-            return Err(PathError::ForbiddenCharacter);
-        }
-        if b == b'%' {
-            let hex = bytes.get(i + 1..i + 3).ok_or(PathError::EncodedTrick)?;
-            let decoded = std::str::from_utf8(hex)
-                .ok()
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-                .ok_or(PathError::EncodedTrick)?;
-            if matches!(decoded, b'/' | b'\\' | b'.' | b'%' | 0) {
-                return Err(PathError::EncodedTrick);
+        match BYTE_CLASS[usize::from(b)] {
+            PLAIN => {}
+            SLASH => {
+                slashes += 1;
+                if i > 0 && i < segments_end && segment_error.is_none() {
+                    segment_error = segment_problem(&bytes[segment_start..i]);
+                    segment_start = i + 1;
+                }
             }
-        }
-        if b == b'/' && i > 0 && i < segments_end && segment_error.is_none() {
-            segment_error = segment_problem(&bytes[segment_start..i]);
-            segment_start = i + 1;
+            PERCENT => {
+                let hex = bytes.get(i + 1..i + 3).ok_or(PathError::EncodedTrick)?;
+                let decoded = std::str::from_utf8(hex)
+                    .ok()
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+                    .ok_or(PathError::EncodedTrick)?;
+                if matches!(decoded, b'/' | b'\\' | b'.' | b'%' | 0) {
+                    return Err(PathError::EncodedTrick);
+                }
+            }
+            _ => return Err(PathError::ForbiddenCharacter),
         }
     }
     if segments_end > 1 && segment_error.is_none() {
         segment_error = segment_problem(&bytes[segment_start..segments_end]);
     }
-    segment_error.map_or(Ok(()), Err)
+    match segment_error {
+        Some(e) => Err(e),
+        None => Ok(CheckedPath { path, slashes }),
+    }
 }
 
 fn segment_problem(segment: &[u8]) -> Option<PathError> {
@@ -75,7 +127,8 @@ fn segment_problem(segment: &[u8]) -> Option<PathError> {
 /// Splits a prefix-routed path `/{vendor}/rest` into the vendor and `/rest`.
 pub fn split_vendor_prefix(path: &str) -> Result<(Vendor, &str), PathError> {
     let rest = path.strip_prefix('/').ok_or(PathError::NotOriginForm)?;
-    let (name, tail_start) = match rest.find('/') {
+    // A byte scan: the prefix is a few bytes, shorter than a `str::find` gets going in.
+    let (name, tail_start) = match rest.bytes().position(|b| b == b'/') {
         Some(i) => (&rest[..i], i + 1),
         None => return Err(PathError::UnknownPrefix),
     };
@@ -86,44 +139,63 @@ pub fn split_vendor_prefix(path: &str) -> Result<(Vendor, &str), PathError> {
 
 /// Does `path` match `template`? `{name}` matches exactly one non-empty segment; a segment such
 /// as `{Sid}.json` matches a non-empty prefix followed by the literal suffix. No allocation.
-/// Runs for every catalogue operation of the request's method on every call, so it works on
-/// bytes (a `str::split` per segment costs several times more).
+/// Runs for every allow rule with a template on every call.
 pub fn template_matches(template: &str, path: &str) -> bool {
-    let (mut template, mut path) = (template.as_bytes(), path.as_bytes());
-    if !template.contains(&b'{') {
-        return template == path;
-    }
-    loop {
-        let (t, t_rest) = next_segment(template);
-        let (p, p_rest) = next_segment(path);
-        if !segment_matches(t, p) {
+    template_matches_from(template.as_bytes(), path.as_bytes(), 0)
+}
+
+/// [`template_matches`] for a `path` already known to start with `template[..start]`, which
+/// holds no `{` (a catalogue operation's literal prefix): the walk starts there.
+///
+/// One walk over both: literal text is compared byte by byte (so the `/`s line up as they go);
+/// a `{` that opens a template segment and closes within it is a placeholder, matched against
+/// the path's segment at the same place.
+pub(crate) fn template_matches_from(template: &[u8], path: &[u8], start: usize) -> bool {
+    let (mut t, mut p) = (start, start);
+    while t < template.len() {
+        let at_segment_start = t == 0 || template[t - 1] == b'/';
+        if template[t] == b'{'
+            && at_segment_start
+            && let Some((close, end)) = placeholder_at(&template[t..])
+        {
+            let suffix = &template[t + close + 1..t + end];
+            let segment_len = path[p..]
+                .iter()
+                .position(|b| *b == b'/')
+                .unwrap_or(path.len() - p);
+            let segment = &path[p..p + segment_len];
+            if segment.len() <= suffix.len() || !segment.ends_with(suffix) {
+                return false;
+            }
+            (t, p) = (t + end, p + segment_len);
+            continue;
+        }
+        if path.get(p) != Some(&template[t]) {
             return false;
         }
-        match (t_rest, p_rest) {
-            (None, None) => return true,
-            (Some(t_rest), Some(p_rest)) => (template, path) = (t_rest, p_rest),
-            _ => return false,
+        t += 1;
+        p += 1;
+    }
+    p == path.len()
+}
+
+/// For a template segment starting with `{`: where its `}` is and where the segment ends, or
+/// `None` when it does not close within the segment (then it is literal text).
+fn placeholder_at(segment: &[u8]) -> Option<(usize, usize)> {
+    for (i, &b) in segment.iter().enumerate() {
+        match b {
+            b'}' => {
+                let end = segment[i..]
+                    .iter()
+                    .position(|b| *b == b'/')
+                    .map_or(segment.len(), |rest| i + rest);
+                return Some((i, end));
+            }
+            b'/' => return None,
+            _ => {}
         }
     }
-}
-
-/// The bytes up to the first `/`, and what follows it (`None` when there is no `/`): the
-/// segments `str::split('/')` would yield, one at a time.
-fn next_segment(s: &[u8]) -> (&[u8], Option<&[u8]>) {
-    match s.iter().position(|b| *b == b'/') {
-        Some(i) => (&s[..i], Some(&s[i + 1..])),
-        None => (s, None),
-    }
-}
-
-fn segment_matches(template: &[u8], segment: &[u8]) -> bool {
-    if template.first() == Some(&b'{')
-        && let Some(close) = template.iter().position(|b| *b == b'}')
-    {
-        let suffix = &template[close + 1..];
-        return segment.len() > suffix.len() && segment.ends_with(suffix);
-    }
-    template == segment
+    None
 }
 
 /// Value of the segment in `path` that sits where `{name}` sits in `template`, if it matches.
@@ -251,6 +323,86 @@ mod tests {
             current = next;
         }
         assert_eq!(checked, (1..=6).map(|n| 7usize.pow(n)).sum::<usize>());
+    }
+
+    #[test]
+    fn checked_paths_count_their_slashes() {
+        for path in [
+            "/",
+            "/v1/charges",
+            "/v1/charges/",
+            "/v1/customers/a%40b",
+            "//",
+        ] {
+            let checked = checked_path(path).unwrap();
+            assert_eq!(checked.as_str(), path);
+            assert_eq!(checked.slashes(), path.matches('/').count(), "{path}");
+        }
+        assert_eq!(checked_path("/v1//x"), Err(PathError::EmptySegment));
+    }
+
+    /// The segment-by-segment matcher this module used before the one-walk one, kept as the
+    /// reference.
+    fn segmentwise_template_matches(template: &str, path: &str) -> bool {
+        let (t, p): (Vec<&str>, Vec<&str>) =
+            (template.split('/').collect(), path.split('/').collect());
+        t.len() == p.len()
+            && t.iter().zip(&p).all(|(t, p)| {
+                if let Some(inner) = t.strip_prefix('{')
+                    && let Some(close) = inner.find('}')
+                {
+                    let suffix = &inner[close + 1..];
+                    return p.len() > suffix.len() && p.ends_with(suffix);
+                }
+                t == p
+            })
+    }
+
+    #[test]
+    fn one_walk_template_match_agrees_with_the_segmentwise_reference() {
+        // Templates and paths up to 5 characters over an alphabet that makes placeholders,
+        // unclosed braces, suffixes and empty segments; each pair compared.
+        let strings = |alphabet: &[char], max: usize| {
+            let mut all = vec![String::new()];
+            let mut current = vec![String::new()];
+            for _ in 0..max {
+                let mut next = Vec::new();
+                for prefix in &current {
+                    for c in alphabet {
+                        let mut s = prefix.clone();
+                        s.push(*c);
+                        next.push(s);
+                    }
+                }
+                all.extend(next.iter().cloned());
+                current = next;
+            }
+            all
+        };
+        let templates = strings(&['/', '{', '}', 'a', 'j'], 5);
+        let paths = strings(&['/', 'a', 'j', 'x'], 5);
+        let mut matched = 0;
+        for template in &templates {
+            // The literal prefix a catalogue index would start from: text before the first `{`.
+            let start = template.find('{').unwrap_or(template.len());
+            for path in &paths {
+                let expected = segmentwise_template_matches(template, path);
+                assert_eq!(
+                    template_matches(template, path),
+                    expected,
+                    "{template} {path}"
+                );
+                if path.as_bytes().starts_with(&template.as_bytes()[..start]) {
+                    assert_eq!(
+                        template_matches_from(template.as_bytes(), path.as_bytes(), start),
+                        expected,
+                        "{template} {path} from {start}"
+                    );
+                }
+                matched += usize::from(expected);
+            }
+        }
+        assert!(matched > 1000, "the alphabet makes matches too: {matched}");
     }
 
     #[test]

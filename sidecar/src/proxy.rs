@@ -23,7 +23,7 @@ use crate::{
     forward::{VERDICT_HEADER_NAME, clean_response_headers, to_upstream_request_headers},
     ledger::{Reservation, SpendLedger},
     metrics::Metrics,
-    path::{PathError, check_path, split_vendor_prefix},
+    path::{checked_path, split_vendor_prefix},
     pricing::Prices,
     store::{KeyEntry, PolicyStore},
     upstream_pool::{SendError, UpstreamPool},
@@ -164,7 +164,7 @@ impl Proxy {
         };
         call.vendor = Some(vendor);
         let module = module_for(vendor);
-        let path_check: Result<&str, PathError> = check_path(path).map(|()| path);
+        let path_check = checked_path(path);
 
         // 2. The vault key, from the vendor's own slot; only its hash is looked up.
         let credential = extract_credential(module.auth_slot(), &parts.headers)
@@ -196,7 +196,9 @@ impl Proxy {
         if wants_rows {
             call.template = Some(matched.template.to_owned());
         }
-        let path = path_check.expect("check_operation refuses bad paths");
+        let path = path_check
+            .expect("check_operation refuses bad paths")
+            .as_str();
         module
             .check_account(path, &grant.upstream_secret, &credential)
             .map_err(|reason| Refusal::policy(Denied::new(Verdict::OperationDenied, reason)))?;
@@ -364,7 +366,7 @@ impl Proxy {
             // The body the agent gets differs from the upstream's: its length is not known.
             head.headers.remove(header::CONTENT_LENGTH);
         }
-        let observer = Box::new(Completion {
+        let observer = Completion {
             row,
             entry: entry.clone(),
             module,
@@ -378,7 +380,7 @@ impl Proxy {
             audit: self.audit.clone(),
             metrics: self.metrics.clone(),
             clock: call.clock,
-        });
+        };
         self.count(call, Verdict::Allow);
         let deadline = call.clock + self.limits.upstream_total_timeout;
         let body = ObservedBody::new(
@@ -560,43 +562,38 @@ impl StreamObserver for Completion {
         self.capture.flush()
     }
 
-    fn finish(self: Box<Self>, end: StreamEnd, _bytes: u64) {
-        let Completion {
-            row,
-            entry,
-            module,
-            operation,
-            preflight,
-            capture,
-            prices,
-            status,
-            reservation,
-            ledger,
-            audit,
-            metrics,
-            clock,
-        } = *self;
-        let priced = if status.is_success() {
-            let json = capture.into_json();
+    fn finish(&mut self, end: StreamEnd, _bytes: u64) {
+        let priced = if self.status.is_success() {
+            let json = std::mem::replace(&mut self.capture, ResponseCapture::None).into_json();
             let view = ResponseView {
-                status,
+                status: self.status,
                 json: json.as_ref(),
             };
-            module.response_cost(operation, &preflight, &view, &prices)
+            self.module
+                .response_cost(self.operation, &self.preflight, &view, &self.prices)
         } else {
             // The vendor refused the call: no money moved.
             crate::vendors::ResponseCost::estimated(Some(Usd::ZERO))
         };
         // An unpriceable call books its whole reservation (fail closed); a priced one releases
         // the difference (or books more, when the response says it cost more).
-        let usage_after = reservation.map(|r| ledger.settle(r, priced.cost));
+        let usage_after = self
+            .reservation
+            .take()
+            .map(|r| self.ledger.settle(r, priced.cost));
         let counted = priced
             .cost
             .filter(|c| *c > Usd::ZERO && priced.source != CostSource::None);
         if let Some(cost) = counted {
-            metrics.add_key_cost(&entry.counters, &entry.grant, cost.micros() as f64 / 1e6);
+            self.metrics.add_key_cost(
+                &self.entry.counters,
+                &self.entry.grant,
+                cost.micros() as f64 / 1e6,
+            );
         }
-        let Some(mut row) = row else { return };
+        let Some(mut row) = self.row.take() else {
+            return;
+        };
         row.cap_usage_after_usd = usage_after;
         if let Some(cost) = counted {
             row.cost_usd_parsed = Some(cost);
@@ -611,8 +608,8 @@ impl StreamObserver for Completion {
         if end != StreamEnd::Complete {
             row.verdict_reason = Some(format!("response_{end:?}").to_ascii_lowercase());
         }
-        row.duration_ms = clock.elapsed().as_millis() as i64;
-        audit.submit(*row);
+        row.duration_ms = self.clock.elapsed().as_millis() as i64;
+        self.audit.submit(*row);
     }
 }
 

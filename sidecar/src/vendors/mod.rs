@@ -9,7 +9,10 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, StatusCode, header::AUTHORIZATION};
 use keybrake_api::{SecretString, Usd, Vendor, Verdict};
 
-use crate::{path::template_matches, pricing::Prices};
+use crate::{
+    path::{CheckedPath, template_matches_from},
+    pricing::Prices,
+};
 use keybrake_api::audit::CostSource;
 
 pub mod custom;
@@ -91,14 +94,26 @@ pub fn extract_credential(
     if value.len() > MAX_AUTH_HEADER_BYTES {
         return Err(CredentialError::TooLarge);
     }
+    // `to_str` checks the value is visible ASCII (or tab) in one pass; the rest works on its
+    // bytes with loops that do not stop early, so they run 16 bytes at a time (the `str`
+    // searches — split, trim, contains — cost a pass each, through `memchr` calls).
     let text = value.to_str().map_err(|_| CredentialError::Malformed)?;
-    let (scheme, rest) = text.split_once(' ').ok_or(CredentialError::Malformed)?;
-    let rest = rest.trim();
-    if rest.is_empty() || rest.contains(' ') {
+    let bytes = text.as_bytes();
+    let space = bytes
+        .iter()
+        .position(|&b| b == b' ')
+        .ok_or(CredentialError::Malformed)?;
+    let scheme = &bytes[..space];
+    let after = &bytes[space + 1..];
+    let start = after.len() - after.trim_ascii_start().len();
+    let end = after.trim_ascii_end().len();
+    if start >= end || has_space(&after[start..end]) {
         return Err(CredentialError::Malformed);
     }
-    let bearer = scheme.eq_ignore_ascii_case("bearer");
-    let basic = scheme.eq_ignore_ascii_case("basic");
+    // Byte offsets of ASCII: always on character boundaries.
+    let rest = &text[space + 1 + start..space + 1 + end];
+    let bearer = scheme.eq_ignore_ascii_case(b"bearer");
+    let basic = scheme.eq_ignore_ascii_case(b"basic");
     match slot {
         AuthSlot::Bearer | AuthSlot::BearerOrBasicUser if bearer => Ok(Credential {
             token: Cow::Borrowed(rest),
@@ -121,6 +136,20 @@ pub fn extract_credential(
         _ if bearer || basic => Err(CredentialError::WrongScheme),
         _ => Err(CredentialError::WrongScheme),
     }
+}
+
+/// Whether `bytes` holds a space, without stopping at the first (so it runs on whole vectors).
+fn has_space(bytes: &[u8]) -> bool {
+    let mut chunks = bytes.chunks_exact(16);
+    let mut found = false;
+    for chunk in &mut chunks {
+        found |= chunk.iter().fold(false, |any, &b| any | (b == b' '));
+    }
+    found
+        | chunks
+            .remainder()
+            .iter()
+            .fold(false, |any, &b| any | (b == b' '))
 }
 
 fn non_empty(s: String) -> Result<String, CredentialError> {
@@ -413,17 +442,46 @@ pub trait VendorModule: Send + Sync + 'static {
     /// The catalogue operation a request is, if any: the first one whose method and template
     /// match.
     fn match_operation(&self, method: &Method, path: &str) -> Option<&'static Operation> {
-        let slashes = count_slashes(path);
-        catalogue_index(self.vendor(), self.operations())
-            .iter()
-            .find(|i| {
-                i.op.method == *method
-                    && i.slashes == slashes
-                    && path.starts_with(i.literal_prefix)
-                    && template_matches(i.op.path, path)
-            })
-            .map(|i| i.op)
+        find_operation(
+            catalogue_index(self.vendor(), self.operations()),
+            method,
+            path,
+            count_slashes(path),
+        )
     }
+
+    /// [`Self::match_operation`] for a checked path (whose slashes are already counted).
+    fn match_checked(&self, method: &Method, path: CheckedPath<'_>) -> Option<&'static Operation> {
+        find_operation(
+            catalogue_index(self.vendor(), self.operations()),
+            method,
+            path.as_str(),
+            path.slashes(),
+        )
+    }
+}
+
+/// The first operation in `index` whose method and template match; the template is walked
+/// only past the literal prefix the path was found to start with.
+fn find_operation(
+    index: &'static [IndexedOperation],
+    method: &Method,
+    path: &str,
+    slashes: usize,
+) -> Option<&'static Operation> {
+    index
+        .iter()
+        .find(|i| {
+            i.slashes == slashes
+                && i.op.method == *method
+                && path.starts_with(i.literal_prefix)
+                && template_matches_from(
+                    i.op.path.as_bytes(),
+                    path.as_bytes(),
+                    i.literal_prefix.len(),
+                )
+        })
+        .map(|i| i.op)
 }
 
 /// A catalogue operation with two facts every path its template matches shares, so that most
@@ -501,6 +559,7 @@ pub(crate) fn retry_hint(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::path::template_matches;
 
     fn headers(value: &str) -> HeaderMap {
         let mut h = HeaderMap::new();
@@ -519,6 +578,10 @@ mod tests {
         assert_eq!(c.token, "vault_key_abc");
         let h = headers("bearer vault_key_abc");
         assert!(extract_credential(AuthSlot::Bearer, &h).is_ok());
+        // Blanks around the token are trimmed; the scheme ends at the first space.
+        let h = headers("Bearer  \tvault_key_abc \t");
+        let c = extract_credential(AuthSlot::Bearer, &h).unwrap();
+        assert_eq!(c.token, "vault_key_abc");
     }
 
     #[test]
@@ -552,6 +615,9 @@ mod tests {
             ("Bearer", CredentialError::Malformed),
             ("Bearer ", CredentialError::Malformed),
             ("Bearer a b", CredentialError::Malformed),
+            ("Bearer \t", CredentialError::Malformed),
+            ("Bearer\tabc", CredentialError::Malformed),
+            ("Bearer abc\u{e9}", CredentialError::Malformed),
             ("Token abc", CredentialError::WrongScheme),
             ("Basic dmF1bHQ6eA==", CredentialError::WrongScheme),
         ] {
