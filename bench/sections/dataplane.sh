@@ -9,7 +9,9 @@
 # Knobs (environment): BENCH_ROUNDS (3), BENCH_THROUGHPUT_SECONDS (5), BENCH_LATENCY_SECONDS (10),
 # BENCH_LATENCY_RATE (1000), BENCH_KEYS (10000), BENCH_CONNECTIONS ("1 16 256"),
 # BENCH_SKIP_SIDECAR (1 = measure only direct and nginx), BENCH_DATAPLANE_SIDECAR (a sidecar binary
-# to measure instead of the release build of the working tree, e.g. to compare two builds).
+# to measure instead of the release build of the working tree, e.g. to compare two builds; the
+# working tree is then not built, and the lookup micro-benchmark runs only if
+# BENCH_DATAPLANE_LOOKUP names a bench-lookup binary built from the same sources).
 set -euo pipefail
 : "${BENCH_OUT:?run through bench/run.sh}" "${BENCH_BIN:?}" "${BENCH_ROOT:?}"
 cd "$BENCH_ROOT"
@@ -26,6 +28,8 @@ UPSTREAM_PORT=18080 NGINX_PORT=18081 SIDECAR_PORT=18082 SIDECAR_ADMIN_PORT=18083
 HYPER_PORT=18085
 LOAD_CORE=0 PROXY_CORE=1
 SIDECAR_BINARY="${BENCH_DATAPLANE_SIDECAR:-$BENCH_BIN/keybrake-sidecar}"
+LOOKUP_BINARY="$BENCH_BIN/bench-lookup"
+[[ -n "${BENCH_DATAPLANE_SIDECAR:-}" ]] && LOOKUP_BINARY="${BENCH_DATAPLANE_LOOKUP:-}"
 UPSTREAM_SECRET="sk_test_upstream"
 ROUTE="/v1/customers/cus_bench"   # customers.retrieve; the proxies see it under /stripe
 RESULTS="$BENCH_OUT/results.jsonl"
@@ -61,7 +65,7 @@ done
 # ---- build -------------------------------------------------------------------------------
 SIDECAR=1
 [[ "${BENCH_SKIP_SIDECAR:-0}" == 1 ]] && SIDECAR=0
-if [[ $SIDECAR == 1 ]]; then
+if [[ $SIDECAR == 1 && -z "${BENCH_DATAPLANE_SIDECAR:-}" ]]; then
   say "building keybrake-sidecar and bench-lookup (release)"
   if ! cargo build --release -q -p keybrake-sidecar -p keybrake-bench --features keybrake-bench/sidecar \
       > "$LOG/build-sidecar.log" 2>&1; then
@@ -249,8 +253,12 @@ if [[ $SIDECAR == 1 ]]; then
   wait "$TIME_PID" 2>/dev/null || true # the sidecar's exit status is not this benchmark's concern
   "$BENCH_BIN/bench-report" rss --via sidecar --keys "$KEYS" --time-output "$BENCH_OUT/sidecar.time" >> "$RESULTS"
   # ---- policy lookup micro-benchmark --------------------------------------------------------
-  say "lookup micro-benchmark"
-  timeout --foreground 120 taskset -c "$PROXY_CORE" "$BENCH_BIN/bench-lookup" --config "$BENCH_OUT/sidecar-policy.json" >> "$RESULTS"
+  if [[ -n "$LOOKUP_BINARY" ]]; then
+    say "lookup micro-benchmark"
+    timeout --foreground 120 taskset -c "$PROXY_CORE" "$LOOKUP_BINARY" --config "$BENCH_OUT/sidecar-policy.json" >> "$RESULTS"
+  else
+    say "lookup micro-benchmark not run (BENCH_DATAPLANE_SIDECAR set without BENCH_DATAPLANE_LOOKUP)"
+  fi
 fi
 
 {
@@ -266,7 +274,7 @@ swapped credential). \`splice\` = → socat $(socat -V 2>/dev/null | sed -n 's/^
 (Debian, \`TCP-LISTEN,fork,nodelay\` → upstream: copies bytes, parses nothing; latency rows only). \
 Cores (taskset): for throughput, upstream and load generators on core $LOAD_CORE, proxy under test alone on \
 core $PROXY_CORE; latency in the layouts its tables name. Loopback only. Raw records: \`target/bench/dataplane/results.jsonl\`."
-  [[ "$SIDECAR_BINARY" == "$BENCH_BIN/keybrake-sidecar" ]] || echo "Sidecar binary: \`$SIDECAR_BINARY\`."
+  [[ "$SIDECAR_BINARY" == "$BENCH_BIN/keybrake-sidecar" ]] || echo "Sidecar binary: \`$SIDECAR_BINARY\`; lookup: \`${LOOKUP_BINARY:-not run}\`."
   [[ $SIDECAR == 1 ]] || echo $'\n'"**The sidecar was not measured (BENCH_SKIP_SIDECAR=1).**"
   echo
   "$BENCH_BIN/bench-report" dataplane --results "$RESULTS"
