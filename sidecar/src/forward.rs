@@ -201,6 +201,35 @@ pub fn to_upstream_request_headers(
     authorization: HeaderValue,
     host: HeaderValue,
 ) {
+    // The usual call carries one `Authorization`, at most one `Host` and nothing to drop: one
+    // pass finds that out, and the two values are then swapped in place (no hashing, no
+    // lookups). Anything else takes the general path below.
+    let (mut authorizations, mut hosts, mut droppable) = (0, 0, false);
+    // `iter` visits every value (a repeated header counts once per value).
+    for (name, _) in headers.iter() {
+        if name == header::AUTHORIZATION {
+            authorizations += 1;
+        } else if name == header::HOST {
+            hosts += 1;
+        } else if is_hop_by_hop(name) || always_dropped(name) {
+            droppable = true;
+            break;
+        }
+    }
+    if !droppable && authorizations == 1 && hosts <= 1 {
+        let (mut authorization, mut host) = (Some(authorization), Some(host));
+        for (name, value) in headers.iter_mut() {
+            if name == header::AUTHORIZATION {
+                *value = authorization.take().expect("one Authorization value");
+            } else if name == header::HOST {
+                *value = host.take().expect("one Host value");
+            }
+        }
+        if let Some(host) = host {
+            headers.insert(header::HOST, host);
+        }
+        return;
+    }
     let has_connection = headers.contains_key(header::CONNECTION);
     // Usually nothing but `Authorization` and `Host` goes, and `insert` below replaces those
     // (every value of them): collect the others (no allocation unless there are some).
@@ -208,11 +237,7 @@ pub fn to_upstream_request_headers(
     for name in headers.keys() {
         if is_hop_by_hop(name)
             || (has_connection && connection_listed(headers, name))
-            || name.as_str().starts_with("keybrake-")
-            || name == header::CONTENT_LENGTH
-            || name == header::ACCEPT_ENCODING
-            || name == header::EXPECT
-            || name == header::COOKIE
+            || always_dropped(name)
         {
             dropped.push(name.clone());
         }
@@ -222,6 +247,16 @@ pub fn to_upstream_request_headers(
     }
     headers.insert(header::AUTHORIZATION, authorization);
     headers.insert(header::HOST, host);
+}
+
+/// Request headers never forwarded besides hop-by-hop ones: the sidecar's own, framing
+/// (recomputed), `Accept-Encoding`, `Expect` and `Cookie`.
+fn always_dropped(name: &HeaderName) -> bool {
+    name.as_str().starts_with("keybrake-")
+        || name == header::CONTENT_LENGTH
+        || name == header::ACCEPT_ENCODING
+        || name == header::EXPECT
+        || name == header::COOKIE
 }
 
 /// Strips hop-by-hop headers from an upstream response (framing is hyper's business).
@@ -387,6 +422,60 @@ mod tests {
         assert_eq!(h.len(), 6, "{h:?}");
         assert!(!format!("{h:?}").contains("vault_key"));
         assert!(!format!("{h:?}").contains("dmF1bHRfa2V5X3k6"));
+    }
+
+    #[test]
+    fn credential_and_host_are_swapped_whatever_their_count() {
+        let swapped = |pairs: &[(&'static str, &'static str)]| {
+            let mut h = HeaderMap::new();
+            for (name, value) in pairs {
+                h.append(*name, HeaderValue::from_static(value));
+            }
+            to_upstream_request_headers(
+                &mut h,
+                HeaderValue::from_static("Bearer sk"),
+                HeaderValue::from_static("up:1"),
+            );
+            h
+        };
+        let only = |h: &HeaderMap, name: HeaderName, value: &str| {
+            let values: Vec<_> = h.get_all(&name).iter().collect();
+            assert_eq!(values, [value], "{name}: {h:?}");
+        };
+        for pairs in [
+            // No Host (HTTP/1.0): added.
+            &[("authorization", "Bearer vault_key_a"), ("accept", "*/*")][..],
+            // Two Host values, two credentials, a credential named in Connection.
+            &[("host", "a"), ("host", "b"), ("authorization", "Bearer v")][..],
+            &[
+                ("authorization", "Bearer v"),
+                ("authorization", "Basic w"),
+                ("host", "a"),
+            ][..],
+            &[
+                ("host", "a"),
+                ("authorization", "Bearer v"),
+                ("connection", "authorization"),
+            ][..],
+            // No credential at all.
+            &[("host", "a")][..],
+        ] {
+            let h = swapped(pairs);
+            only(&h, header::AUTHORIZATION, "Bearer sk");
+            only(&h, header::HOST, "up:1");
+            assert!(!format!("{h:?}").contains("vault_key"));
+        }
+        assert_eq!(
+            swapped(&[
+                ("authorization", "Bearer v"),
+                ("accept", "a"),
+                ("accept", "b")
+            ])
+            .get_all("accept")
+            .iter()
+            .count(),
+            2
+        );
     }
 
     #[test]

@@ -4,7 +4,7 @@
 use std::{convert::Infallible, sync::Arc, time::Duration};
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, header};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use jiff::Timestamp;
@@ -266,11 +266,13 @@ impl Proxy {
             .upstream
             .as_ref()
             .and_then(|base| Some((base, base.target(path, uri.query())?)))
-            .ok_or(Refusal::upstream(
-                StatusCode::BAD_GATEWAY,
-                "bad_upstream_url",
-                reservation.clone(),
-            ))?;
+            .ok_or_else(|| {
+                Refusal::upstream(
+                    StatusCode::BAD_GATEWAY,
+                    "bad_upstream_url",
+                    reservation.clone(),
+                )
+            })?;
         let authorization = match &entry.upstream_authorization {
             Some(cached) => cached.clone(),
             None => upstream_authorization(module.auth_slot(), &grant.upstream_secret, &credential)
@@ -290,6 +292,10 @@ impl Proxy {
         *upstream.method_mut() = parts.method.clone();
         *upstream.uri_mut() = target;
         *upstream.headers_mut() = headers;
+        // Nothing reads the agent's request target any more. It points into the read buffer of
+        // the agent's connection, which hyper reads again while the call waits upstream: gone
+        // by then, the buffer is reused instead of replaced by a new one on every call.
+        parts.uri = Uri::default();
 
         // One clock reading each side of the wait serves the deadline, the histogram and the
         // body's idle timer (each would read the clock again).
