@@ -136,7 +136,7 @@ impl Proxy {
     }
 
     async fn decide_and_forward(
-        &self,
+        self: &Arc<Self>,
         route: Route,
         parts: &mut http::request::Parts,
         unread: &mut Option<Incoming>,
@@ -203,13 +203,20 @@ impl Proxy {
             .check_account(path, &grant.upstream_secret, &credential)
             .map_err(|reason| Refusal::policy(Denied::new(Verdict::OperationDenied, reason)))?;
 
-        let body = read_bounded(
-            unread.take().expect("the body is read once"),
-            self.limits.max_body_bytes,
-            self.limits.body_read_timeout,
-        )
-        .await
-        .map_err(Refusal::body)?;
+        let incoming = unread.take().expect("the body is read once");
+        // GETs and other bodiless requests: nothing to wait for (read_bounded says the same,
+        // but as a future built and polled on every call).
+        let body = if http_body::Body::is_end_stream(&incoming) {
+            Bytes::new()
+        } else {
+            read_bounded(
+                incoming,
+                self.limits.max_body_bytes,
+                self.limits.body_read_timeout,
+            )
+            .await
+            .map_err(Refusal::body)?
+        };
         let view = RequestView {
             method: &parts.method,
             path,
@@ -379,12 +386,9 @@ impl Proxy {
             operation: matched.operation,
             preflight,
             capture,
-            prices: self.prices.clone(),
+            proxy: self.clone(),
             status: head.status,
             reservation,
-            ledger: self.ledger.clone(),
-            audit: self.audit.clone(),
-            metrics: self.metrics.clone(),
             clock: call.clock,
         };
         self.count(call, Verdict::Allow);
@@ -550,12 +554,11 @@ struct Completion {
     preflight: Preflight,
     /// A bounded look at the response (never the whole of a large one).
     capture: ResponseCapture,
-    prices: Arc<Prices>,
     status: StatusCode,
     reservation: Option<Reservation>,
-    ledger: Arc<dyn SpendLedger>,
-    audit: Arc<dyn AuditSink>,
-    metrics: Arc<Metrics>,
+    /// For the price tables, the ledger, the audit sink and the metrics: one reference to hold
+    /// (and count) per call instead of four.
+    proxy: Arc<Proxy>,
     clock: tokio::time::Instant,
 }
 
@@ -576,7 +579,7 @@ impl StreamObserver for Completion {
                 json: json.as_ref(),
             };
             self.module
-                .response_cost(self.operation, &self.preflight, &view, &self.prices)
+                .response_cost(self.operation, &self.preflight, &view, &self.proxy.prices)
         } else {
             // The vendor refused the call: no money moved.
             crate::vendors::ResponseCost::estimated(Some(Usd::ZERO))
@@ -586,12 +589,12 @@ impl StreamObserver for Completion {
         let usage_after = self
             .reservation
             .take()
-            .map(|r| self.ledger.settle(r, priced.cost));
+            .map(|r| self.proxy.ledger.settle(r, priced.cost));
         let counted = priced
             .cost
             .filter(|c| *c > Usd::ZERO && priced.source != CostSource::None);
         if let Some(cost) = counted {
-            self.metrics.add_key_cost(
+            self.proxy.metrics.add_key_cost(
                 &self.entry.counters,
                 &self.entry.grant,
                 cost.micros() as f64 / 1e6,
@@ -615,7 +618,7 @@ impl StreamObserver for Completion {
             row.verdict_reason = Some(format!("response_{end:?}").to_ascii_lowercase());
         }
         row.duration_ms = self.clock.elapsed().as_millis() as i64;
-        self.audit.submit(*row);
+        self.proxy.audit.submit(*row);
     }
 }
 
