@@ -160,7 +160,7 @@ pub struct RunArgs {
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     pub upstream_header_timeout: Duration,
     /// Connections open at once to one upstream (0 = no cap). Calls beyond it queue in arrival
-    /// order for up to --upstream-connect-timeout, then fail with 502 upstream_unreachable.
+    /// order for up to --upstream-connect-timeout, then fail with 502 upstream_busy.
     #[arg(long, default_value_t = crate::upstream_pool::DEFAULT_MAX_CONNECTIONS_PER_UPSTREAM)]
     pub upstream_max_connections: usize,
     #[arg(long, default_value = "120s", value_parser = parse_duration)]
