@@ -70,7 +70,7 @@ pub enum StreamEnd {
 /// the audit row and settles the spend reservation; response cost parsing hooks in here.
 pub trait StreamObserver: Send {
     /// Sees one chunk from the upstream and returns what goes on to the agent: the same bytes
-    /// unless the observer filters (see [`ObservedBody::rewriting`]).
+    /// unless the observer filters (see [`ObservedBody::set_rewriting`]).
     fn on_chunk(&mut self, chunk: Bytes) -> Bytes {
         chunk
     }
@@ -322,9 +322,10 @@ impl<B, O: StreamObserver> ObservedBody<B, O> {
 
     /// The observer filters chunks: drop the upstream's size hint (the caller removes any
     /// `Content-Length`).
-    pub fn rewriting(mut self, rewrites: bool) -> Self {
+    ///
+    /// In place: the body, observer included, is not moved.
+    pub fn set_rewriting(&mut self, rewrites: bool) {
         self.rewrites = rewrites;
-        self
     }
 
     fn end(&mut self, how: StreamEnd) {

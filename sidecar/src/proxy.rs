@@ -393,14 +393,14 @@ impl Proxy {
         };
         self.count(call, Verdict::Allow);
         let deadline = call.clock + self.limits.upstream_total_timeout;
-        let body = ObservedBody::new(
+        let mut body = ObservedBody::new(
             answered_at,
             upstream_body,
             self.limits.upstream_idle_timeout,
             deadline,
             observer,
-        )
-        .rewriting(rewrites);
+        );
+        body.set_rewriting(rewrites);
         Ok(Response::from_parts(head, body.boxed_unsync()))
     }
 
