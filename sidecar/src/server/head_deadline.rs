@@ -84,6 +84,17 @@ pin_project_lite::pin_project! {
         response: F,
         clock: Option<Arc<HeadClock>>,
     }
+
+    impl<F> PinnedDrop for TrackResponse<F> {
+        /// Dropped without a response (hyper gave up on the request, or the handler failed):
+        /// no body will mark the end, so the connection waits for a head from now on rather
+        /// than staying busy with no deadline.
+        fn drop(this: Pin<&mut Self>) {
+            if let Some(clock) = this.project().clock.take() {
+                clock.response_finished(Instant::now());
+            }
+        }
+    }
 }
 
 impl<F, B, E> Future for TrackResponse<F>
@@ -285,6 +296,20 @@ mod tests {
             matches!(end, ConnectionEnd::HeadTimeout(t) if t == TIMEOUT),
             "{end:?}"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_dropped_without_a_response_leaves_the_connection_waiting() {
+        let (conn, clock) = spawn_conn();
+        let unanswered = clock.serve(std::future::pending::<
+            Result<http::Response<http_body_util::Empty<Bytes>>, Infallible>,
+        >());
+        assert_eq!(clock.deadline(TIMEOUT), None, "busy while served");
+        drop(unanswered);
+        assert_eq!(clock.deadline(TIMEOUT), Some(Instant::now() + TIMEOUT));
+        tokio::time::advance(TIMEOUT).await;
+        settle().await;
+        assert!(conn.is_finished(), "left busy forever");
     }
 
     #[tokio::test(start_paused = true)]
