@@ -82,18 +82,6 @@ pub trait StreamObserver: Send {
     fn finish(&mut self, end: StreamEnd, bytes: u64);
 }
 
-impl<T: StreamObserver + ?Sized> StreamObserver for Box<T> {
-    fn on_chunk(&mut self, chunk: Bytes) -> Bytes {
-        (**self).on_chunk(chunk)
-    }
-    fn flush(&mut self) -> Bytes {
-        (**self).flush()
-    }
-    fn finish(&mut self, end: StreamEnd, bytes: u64) {
-        (**self).finish(end, bytes)
-    }
-}
-
 /// Largest single server-sent event kept while looking for usage; a longer one ends the
 /// scanning (and filtering) for that response.
 const MAX_SSE_EVENT_BYTES: usize = 1 << 20;
@@ -279,7 +267,7 @@ pub struct StreamTimeout(&'static str);
 
 /// The upstream's body, passed through frame by frame (never buffered). The observer lives in
 /// the body itself (one allocation per call when the body is boxed, not two).
-pub struct ObservedBody<B, O: StreamObserver = Box<dyn StreamObserver>> {
+pub struct ObservedBody<B, O: StreamObserver> {
     inner: B,
     /// One timer for both limits, armed the first time the upstream makes the agent wait (a
     /// response already read in full never arms one). A frame does not move it: when it fires
@@ -596,7 +584,7 @@ data: [DONE]\n\n";
             Full::new(Bytes::from_static(b"hello")),
             Duration::from_secs(5),
             Instant::now() + Duration::from_secs(5),
-            Box::new(Record(seen.clone())),
+            Record(seen.clone()),
         );
         assert!(!body.is_end_stream());
         let frame = body.frame().await.unwrap().unwrap();
@@ -613,7 +601,7 @@ data: [DONE]\n\n";
             StreamBody::new(chunks),
             Duration::from_secs(5),
             Instant::now() + Duration::from_secs(5),
-            Box::new(Record(seen.clone())),
+            Record(seen.clone()),
         );
         body.frame().await.unwrap().unwrap();
         drop(body);
@@ -635,7 +623,7 @@ data: [DONE]\n\n";
             Full::new(Bytes::from_static(b"hello")),
             Duration::from_secs(5),
             Instant::now() + Duration::from_secs(5),
-            Box::new(Record(seen.clone())),
+            Record(seen.clone()),
         );
         let out = body.collect().await.unwrap().to_bytes();
         assert_eq!(out, Bytes::from_static(b"hello"));
@@ -684,7 +672,7 @@ data: [DONE]\n\n";
             StreamBody::new(one_then_silence),
             Duration::from_millis(50),
             Instant::now() + Duration::from_secs(30),
-            Box::new(Record(seen.clone())),
+            Record(seen.clone()),
         );
         let (frames, error) = read_all(body).await;
         assert_eq!(frames, 1);
@@ -708,7 +696,7 @@ data: [DONE]\n\n";
             StreamBody::new(paced(10, Duration::from_millis(30))),
             Duration::from_millis(200),
             Instant::now() + Duration::from_secs(30),
-            Box::new(Record(seen.clone())),
+            Record(seen.clone()),
         );
         let (frames, error) = read_all(body).await;
         assert_eq!((frames, error), (10, None));
@@ -726,7 +714,7 @@ data: [DONE]\n\n";
             StreamBody::new(paced(1000, Duration::from_millis(10))),
             Duration::from_secs(30),
             Instant::now() + Duration::from_millis(150),
-            Box::new(Record(seen.clone())),
+            Record(seen.clone()),
         );
         let (frames, error) = read_all(body).await;
         assert!(frames < 1000, "{frames} frames");
