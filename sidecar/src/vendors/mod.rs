@@ -139,6 +139,8 @@ pub fn extract_credential(
 }
 
 /// Whether `bytes` holds a space, without stopping at the first (so it runs on whole vectors).
+/// `<[u8]>::contains` would do, through a `memchr` call: callgrind put that at +165 (+233 in
+/// all) instructions per proxied call, for a token of ~50 bytes.
 fn has_space(bytes: &[u8]) -> bool {
     let mut chunks = bytes.chunks_exact(16);
     let mut found = false;
