@@ -198,6 +198,10 @@ if [[ $SIDECAR == 1 ]]; then
   [[ "$got" == 401 ]] || die "sidecar answered $got to an unknown key, expected 401"
 fi
 
+# The process whose CPU each throughput run is charged to (direct has no proxy).
+declare -A PROXY_PID=([nginx]="$NGINX_WORKER" [hyper]="$HYPER_PID")
+[[ $SIDECAR == 1 ]] && PROXY_PID[sidecar]="$SIDECAR_PID"
+
 # Rounds run the targets in rotated order (lib.sh rotate), so no target always runs first.
 # ---- throughput at saturation: wrk, interleaved rounds --------------------------------------
 say "throughput: ${#TARGETS[@]} targets x ${CONNECTIONS[*]} connections x $ROUNDS rounds x ${TP_SECONDS}s"
@@ -205,10 +209,14 @@ for ((round = 0; round < ROUNDS; round++)); do
   for connections in "${CONNECTIONS[@]}"; do
     for via in $(rotate "$round" "${TARGETS[@]}"); do
       out="$LOG/wrk-$via-c$connections-r$round.txt"
+      cpu_args=()
+      if [[ -n "${PROXY_PID[$via]:-}" ]]; then
+        cpu_args=(--pid "${PROXY_PID[$via]}" --cpu-before "$("$BENCH_BIN/bench-report" cpu-ticks --pid "${PROXY_PID[$via]}")")
+      fi
       timeout --foreground $((TP_SECONDS + 30)) taskset -c "$LOAD_CORE" wrk -t1 -c"$connections" -d"${TP_SECONDS}s" \
         -H "Authorization: ${AUTH[$via]}" "${URL[$via]}" > "$out" 2>&1 || die "wrk failed: $(cat "$out")"
       "$BENCH_BIN/bench-report" wrk --via "$via" --connections "$connections" --round "$round" \
-        < "$out" >> "$RESULTS"
+        "${cpu_args[@]}" < "$out" >> "$RESULTS"
       say "  round $round c=$connections $via: $(grep Requests/sec "$out" | tr -s ' ')"
     done
   done

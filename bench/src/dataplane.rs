@@ -4,6 +4,7 @@
 use std::{collections::BTreeMap, fmt::Write as _};
 
 use crate::{
+    cpu::CpuPerRequest,
     record::{Layout, Record, Via},
     stats::median,
 };
@@ -52,6 +53,7 @@ pub fn render(records: &[Record]) -> Report {
     let mut out = String::new();
     let mut outcomes = Vec::new();
     throughput_table(records, &mut out, &mut outcomes);
+    cpu_table(records, &mut out);
     latency_table(records, &mut out, &mut outcomes);
     memory_table(records, &mut out, &mut outcomes);
     lookup_table(records, &mut out, &mut outcomes);
@@ -101,12 +103,9 @@ fn throughput_table(records: &[Record], out: &mut String, outcomes: &mut Vec<(St
         "### Throughput at saturation\n\n\
          Requests/s, median of {rounds} interleaved rounds (min–max in brackets); wrk, one \
          thread, pinned to core 0 with the upstream; each proxy pinned to core 1. \
-         `hyper (floor)` is bench-hyper-relay: the cheapest correct proxy on the sidecar's stack \
-         (current-thread Tokio, hyper 1 http1 server and client, one upstream connection per \
-         client connection) doing only what nginx does here (strip `/stripe`, replace \
-         `Authorization`, stream the response back); no policy, metering, pool, timers or \
-         audit. So hyper ÷ nginx is what hyper + Tokio cost and sidecar ÷ hyper is the sidecar's \
-         own work. The floor is shown, not judged: the target is against nginx. \
+         `hyper (floor)` is bench-hyper-relay (see Targets): hyper + Tokio doing only nginx's \
+         job, so hyper ÷ nginx is what the stack costs and sidecar ÷ hyper is the sidecar's own \
+         work. The floor is shown, not judged: the target is against nginx. \
          \"Per round\" pairs sidecar and nginx within each round (the rounds are interleaved, so \
          slow drift of the machine cancels): median of the rounds' ratios (min–max). The target \
          is met only when both readings, the ratio of the medians and the per-round median, are \
@@ -171,6 +170,66 @@ fn throughput_table(records: &[Record], out: &mut String, outcomes: &mut Vec<(St
         runs.iter()
             .map(|((connections, via), (_, errors))| (*via, *connections, *errors)),
     );
+    out.push('\n');
+}
+
+/// CPU per request of each proxy in the throughput rounds: shown, not judged. It says whether a
+/// gap is the proxy's own work (user) or the socket calls every proxy makes (system).
+fn cpu_table(records: &[Record], out: &mut String) {
+    // (connections, via) -> (user µs, system µs) per round
+    let mut runs: BTreeMap<(usize, Via), Vec<CpuPerRequest>> = BTreeMap::new();
+    for record in records {
+        if let Record::Throughput {
+            via,
+            connections,
+            cpu: Some(cpu),
+            ..
+        } = record
+        {
+            runs.entry((*connections, *via)).or_default().push(*cpu);
+        }
+    }
+    if runs.is_empty() {
+        return;
+    }
+    out.push_str(
+        "#### CPU per request in those rounds (shown, not judged)\n\n\
+         Microseconds of CPU the proxy process spent per request, user + system (all its \
+         threads; /proc/PID/stat before and after each wrk run, 10 ms ticks), median over the \
+         rounds. Where the proxy's core is saturated its requests/s is about 10⁶ ÷ the total; at \
+         1 connection it idles between requests and each request pays for waking it up.\n\n\
+         | connections | nginx | hyper (floor) | sidecar | sidecar ÷ nginx, user | \
+         sidecar ÷ nginx, total |\n|---:|---:|---:|---:|---:|---:|\n",
+    );
+    let mut connection_counts: Vec<usize> = runs.keys().map(|(c, _)| *c).collect();
+    connection_counts.dedup();
+    for connections in connection_counts {
+        let med = |via: Via| {
+            let rounds = runs.get(&(connections, via))?;
+            Some((
+                median(rounds.iter().map(|cpu| cpu.user_us))?,
+                median(rounds.iter().map(|cpu| cpu.system_us))?,
+            ))
+        };
+        let cell = |via: Via| {
+            med(via).map_or("—".into(), |(user, system)| {
+                format!("{user:.1} + {system:.1}")
+            })
+        };
+        let ratio = |of: fn((f64, f64)) -> f64| match (med(Via::Sidecar), med(Via::Nginx)) {
+            (Some(sidecar), Some(nginx)) if of(nginx) > 0.0 => Some(of(sidecar) / of(nginx)),
+            _ => None,
+        };
+        let _ = writeln!(
+            out,
+            "| {connections} | {} | {} | {} | {} | {} |",
+            cell(Via::Nginx),
+            cell(Via::Hyper),
+            cell(Via::Sidecar),
+            ratio_cell(ratio(|(user, _)| user)),
+            ratio_cell(ratio(|(user, system)| user + system)),
+        );
+    }
     out.push('\n');
 }
 
@@ -287,9 +346,8 @@ fn latency_table(records: &[Record], out: &mut String, outcomes: &mut Vec<(Strin
          (direct) for the same percentile in the same round; every value is the median of the \
          interleaved rounds. `splice` is a byte-splicing TCP relay (socat, no HTTP parsing): \
          what it adds is the floor any proxy pays for the extra hop in that layout. `hyper` is \
-         bench-hyper-relay, the cheapest hyper + Tokio proxy doing nginx's job (see the \
-         throughput table): the floor of a proxy on the sidecar's stack, shown, not judged. Targets are \
-         judged in the {} layout: there a direct call crosses cores as often as a proxied one, as \
+         bench-hyper-relay (see Targets): the floor of a proxy on the sidecar's stack, shown, \
+         not judged. Targets are judged in the {} layout: there a direct call crosses cores as often as a proxied one, as \
          between an agent's pod and a remote vendor. The isolated table shows what the same \
          proxies, and the relay, add when the proxy has a core to itself.\n",
         judged.label()
@@ -567,6 +625,7 @@ mod tests {
             requests_per_sec: rps,
             requests: rps as u64 * 5,
             errors,
+            cpu: None,
         }
     }
 
@@ -688,6 +747,48 @@ mod tests {
                 .iter()
                 .any(|(name, _)| name.contains("hyper"))
         );
+    }
+
+    #[test]
+    fn cpu_per_request_is_shown_per_proxy_and_never_judged() {
+        let with_cpu = |via, round, user_us, system_us| {
+            let mut record = throughput(via, 256, round, 40_000.0, 0);
+            if let Record::Throughput { cpu, .. } = &mut record {
+                *cpu = Some(CpuPerRequest { user_us, system_us });
+            }
+            record
+        };
+        let records = vec![
+            with_cpu(Via::Nginx, 0, 5.0, 15.0),
+            with_cpu(Via::Nginx, 1, 6.0, 14.0),
+            with_cpu(Via::Nginx, 2, 7.0, 20.0),
+            with_cpu(Via::Sidecar, 0, 10.0, 15.0),
+            with_cpu(Via::Sidecar, 1, 12.0, 16.0),
+            with_cpu(Via::Sidecar, 2, 30.0, 17.0),
+            throughput(Via::Direct, 256, 0, 60_000.0, 0),
+        ];
+        let report = render(&records);
+        // Medians: nginx 6 + 15, sidecar 12 + 16; the hyper floor did not run.
+        assert!(
+            report
+                .markdown
+                .contains("| 256 | 6.0 + 15.0 | — | 12.0 + 16.0 | 2.00 | 1.33 |"),
+            "{}",
+            report.markdown
+        );
+        let without_cpu: Vec<Record> = records
+            .iter()
+            .cloned()
+            .map(|mut record| {
+                if let Record::Throughput { cpu, .. } = &mut record {
+                    *cpu = None;
+                }
+                record
+            })
+            .collect();
+        let plain = render(&without_cpu);
+        assert!(!plain.markdown.contains("CPU per request"));
+        assert_eq!(report.outcomes, plain.outcomes);
     }
 
     #[test]

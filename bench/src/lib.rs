@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod client;
+pub mod cpu;
 pub mod dataplane;
 pub mod doc;
 pub mod keys;

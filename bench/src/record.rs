@@ -3,6 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::cpu::CpuPerRequest;
+
 /// Which path the load took.
 #[derive(
     Debug,
@@ -76,6 +78,10 @@ pub enum Record {
         requests: u64,
         /// Non-2xx responses plus socket errors.
         errors: u64,
+        /// CPU the proxy process spent per request in this run (absent for `direct`, and in
+        /// records written before it was measured).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cpu: Option<CpuPerRequest>,
     },
     /// An open-loop run at a fixed rate (bench-loadgen); latencies in microseconds.
     Latency {

@@ -7,6 +7,7 @@ use std::{fs, path::PathBuf};
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use keybrake_bench::{
+    cpu::CpuTicks,
     dataplane,
     doc::splice_section,
     record::{Record, Via},
@@ -30,6 +31,18 @@ enum Command {
         connections: usize,
         #[arg(long)]
         round: u32,
+        /// The proxy process, read again now: with --cpu-before, the record carries its CPU
+        /// per request.
+        #[arg(long, requires = "cpu_before")]
+        pid: Option<u32>,
+        /// The proxy's `cpu-ticks` reading taken just before the run.
+        #[arg(long, requires = "pid")]
+        cpu_before: Option<String>,
+    },
+    /// Print a process's CPU ticks so far ("USER SYSTEM"), for `wrk --cpu-before`.
+    CpuTicks {
+        #[arg(long)]
+        pid: u32,
     },
     /// Print a `peak_rss` record from `/usr/bin/time -v` output or /proc/PID/status, or with
     /// --at-rest an `rss_at_rest` record (the process's RSS right now, from /proc/PID/status).
@@ -67,9 +80,18 @@ fn main() -> anyhow::Result<()> {
             via,
             connections,
             round,
+            pid,
+            cpu_before,
         } => {
             let output = std::io::read_to_string(std::io::stdin())?;
             let summary = wrk::parse(&output).with_context(|| format!("wrk said:\n{output}"))?;
+            let cpu = match (pid, cpu_before) {
+                (Some(pid), Some(before)) => {
+                    let before = CpuTicks::parse_pair(&before)?;
+                    cpu_ticks(pid)?.per_request_since(before, summary.requests)
+                }
+                _ => None,
+            };
             let record = Record::Throughput {
                 via,
                 connections,
@@ -77,9 +99,11 @@ fn main() -> anyhow::Result<()> {
                 requests_per_sec: summary.requests_per_sec,
                 requests: summary.requests,
                 errors: summary.non_2xx + summary.socket_errors,
+                cpu,
             };
             println!("{}", serde_json::to_string(&record)?);
         }
+        Command::CpuTicks { pid } => println!("{}", cpu_ticks(pid)?),
         Command::Rss {
             via,
             keys,
@@ -147,4 +171,10 @@ fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+fn cpu_ticks(pid: u32) -> anyhow::Result<CpuTicks> {
+    let path = format!("/proc/{pid}/stat");
+    let text = fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    CpuTicks::from_proc_stat(&text).with_context(|| format!("parsing {path}"))
 }
