@@ -2,6 +2,9 @@
 # Run a command against a throwaway PostgreSQL cluster: initdb in a temp dir, start it on a free
 # loopback port with TLS, export KEYBRAKE_TEST_POSTGRES_URL (plain TCP: sslmode=disable) and
 # KEYBRAKE_TEST_POSTGRES_CA (the server certificate's CA), run "$@", then stop and delete it.
+# Client-certificate auth: role keybrake_cert may log in only over TLS with a certificate
+# (CN=keybrake_cert, same CA; pg_hba `cert`): KEYBRAKE_TEST_POSTGRES_CLIENT_CERT / _CLIENT_KEY
+# (PEM, PKCS#8 key) and KEYBRAKE_TEST_POSTGRES_CERT_URL (that role, verify-full, with both files).
 # Installs Debian's postgresql package when the server binaries are missing.
 # Usage: scripts/with-postgres.sh cargo test -p keybrake-audit
 set -euo pipefail
@@ -84,9 +87,21 @@ openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 
   && openssl x509 -req -in "$TLS/server.csr" -CA "$TLS/ca.crt" -CAkey "$TLS/ca.key" -set_serial "0x$(openssl rand -hex 8)" \
     -days 2 -extfile "$TLS/server.ext" -out "$TLS/server.crt" >>"$TLS/openssl.log" 2>&1 \
   || { cat "$TLS/openssl.log" >&2; exit 1; }
-chmod 600 "$TLS/server.key"
+# Client certificate for role keybrake_cert (the cert method maps its CN to the role).
+openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -subj "/CN=keybrake_cert" \
+    -keyout "$TLS/client.key" -out "$TLS/client.csr" >>"$TLS/openssl.log" 2>&1 \
+  && printf 'basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth\n' >"$TLS/client.ext" \
+  && openssl x509 -req -in "$TLS/client.csr" -CA "$TLS/ca.crt" -CAkey "$TLS/ca.key" -set_serial "0x$(openssl rand -hex 8)" \
+    -days 2 -extfile "$TLS/client.ext" -out "$TLS/client.crt" >>"$TLS/openssl.log" 2>&1 \
+  || { cat "$TLS/openssl.log" >&2; exit 1; }
+chmod 600 "$TLS/server.key" "$TLS/client.key"
 [ "$(id -u)" -eq 0 ] && chown postgres "$TLS/server.key"
-TLS_OPTS="-c ssl=on -c ssl_cert_file=$TLS/server.crt -c ssl_key_file=$TLS/server.key"
+# ssl_ca_file lets the server verify client certificates; clients without one still connect.
+TLS_OPTS="-c ssl=on -c ssl_cert_file=$TLS/server.crt -c ssl_key_file=$TLS/server.key -c ssl_ca_file=$TLS/ca.crt"
+# keybrake_cert: certificate over TLS only, before initdb's trust rules (first match wins).
+{ printf 'hostssl all keybrake_cert 127.0.0.1/32 cert\nhostnossl all keybrake_cert 127.0.0.1/32 reject\n'
+  cat "$DATA/pg_hba.conf"; } >"$WORK/pg_hba.conf"
+cat "$WORK/pg_hba.conf" >"$DATA/pg_hba.conf"
 
 started=0
 for _ in 1 2 3 4 5; do
@@ -101,6 +116,10 @@ done
 
 export KEYBRAKE_TEST_POSTGRES_URL="postgres://keybrake@127.0.0.1:$PORT/postgres?sslmode=disable"
 export KEYBRAKE_TEST_POSTGRES_CA="$TLS/ca.crt"
+"$PG_BIN/psql" -q -v ON_ERROR_STOP=1 "$KEYBRAKE_TEST_POSTGRES_URL" -c "CREATE ROLE keybrake_cert LOGIN" >/dev/null
+export KEYBRAKE_TEST_POSTGRES_CLIENT_CERT="$TLS/client.crt"
+export KEYBRAKE_TEST_POSTGRES_CLIENT_KEY="$TLS/client.key"
+export KEYBRAKE_TEST_POSTGRES_CERT_URL="postgres://keybrake_cert@127.0.0.1:$PORT/postgres?sslmode=verify-full&sslrootcert=$TLS/ca.crt&sslcert=$TLS/client.crt&sslkey=$TLS/client.key"
 echo "with-postgres: PostgreSQL $("$PG_BIN/postgres" --version | awk '{print $3}') at $KEYBRAKE_TEST_POSTGRES_URL" >&2
 
 set +e

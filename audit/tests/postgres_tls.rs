@@ -196,3 +196,210 @@ async fn an_unreadable_ca_file_is_a_clear_error() {
         "{shown}"
     );
 }
+
+// Client-certificate authentication: scripts/with-postgres.sh lets role keybrake_cert in only
+// over TLS with a certificate (pg_hba `cert`) issued by KEYBRAKE_TEST_POSTGRES_CA.
+
+const CERT_URL_ENV: &str = "KEYBRAKE_TEST_POSTGRES_CERT_URL";
+const CLIENT_CERT_ENV: &str = "KEYBRAKE_TEST_POSTGRES_CLIENT_CERT";
+const CLIENT_KEY_ENV: &str = "KEYBRAKE_TEST_POSTGRES_CLIENT_KEY";
+
+fn script_env(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| {
+        panic!(
+            "{name} is not set: this test needs the client-certificate PostgreSQL of \
+             `scripts/with-postgres.sh cargo test -p keybrake-audit --test postgres_tls`"
+        )
+    })
+}
+
+/// A fresh database owned by the certificate role (so it may create the audit tables), and
+/// the script's URL for that role pointed at it, minus the parameters named in `drop`, plus
+/// `add`. The password is never used by `cert` auth; it is there to prove it never leaks.
+async fn cert_role_database(name: &str, drop: &[&str], add: &str) -> String {
+    let cert_url = script_env(CERT_URL_ENV);
+    let admin_url = fresh_postgres_database(name).await;
+    let (client, connection) = tokio_postgres::connect(&admin_url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    client
+        .batch_execute(&format!(
+            "ALTER DATABASE kb_audit_{name} OWNER TO keybrake_cert"
+        ))
+        .await
+        .unwrap();
+
+    let (base, query) = cert_url
+        .split_once('?')
+        .expect("the script's URL has parameters");
+    let (server, _db) = base.rsplit_once('/').unwrap();
+    let server = server.replacen("keybrake_cert@", &format!("keybrake_cert:{PASSWORD}@"), 1);
+    let mut params: Vec<&str> = query
+        .split('&')
+        .filter(|p| !drop.iter().any(|d| p.starts_with(&format!("{d}="))))
+        .collect();
+    if !add.is_empty() {
+        params.push(add);
+    }
+    format!("{server}/kb_audit_{name}?{}", params.join("&"))
+}
+
+/// Who the server says we are, and the subject of the certificate we presented.
+async fn session_identity(sink: &PostgresSink) -> Vec<Value> {
+    sink.query(
+        "SELECT current_user::text, client_dn FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+        &[],
+    )
+    .await
+    .unwrap()
+    .remove(0)
+}
+
+async fn write_and_count(sink: &PostgresSink) {
+    let rows = playbook_rows();
+    assert_eq!(
+        sink.write_batch(&rows).await.unwrap(),
+        WriteOutcome {
+            inserted: rows.len() as u64,
+            duplicates: 0
+        }
+    );
+    let count = sink
+        .query("SELECT COUNT(*) FROM agent_call_audit", &[])
+        .await
+        .unwrap();
+    assert_eq!(count[0][0], Value::Int(rows.len() as i64));
+}
+
+#[tokio::test]
+async fn a_client_certificate_logs_in_as_its_role_and_writes_rows() {
+    let url = cert_role_database("cert_ok", &[], "").await;
+    let sink = PostgresSink::connect(&url).await.unwrap();
+    assert_eq!(
+        session_identity(&sink).await,
+        vec![
+            Value::Text("keybrake_cert".into()),
+            Value::Text("/CN=keybrake_cert".into())
+        ]
+    );
+    write_and_count(&sink).await;
+}
+
+#[tokio::test]
+async fn a_sec1_ec_key_works_too() {
+    let key = script_env(CLIENT_KEY_ENV);
+    let dir = tempfile::tempdir().unwrap();
+    let sec1 = dir.path().join("client-sec1.key");
+    // The script's key is PKCS#8 ("PRIVATE KEY"); -traditional writes SEC1 ("EC PRIVATE KEY").
+    let converted = std::process::Command::new("openssl")
+        .args(["pkey", "-traditional", "-in", &key, "-out"])
+        .arg(&sec1)
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run openssl ({e}): apt-get install -y openssl"));
+    assert!(converted.success());
+    let pem = std::fs::read_to_string(&sec1).unwrap();
+    assert!(pem.starts_with("-----BEGIN EC PRIVATE KEY-----"), "{pem}");
+
+    let url = cert_role_database(
+        "cert_sec1",
+        &["sslkey"],
+        &format!("sslkey={}", sec1.display()),
+    )
+    .await;
+    let sink = PostgresSink::connect(&url).await.unwrap();
+    assert_eq!(
+        session_identity(&sink).await[0],
+        Value::Text("keybrake_cert".into())
+    );
+    write_and_count(&sink).await;
+}
+
+#[tokio::test]
+async fn the_certificate_role_without_a_certificate_is_refused_by_the_server() {
+    let url = cert_role_database("cert_missing", &["sslcert", "sslkey"], "").await;
+    let shown = refusal(PostgresSink::connect(&url).await);
+    assert!(
+        shown.contains("connecting to 127.0.0.1:")
+            && shown.contains("connection requires a valid client certificate"),
+        "{shown}"
+    );
+}
+
+#[tokio::test]
+async fn a_key_that_does_not_match_the_certificate_is_a_clear_error() {
+    let cert = script_env(CLIENT_CERT_ENV);
+    let dir = tempfile::tempdir().unwrap();
+    let other_key = dir.path().join("other.key");
+    std::fs::write(
+        &other_key,
+        rcgen::KeyPair::generate().unwrap().serialize_pem(),
+    )
+    .unwrap();
+    let url = cert_role_database(
+        "cert_mismatch",
+        &["sslkey"],
+        &format!("sslkey={}", other_key.display()),
+    )
+    .await;
+    let shown = refusal(PostgresSink::connect(&url).await);
+    assert!(
+        shown.contains(&format!(
+            "sslkey file {} does not match the certificate in sslcert file {cert}",
+            other_key.display()
+        )),
+        "{shown}"
+    );
+}
+
+#[tokio::test]
+async fn a_client_certificate_from_another_ca_is_refused_by_the_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca.self_signed(&ca_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut leaf = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    leaf.distinguished_name
+        .push(rcgen::DnType::CommonName, "keybrake_cert");
+    leaf.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let leaf = leaf.signed_by(&key, &ca, &ca_key).unwrap();
+    let (cert_file, key_file) = (dir.path().join("forged.crt"), dir.path().join("forged.key"));
+    std::fs::write(&cert_file, leaf.pem()).unwrap();
+    std::fs::write(&key_file, key.serialize_pem()).unwrap();
+
+    let url = cert_role_database(
+        "cert_other_ca",
+        &["sslcert", "sslkey"],
+        &format!(
+            "sslcert={}&sslkey={}",
+            cert_file.display(),
+            key_file.display()
+        ),
+    )
+    .await;
+    let shown = refusal(PostgresSink::connect(&url).await);
+    assert!(
+        shown.contains(&format!(
+            "the server refused the client certificate in sslcert file {} (alert UnknownCA",
+            cert_file.display()
+        )),
+        "{shown}"
+    );
+}
+
+#[tokio::test]
+async fn an_unreadable_key_file_is_a_clear_error() {
+    let url = cert_role_database(
+        "cert_no_key",
+        &["sslkey"],
+        "sslkey=/nonexistent/keybrake-client.key",
+    )
+    .await;
+    let shown = refusal(PostgresSink::connect(&url).await);
+    assert!(
+        shown.contains("cannot read sslkey file /nonexistent/keybrake-client.key"),
+        "{shown}"
+    );
+}

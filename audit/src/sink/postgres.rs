@@ -20,7 +20,7 @@ use tokio_postgres::{
 use super::{
     AuditSink, SinkError, WriteOutcome,
     pg_numeric::NumericText,
-    pg_tls::{PgUrl, RootCerts, RustlsConnector},
+    pg_tls::{ClientCert, PgUrl, RootCerts, RustlsConnector},
 };
 use crate::{
     queries::Param,
@@ -278,6 +278,7 @@ async fn copy_rows(
 struct Target {
     config: Config,
     roots: RootCerts,
+    client_cert: Option<ClientCert>,
     /// `host:port (sslmode=...)` for error messages; no user, no password.
     server: String,
 }
@@ -299,6 +300,7 @@ impl Target {
         Ok(Target {
             config,
             roots: url.roots,
+            client_cert: url.client_cert,
             server,
         })
     }
@@ -328,8 +330,10 @@ async fn open_client(target: &Target, migrate_schema: bool) -> Result<Client, Si
     let connected = if target.config.get_ssl_mode() == SslMode::Disable {
         connect_with(&target.config, NoTls).await
     } else {
-        // Re-read on every (re)connect: a rotated CA file takes effect without a restart.
-        connect_with(&target.config, RustlsConnector::new(&target.roots)?).await
+        // Re-read on every (re)connect: a rotated CA file or client certificate takes effect
+        // without a restart.
+        let tls = RustlsConnector::new(&target.roots, target.client_cert.as_ref())?;
+        connect_with(&target.config, tls).await
     };
     let mut client = connected.map_err(|error| SinkError::PostgresConnect {
         server: target.server.clone(),
