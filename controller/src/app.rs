@@ -131,7 +131,8 @@ pub struct Config {
     #[arg(long)]
     pub exit_on_stdin_close: bool,
     /// Audit sink for `POST /v1/audit`: `sqlite:///path/audit.db`, `postgres://…` (TLS unless
-    /// `sslmode=disable`, CA via `sslrootcert=/path/ca.pem`, see docs/audit.md) or `stdout`.
+    /// `sslmode=disable`, CA via `sslrootcert=/path/ca.pem`, client certificate via
+    /// `sslcert=/path/tls.crt&sslkey=/path/tls.key`, see docs/audit.md) or `stdout`.
     /// Without it the endpoint answers 501.
     #[arg(long, env = "KEYBRAKE_AUDIT_SINK")]
     pub audit_sink: Option<String>,

@@ -134,7 +134,8 @@ pub struct RunArgs {
     pub log_format: LogFormat,
     /// Where audit rows go: `none`, `stdout` (JSON lines), `sqlite:///path/audit.db`,
     /// `postgres://…` (written directly, for standalone mode; TLS unless `sslmode=disable`, CA via
-    /// `sslrootcert=/path/ca.pem`, see docs/audit.md) or `controller` (shipped to
+    /// `sslrootcert=/path/ca.pem`, client certificate via
+    /// `sslcert=/path/tls.crt&sslkey=/path/tls.key`, see docs/audit.md) or `controller` (shipped to
     /// --controller-url's /v1/audit). Default: `controller` in controller mode, else `none`.
     #[arg(long, env = "KEYBRAKE_AUDIT", value_parser = parse_audit)]
     pub audit: Option<AuditFlag>,
