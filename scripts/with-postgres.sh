@@ -4,7 +4,8 @@
 # KEYBRAKE_TEST_POSTGRES_CA (the server certificate's CA), run "$@", then stop and delete it.
 # Client-certificate auth: role keybrake_cert may log in only over TLS with a certificate
 # (CN=keybrake_cert, same CA; pg_hba `cert`): KEYBRAKE_TEST_POSTGRES_CLIENT_CERT / _CLIENT_KEY
-# (PEM, PKCS#8 key) and KEYBRAKE_TEST_POSTGRES_CERT_URL (that role, verify-full, with both files).
+# (PEM, EC key in PKCS#8), _CLIENT_RSA_CERT / _CLIENT_RSA_KEY (RSA key in PKCS#1) and
+# KEYBRAKE_TEST_POSTGRES_CERT_URL (that role, verify-full, with the EC pair).
 # Installs Debian's postgresql package when the server binaries are missing.
 # Usage: scripts/with-postgres.sh cargo test -p keybrake-audit
 set -euo pipefail
@@ -87,14 +88,20 @@ openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 
   && openssl x509 -req -in "$TLS/server.csr" -CA "$TLS/ca.crt" -CAkey "$TLS/ca.key" -set_serial "0x$(openssl rand -hex 8)" \
     -days 2 -extfile "$TLS/server.ext" -out "$TLS/server.crt" >>"$TLS/openssl.log" 2>&1 \
   || { cat "$TLS/openssl.log" >&2; exit 1; }
-# Client certificate for role keybrake_cert (the cert method maps its CN to the role).
-openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -subj "/CN=keybrake_cert" \
-    -keyout "$TLS/client.key" -out "$TLS/client.csr" >>"$TLS/openssl.log" 2>&1 \
-  && printf 'basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth\n' >"$TLS/client.ext" \
-  && openssl x509 -req -in "$TLS/client.csr" -CA "$TLS/ca.crt" -CAkey "$TLS/ca.key" -set_serial "0x$(openssl rand -hex 8)" \
-    -days 2 -extfile "$TLS/client.ext" -out "$TLS/client.crt" >>"$TLS/openssl.log" 2>&1 \
+# Client certificates for role keybrake_cert (the cert method maps the CN to the role): an EC
+# key in PKCS#8 and an RSA key in PKCS#1, the key formats libpq users have.
+printf 'basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth\n' >"$TLS/client.ext"
+issue_client_cert() { # name: signs $TLS/name.key into $TLS/name.crt
+  openssl req -new -key "$TLS/$1.key" -subj "/CN=keybrake_cert" -out "$TLS/$1.csr" \
+    && openssl x509 -req -in "$TLS/$1.csr" -CA "$TLS/ca.crt" -CAkey "$TLS/ca.key" -set_serial "0x$(openssl rand -hex 8)" \
+      -days 2 -extfile "$TLS/client.ext" -out "$TLS/$1.crt"
+}
+{ openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$TLS/client.key" \
+    && issue_client_cert client \
+    && openssl genrsa -traditional -out "$TLS/client-rsa.key" 2048 \
+    && issue_client_cert client-rsa; } >>"$TLS/openssl.log" 2>&1 \
   || { cat "$TLS/openssl.log" >&2; exit 1; }
-chmod 600 "$TLS/server.key" "$TLS/client.key"
+chmod 600 "$TLS/server.key" "$TLS/client.key" "$TLS/client-rsa.key"
 [ "$(id -u)" -eq 0 ] && chown postgres "$TLS/server.key"
 # ssl_ca_file lets the server verify client certificates; clients without one still connect.
 TLS_OPTS="-c ssl=on -c ssl_cert_file=$TLS/server.crt -c ssl_key_file=$TLS/server.key -c ssl_ca_file=$TLS/ca.crt"
@@ -119,6 +126,8 @@ export KEYBRAKE_TEST_POSTGRES_CA="$TLS/ca.crt"
 "$PG_BIN/psql" -q -v ON_ERROR_STOP=1 "$KEYBRAKE_TEST_POSTGRES_URL" -c "CREATE ROLE keybrake_cert LOGIN" >/dev/null
 export KEYBRAKE_TEST_POSTGRES_CLIENT_CERT="$TLS/client.crt"
 export KEYBRAKE_TEST_POSTGRES_CLIENT_KEY="$TLS/client.key"
+export KEYBRAKE_TEST_POSTGRES_CLIENT_RSA_CERT="$TLS/client-rsa.crt"
+export KEYBRAKE_TEST_POSTGRES_CLIENT_RSA_KEY="$TLS/client-rsa.key"
 export KEYBRAKE_TEST_POSTGRES_CERT_URL="postgres://keybrake_cert@127.0.0.1:$PORT/postgres?sslmode=verify-full&sslrootcert=$TLS/ca.crt&sslcert=$TLS/client.crt&sslkey=$TLS/client.key"
 echo "with-postgres: PostgreSQL $("$PG_BIN/postgres" --version | awk '{print $3}') at $KEYBRAKE_TEST_POSTGRES_URL" >&2
 

@@ -203,6 +203,8 @@ async fn an_unreadable_ca_file_is_a_clear_error() {
 const CERT_URL_ENV: &str = "KEYBRAKE_TEST_POSTGRES_CERT_URL";
 const CLIENT_CERT_ENV: &str = "KEYBRAKE_TEST_POSTGRES_CLIENT_CERT";
 const CLIENT_KEY_ENV: &str = "KEYBRAKE_TEST_POSTGRES_CLIENT_KEY";
+const CLIENT_RSA_CERT_ENV: &str = "KEYBRAKE_TEST_POSTGRES_CLIENT_RSA_CERT";
+const CLIENT_RSA_KEY_ENV: &str = "KEYBRAKE_TEST_POSTGRES_CLIENT_RSA_KEY";
 
 fn script_env(name: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| {
@@ -291,20 +293,42 @@ async fn a_sec1_ec_key_works_too() {
     let key = script_env(CLIENT_KEY_ENV);
     let dir = tempfile::tempdir().unwrap();
     let sec1 = dir.path().join("client-sec1.key");
-    // The script's key is PKCS#8 ("PRIVATE KEY"); -traditional writes SEC1 ("EC PRIVATE KEY").
+    // The script's EC key is PKCS#8 ("PRIVATE KEY"); -traditional writes SEC1 ("EC PRIVATE KEY").
     let converted = std::process::Command::new("openssl")
         .args(["pkey", "-traditional", "-in", &key, "-out"])
         .arg(&sec1)
         .status()
         .unwrap_or_else(|e| panic!("cannot run openssl ({e}): apt-get install -y openssl"));
     assert!(converted.success());
-    let pem = std::fs::read_to_string(&sec1).unwrap();
-    assert!(pem.starts_with("-----BEGIN EC PRIVATE KEY-----"), "{pem}");
-
-    let url = cert_role_database(
+    logs_in_with_key_format(
         "cert_sec1",
-        &["sslkey"],
-        &format!("sslkey={}", sec1.display()),
+        &script_env(CLIENT_CERT_ENV),
+        &sec1.display().to_string(),
+        "-----BEGIN EC PRIVATE KEY-----",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_pkcs1_rsa_key_works_too() {
+    logs_in_with_key_format(
+        "cert_rsa",
+        &script_env(CLIENT_RSA_CERT_ENV),
+        &script_env(CLIENT_RSA_KEY_ENV),
+        "-----BEGIN RSA PRIVATE KEY-----",
+    )
+    .await;
+}
+
+/// Logs in as the certificate role with `cert` and `key` (whose PEM starts with `label`) and
+/// writes rows.
+async fn logs_in_with_key_format(db: &str, cert: &str, key: &str, label: &str) {
+    let pem = std::fs::read_to_string(key).unwrap();
+    assert!(pem.starts_with(label), "{key} is not {label}");
+    let url = cert_role_database(
+        db,
+        &["sslcert", "sslkey"],
+        &format!("sslcert={cert}&sslkey={key}"),
     )
     .await;
     let sink = PostgresSink::connect(&url).await.unwrap();
