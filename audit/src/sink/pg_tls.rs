@@ -17,9 +17,8 @@
 //!
 //! tokio-postgres parses `sslmode` itself but knows only `disable|prefer|require` and refuses
 //! `sslrootcert`, `sslcert` and `sslkey`, so [`PgUrl::parse`] rewrites the URL before handing
-//! it over. No channel
-//! binding is offered (SCRAM without `-PLUS`): the verified certificate is what binds the
-//! session to the server.
+//! it over. No channel binding is offered (SCRAM without `-PLUS`): the verified certificate is
+//! what binds the session to the server.
 use std::{
     future::Future,
     io,
