@@ -749,14 +749,21 @@ mod tests {
         );
     }
 
+    /// `record` (a throughput record) with its CPU reading replaced.
+    fn measured_cpu(mut record: Record, value: Option<CpuPerRequest>) -> Record {
+        if let Record::Throughput { cpu, .. } = &mut record {
+            *cpu = value;
+        }
+        record
+    }
+
     #[test]
     fn cpu_per_request_is_shown_per_proxy_and_never_judged() {
         let with_cpu = |via, round, user_us, system_us| {
-            let mut record = throughput(via, 256, round, 40_000.0, 0);
-            if let Record::Throughput { cpu, .. } = &mut record {
-                *cpu = Some(CpuPerRequest { user_us, system_us });
-            }
-            record
+            measured_cpu(
+                throughput(via, 256, round, 40_000.0, 0),
+                Some(CpuPerRequest { user_us, system_us }),
+            )
         };
         let records = vec![
             with_cpu(Via::Nginx, 0, 5.0, 15.0),
@@ -779,12 +786,7 @@ mod tests {
         let without_cpu: Vec<Record> = records
             .iter()
             .cloned()
-            .map(|mut record| {
-                if let Record::Throughput { cpu, .. } = &mut record {
-                    *cpu = None;
-                }
-                record
-            })
+            .map(|record| measured_cpu(record, None))
             .collect();
         let plain = render(&without_cpu);
         assert!(!plain.markdown.contains("CPU per request"));
