@@ -42,6 +42,8 @@ refuse "an unknown key" --set controler.replicas=2
 refuse "an unknown failure policy" --set injection.failurePolicy=Maybe
 refuse "an invalid excluded namespace" --set 'injection.excludedNamespaces={Bad_NS}'
 refuse "a negative sidecar connection cap" --set injection.sidecar.upstreamMaxConnections=-1
+refuse "a key mapping for the client certificate Secret (the chart reads its tls.crt and tls.key)" \
+  -f "$CHART/tests/values-production.yaml" --set audit.postgres.clientCertSecret.key=client.crt
 
 step "golden helm template output"
 render() { "$HELM" template keybrake "$CHART" --namespace keybrake-system --kube-version 1.35.4 "$@"; }
